@@ -1,0 +1,30 @@
+# fr_distill developer entry points. Each target creates .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+DEMO_ARGS ?=
+
+.PHONY: install test demo bench clean-venv
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[all]' $(TORCH_PINS)
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) tools/demo.py $(DEMO_ARGS)
+
+bench: $(STAMP)
+	$(PY) tools/benchmark.py all
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,36 @@
+"""fr_distill: distributed knowledge distillation for deep face recognition."""
+from setuptools import find_packages, setup
+
+EXTRAS = {
+    "dali": ["nvidia-dali-cuda130"],
+    "onnx": ["onnx", "onnxruntime", "onnx2torch", "onnxscript"],
+    "timm": ["timm"],
+    "eval": ["scikit-learn", "matplotlib"],
+    "dev": ["pytest", "pytest-timeout"],
+}
+EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
+
+setup(
+    name="fr_distill",
+    version="0.1.0",
+    description="Distributed multi-GPU knowledge distillation for deep face recognition "
+                "(SphereFace2 + ILED + RPSD)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fr_distill", "fr_distill.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "numpy",
+        "pyyaml",
+        "pillow",
+        "simplejpeg",
+        "scikit-learn",
+        "matplotlib",
+        "tensorboard",
+        "tqdm",
+    ],
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["fr-distill=fr_distill.cli:main"]},
+)

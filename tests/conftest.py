@@ -1,0 +1,47 @@
+"""Shared fixtures: launching torchrun process groups (gloo on the CPU)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env.update(extra or {})
+    return env
+
+
+def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float = 600,
+                 torchrun_args: tuple[str, ...] = (), env: dict | None = None,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``script`` under ``torchrun --nproc_per_node nproc`` on a free loopback port."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *torchrun_args,
+           str(script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO, env=torchrun_env(env), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}): {' '.join(cmd)}\n"
+                             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture
+def torchrun():
+    return run_torchrun
