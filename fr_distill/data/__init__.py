@@ -1,0 +1,6 @@
+"""Training data (SPEC §4): RecordIO/folder indexing, pre-flight checks, the world-size-invariant
+sampler, and the DALI and PyTorch loaders behind one ``build_train_loader``."""
+from __future__ import annotations
+
+from .errors import DataError
+from .recordio import RecordIOReader, RecordIOWriter
