@@ -4,3 +4,6 @@ from __future__ import annotations
 
 from .errors import DataError
 from .recordio import RecordIOReader, RecordIOWriter
+from .dataset import DatasetInfo, preflight, scan
+from .loader import Batch, TrainLoader, build_train_loader
+from .sampler import GlobalSampler

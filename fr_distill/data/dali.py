@@ -1,0 +1,94 @@
+"""DALI input path: a parallel external source fed by the sampler, DALI decode/flip/normalize.
+
+Python worker processes read each sample's encoded bytes (image folder or RecordIO, any
+layout the project's reader accepts, including InsightFace's header record) in the exact
+order of :class:`~fr_distill.data.sampler.GlobalSampler`, together with the sampler's flip
+flag and the data-set index. DALI decodes (``device="mixed"`` on a GPU, ``"cpu"`` otherwise;
+same graph), mirrors by the flag and normalizes ``(x - 127.5) / 127.5`` to CHW float32 in
+one ``crop_mirror_normalize``. Batches come out as torch tensors on the rank's device.
+
+Worker start: ``fork`` while CUDA is not initialized in this process (fast), else ``spawn``
+(the source object is picklable; the RecordIO reader reopens its file in each worker).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .dataset import IMAGE_SIZE, EncodedImages
+from .errors import DataError
+from .sampler import GlobalSampler
+
+
+class SampleSource:
+    """Per-sample callback of the parallel external source: (bytes, mirror flag, index)."""
+
+    def __init__(self, images: EncodedImages, sampler: GlobalSampler, start_step: int,
+                 rank: int, world_size: int) -> None:
+        self.images, self.sampler, self.start_step = images, sampler, start_step
+        self.rank, self.world_size = rank, world_size
+
+    def __call__(self, info) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        step = self.start_step + info.iteration
+        indices = self.sampler.rank_indices(step, self.rank, self.world_size)
+        index = indices[info.idx_in_batch:info.idx_in_batch + 1]
+        flip = self.sampler.flips(step, index)
+        return (np.frombuffer(self.images[int(index[0])], dtype=np.uint8),
+                flip.astype(np.int32).reshape(()), index.reshape(()))
+
+
+def build_pipeline(source: SampleSource, batch_size: int, device: torch.device,
+                   num_workers: int, prefetch: int):
+    """The DALI pipeline (built) producing (images CHW float32, indices int64)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    on_gpu = device.type == "cuda"
+    device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
+        if on_gpu else None
+    start_method = "spawn" if torch.cuda.is_initialized() else "fork"
+
+    @pipeline_def(batch_size=batch_size, num_threads=max(1, num_workers), device_id=device_id,
+                  prefetch_queue_depth=prefetch, py_num_workers=max(1, num_workers),
+                  py_start_method=start_method)
+    def pipeline():
+        encoded, mirror, index = fn.external_source(
+            source=source, num_outputs=3, batch=False, parallel=True,
+            dtype=[types.UINT8, types.INT32, types.INT64])
+        images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu",
+                                   output_type=types.RGB)
+        images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT,
+                                          output_layout="CHW", mean=[127.5] * 3, std=[127.5] * 3)
+        return images, index
+
+    pipe = pipeline()
+    pipe.build()
+    return pipe
+
+
+def dali_batches(images: EncodedImages, sampler: GlobalSampler, start_step: int, rank: int,
+                 world_size: int, device: torch.device, num_workers: int, prefetch: int
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Infinite (images float32 NCHW on ``device``, indices int64) for steps from ``start_step``."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    per_rank = sampler.global_batch // world_size
+    pipe = build_pipeline(SampleSource(images, sampler, start_step, rank, world_size),
+                          per_rank, device, num_workers, prefetch)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    try:
+        for step in itertools.count():
+            out_images, out_index = pipe.run()
+            if not out_images.is_dense_tensor() or \
+                    tuple(out_images.as_tensor().shape()) != (per_rank, 3, IMAGE_SIZE, IMAGE_SIZE):
+                raise DataError(f"{images.root}: a decoded batch at step {start_step + step} is not "
+                                f"{IMAGE_SIZE}x{IMAGE_SIZE}; enable data.preflight to find the file")
+            batch = torch.empty((per_rank, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.float32,
+                                device=device)
+            feed_ndarray(out_images.as_tensor(), batch, cuda_stream=stream)
+            indices = torch.from_numpy(out_index.as_array().astype(np.int64).reshape(-1))
+            yield batch, indices
+    finally:
+        del pipe

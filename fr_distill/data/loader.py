@@ -1,0 +1,84 @@
+"""``build_train_loader``: the sampler plus the DALI or PyTorch input path behind one interface.
+
+``TrainLoader.iterate(start_step)`` yields :class:`Batch` for global steps ``start_step,
+start_step + 1, …`` forever (epoch = step // steps_per_epoch); resuming a run is
+``iterate(step)``. Labels come from the pre-flight index, looked up by the data-set indices
+the pipeline actually produced, which are checked against the sampler every step.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+
+from .dataset import DatasetInfo, EncodedImages
+from .errors import DataError
+from .sampler import GlobalSampler
+
+
+class Batch(NamedTuple):
+    """One rank's slice of a global batch: images float32 [B,3,112,112] and int64 labels on the
+    device, int64 data-set indices on the CPU."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+
+
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+def select_backend(loader: str) -> str:
+    """``dali`` or ``torch`` for the ``data.loader`` setting (``auto``: DALI when installed)."""
+    if loader == "auto":
+        return "dali" if dali_available() else "torch"
+    if loader == "dali" and not dali_available():
+        raise DataError("data.loader is 'dali' but nvidia.dali is not installed "
+                        "(pip install fr_distill[dali], or set data.loader=torch)")
+    return loader
+
+
+class TrainLoader:
+    """Seeded, world-size-invariant, resumable training batches for one rank."""
+
+    def __init__(self, info: DatasetInfo, sampler: GlobalSampler, backend: str, rank: int,
+                 world_size: int, device: torch.device, num_workers: int, prefetch: int) -> None:
+        self.info, self.sampler, self.backend = info, sampler, backend
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.num_workers, self.prefetch = num_workers, prefetch
+        self.steps_per_epoch = sampler.steps_per_epoch
+        self.global_batch = sampler.global_batch
+        self.batch_size = sampler.global_batch // world_size
+        self._labels = torch.from_numpy(info.labels)
+
+    def iterate(self, start_step: int = 0) -> Iterator[Batch]:
+        """Batches of global steps ``start_step, start_step + 1, …`` (infinite)."""
+        if self.backend == "dali":
+            from .dali import dali_batches as batches
+        else:
+            from .torch_loader import torch_batches as batches
+        source = batches(EncodedImages(self.info), self.sampler, start_step, self.rank,
+                         self.world_size, self.device, self.num_workers, self.prefetch)
+        for step, (images, indices) in enumerate(source, start_step):
+            expected = self.sampler.rank_indices(step, self.rank, self.world_size)
+            if not np.array_equal(indices.numpy(), expected):
+                raise RuntimeError(f"{self.backend} loader produced samples out of the sampler's "
+                                   f"order at step {step}")
+            labels = self._labels[indices].to(self.device, non_blocking=True)
+            yield Batch(images, labels, indices)
+
+    def state_dict(self) -> dict:
+        """The order's identity, stored in checkpoints next to the step."""
+        return {**self.sampler.state_dict(), "format": self.info.format}
+
+
+def build_train_loader(data_cfg, info: DatasetInfo, rank: int, world_size: int,
+                       device: torch.device | str, seed: int) -> TrainLoader:
+    """The training loader of one rank; the global batch is ``data_cfg.batch_size * world_size``."""
+    sampler = GlobalSampler(info.num_samples, data_cfg.batch_size * world_size, seed,
+                            flip=data_cfg.flip)
+    return TrainLoader(info, sampler, select_backend(data_cfg.loader), rank, world_size,
+                       torch.device(device), data_cfg.num_workers, data_cfg.prefetch)

@@ -1,0 +1,66 @@
+"""PyTorch fallback input path: DataLoader workers decode (simplejpeg/PIL) in the sampler's order.
+
+Used when DALI is not installed or ``data.loader: torch``. Workers return uint8 HWC pixels
+(already flipped by the sampler's flag); the normalization ``(x/255-0.5)/0.5`` to CHW float
+runs on the rank's device, so the output matches the DALI path.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .dataset import EncodedImages
+from .decode import decode_rgb
+from .sampler import GlobalSampler
+
+
+class _StepBatches(Sampler):
+    """Yields, for global steps ``start_step, start_step+1, …``, this rank's (index, flip) list."""
+
+    def __init__(self, sampler: GlobalSampler, start_step: int, rank: int, world_size: int):
+        self.sampler, self.start_step = sampler, start_step
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        step = self.start_step
+        while True:
+            indices = self.sampler.rank_indices(step, self.rank, self.world_size)
+            flips = self.sampler.flips(step, indices)
+            yield list(zip(indices.tolist(), flips.tolist()))
+            step += 1
+
+
+class _DecodedImages(Dataset):
+    """``dataset[(index, flip)]`` → (uint8 HWC tensor, index)."""
+
+    def __init__(self, images: EncodedImages):
+        self.images = images
+
+    def __getitem__(self, item: tuple[int, bool]) -> tuple[torch.Tensor, int]:
+        index, flip = item
+        pixels = decode_rgb(self.images[index], self.images.name(index))
+        if flip:
+            pixels = pixels[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(pixels)), index
+
+
+def normalize(pixels_nhwc: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 NHWC → float32 NCHW ``(x - 127.5) / 127.5`` on ``device``."""
+    x = pixels_nhwc.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    return x.sub_(127.5).div_(127.5).contiguous()
+
+
+def torch_batches(images: EncodedImages, sampler: GlobalSampler, start_step: int, rank: int,
+                  world_size: int, device: torch.device, num_workers: int, prefetch: int
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Infinite (images float32 NCHW on ``device``, indices int64) for steps from ``start_step``."""
+    loader = DataLoader(_DecodedImages(images),
+                        batch_sampler=_StepBatches(sampler, start_step, rank, world_size),
+                        num_workers=num_workers,
+                        prefetch_factor=prefetch if num_workers > 0 else None,
+                        pin_memory=device.type == "cuda")
+    for pixels, indices in loader:
+        yield normalize(pixels, device), indices.to(torch.int64)
