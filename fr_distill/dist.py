@@ -107,6 +107,29 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def all_gather_rows(tensor: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """Concatenate ``tensor`` over ranks along dim 0 in rank order; row counts may differ.
+
+    No gradient. Each rank's rows are broadcast in turn and moved to ``device`` (default: the
+    tensor's), so only one rank's part is in flight on the accelerator at a time: this is how
+    a class-sharded head is assembled for a checkpoint.
+    """
+    target = tensor.device if device is None else torch.device(device)
+    if not is_dist():
+        return tensor.detach().to(target)
+    counts = all_gather_object(int(tensor.shape[0]))
+    parts = []
+    for src, rows in enumerate(counts):
+        if src == rank():
+            part = tensor.detach().contiguous()
+        else:
+            part = torch.empty((rows,) + tuple(tensor.shape[1:]), dtype=tensor.dtype,
+                               device=tensor.device)
+        dist.broadcast(part, src=src)
+        parts.append(part.to(target))
+    return torch.cat(parts, dim=0)
+
+
 def all_gather_object(obj) -> list:
     """Every rank's ``obj`` (picklable), in rank order."""
     if not is_dist():
