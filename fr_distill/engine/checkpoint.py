@@ -1,0 +1,192 @@
+"""Atomic, checksummed training checkpoints with keep-last-K and auto-resume (issue 5).
+
+Layout of a run directory's ``checkpoints/``::
+
+    step_00002000.pt          torch.save of the checkpoint dict (format "fr_distill", version 1)
+    step_00002000.pt.sha256   "<sha256 hex>  step_00002000.pt" (``sha256sum -c`` format)
+    best.pt, best.pt.sha256   the best checkpoint by ``eval.best_metric``
+
+A file is written to a temporary name in the same directory, flushed and fsynced, renamed
+over its final name with ``os.replace`` and the directory fsynced; the checksum sidecar is
+written the same way afterwards. A checkpoint counts only when its sidecar exists and matches,
+so a crash at any point leaves either the new checkpoint complete or the previous ones
+untouched, and a truncated or corrupt file is skipped (with a warning) in favour of the
+previous one. Every checkpoint is loadable with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fr_distill"
+VERSION = 1
+CHECKSUM_SUFFIX = ".sha256"
+_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, corrupt or not an fr_distill checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------
+# Atomic files
+# ----------------------------------------------------------------------------------------
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` holds either its old or its new content."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save(payload: dict, path: str | os.PathLike) -> None:
+    """Serialize ``payload`` and write it and its checksum sidecar atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_write(path, data)
+    atomic_write(path.with_name(path.name + CHECKSUM_SUFFIX), f"{digest}  {path.name}\n".encode())
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(path: str | os.PathLike) -> str | None:
+    """``None`` when ``path`` matches its sidecar checksum, else the reason it does not."""
+    path = Path(path)
+    sidecar = path.with_name(path.name + CHECKSUM_SUFFIX)
+    if not path.is_file():
+        return "file missing"
+    if not sidecar.is_file():
+        return f"checksum file {sidecar.name} missing (write interrupted?)"
+    expected = sidecar.read_text().split()[:1]
+    actual = _file_sha256(path)
+    if expected != [actual]:
+        return f"sha256 mismatch (truncated or corrupt; {path.stat().st_size} bytes)"
+    return None
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Verify and load a checkpoint (``weights_only``); :class:`CheckpointError` if unusable."""
+    reason = verify(path)
+    if reason is not None:
+        raise CheckpointError(f"{path}: {reason}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # a corrupt zip or unpickling error: one line, not a traceback
+        raise CheckpointError(f"{path}: cannot be loaded ({type(err).__name__}: {err})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an {FORMAT} checkpoint (no format='{FORMAT}' key)")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------
+# The run directory's checkpoints
+# ----------------------------------------------------------------------------------------
+class CheckpointStore:
+    """The step checkpoints (keep the newest ``keep_last``) and ``best.pt`` of one run."""
+
+    def __init__(self, directory: str | os.PathLike, keep_last: int) -> None:
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+
+    def step_path(self, step: int) -> Path:
+        return self.directory / f"step_{step:08d}.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.directory / "best.pt"
+
+    def steps(self) -> list[int]:
+        """Steps of the step checkpoints present (valid or not), newest first."""
+        if not self.directory.is_dir():
+            return []
+        found = (_STEP_FILE.match(p.name) for p in self.directory.iterdir())
+        return sorted((int(m.group(1)) for m in found if m), reverse=True)
+
+    def save_step(self, payload: dict, step: int) -> Path:
+        """Write the checkpoint of ``step``, then delete step checkpoints beyond ``keep_last``."""
+        path = self.step_path(step)
+        save(payload, path)
+        for old in self.steps()[self.keep_last:]:
+            for p in (self.step_path(old), self.step_path(old).with_name(
+                    self.step_path(old).name + CHECKSUM_SUFFIX)):
+                p.unlink(missing_ok=True)
+        return path
+
+    def save_best(self, payload: dict) -> Path:
+        save(payload, self.best_path)
+        return self.best_path
+
+    def latest_valid(self) -> Path | None:
+        """The newest step checkpoint whose checksum matches; warns about each newer bad one."""
+        for step in self.steps():
+            path = self.step_path(step)
+            reason = verify(path)
+            if reason is None:
+                return path
+            log.warning("checkpoint %s is unusable (%s); trying the previous one", path, reason)
+        return None
+
+
+# ----------------------------------------------------------------------------------------
+# Random number generator states
+# ----------------------------------------------------------------------------------------
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states (torch CPU, CUDA of ``device``, numpy, python) as plain data."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+             "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
