@@ -45,3 +45,24 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float 
 @pytest.fixture
 def torchrun():
     return run_torchrun
+
+
+def write_jpeg_folder(root: Path, num_classes: int, per_class: int, seed: int = 0) -> Path:
+    """``root/id{c}/{k}.jpg``: left/right-asymmetric random 112×112 JPEGs (flips are visible)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(num_classes):
+        (root / f"id{c:03d}").mkdir(parents=True)
+        for k in range(per_class):
+            pixels = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
+            pixels[:, :40] //= 4
+            Image.fromarray(pixels).save(root / f"id{c:03d}" / f"{k}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def jpeg_folder(tmp_path) -> Path:
+    """A small image-folder training set: 4 identities × 6 JPEGs."""
+    return write_jpeg_folder(tmp_path / "train", 4, 6)
