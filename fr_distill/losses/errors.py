@@ -1,0 +1,14 @@
+"""The one exception the objective raises for bad input or an incompatible saved state."""
+from __future__ import annotations
+
+
+class ObjectiveInputError(ValueError):
+    """Bad input to the objective; the message is one line naming the tensor and its shape.
+
+    Raised before any loss is computed, so the trainer can decide to skip the step.
+    """
+
+
+def shape_of(tensor) -> str:
+    """``[64, 512]``-style text for messages."""
+    return "[" + ", ".join(str(n) for n in tensor.shape) + "]"
