@@ -40,6 +40,7 @@ class ModelConfig:
     projector: bool = False  # linear map student dim -> teacher dim (needed when they differ)
     channels_last: bool = True
     compile: bool = False  # torch.compile the student
+    freeze_bn: bool = False  # BatchNorm normalizes with its running statistics, never updated
 
 
 @dataclass
