@@ -1,0 +1,9 @@
+"""Backbones (IResNet, MobileFaceNet, timm) and frozen-teacher loading (SPEC §3)."""
+from __future__ import annotations
+
+from fr_distill.models.errors import ModelLoadError
+from fr_distill.models.registry import backbone_names, build_student, get_backbone
+from fr_distill.models.teacher import FrozenTeacher, load_teacher
+
+__all__ = ["FrozenTeacher", "ModelLoadError", "backbone_names", "build_student", "get_backbone",
+           "load_teacher"]
