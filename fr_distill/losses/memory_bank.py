@@ -19,6 +19,7 @@ state saved with another capacity (a different global batch) keeps the newest
 """
 from __future__ import annotations
 
+import numpy
 import torch
 import torch.nn as nn
 
@@ -61,7 +62,8 @@ class MemoryBank(nn.Module):
             self.ptr = (self.ptr + n) % self.capacity
             return rows
         fresh = torch.arange(self.filled, min(self.filled + n, self.capacity))
-        generator = torch.Generator().manual_seed((self.seed * 2 ** 32 + self.count) % 2 ** 63)
+        entropy = numpy.random.SeedSequence([self.seed, self.count]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(entropy))
         replaced = torch.randperm(self.filled, generator=generator)[:n - fresh.numel()]
         return torch.cat([fresh, replaced])
 
