@@ -1,0 +1,179 @@
+"""Evaluation runs: `.bin` sets (V1) and IJB sets (V2, V3) for any loadable model.
+
+:func:`evaluate_bin_sets` is the trainer's periodic evaluation; :func:`evaluate_model` adds the
+IJB sets, the ROC figures and the JSON/console report; :func:`run_evaluation` is the body of
+``launch/eval.py`` (``torchrun … launch/eval.py --model M --bin a.bin --ijb DIR --out OUT``).
+All ranks call these; images are sharded across ranks, scores computed on rank 0 and the
+results returned on every rank.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fr_distill import dist
+
+from .extract import AlignedImages, EncodedImages, extract_features, prepare_cache
+from .ijb import identification, pair_scores, tar_at_far, template_features
+from .ijb_meta import IJBMeta, load_ijb_meta
+from .plots import plot_roc
+from .report import format_table, log_scalars, write_json
+from .roc import roc_curve
+from .verification import evaluate, read_bin
+
+
+def _set_name(path: str) -> str:
+    return Path(path).name.removesuffix(".bin")
+
+
+def evaluate_bin_sets(model: torch.nn.Module, paths: list[str], device, batch_size: int = 128,
+                      amp_dtype: torch.dtype | None = None, cache_root: str | Path | None = None,
+                      cache_key: dict | None = None, progress: bool = False) -> dict[str, dict]:
+    """V1 metrics of ``model`` on each `.bin` in ``paths``: ``{set name: metrics}`` on every rank.
+
+    With ``cache_root`` the features of each set are cached per shard under
+    ``cache_root/<set>`` (keyed by ``cache_key``), so an interrupted run resumes.
+    """
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        for path in paths:
+            payloads, issame = read_bin(path)
+            cache = None if cache_root is None else prepare_cache(
+                Path(cache_root) / _set_name(path), {**(cache_key or {}), "set": str(path)})
+            feats = extract_features(model, EncodedImages(payloads, path), device, batch_size,
+                                     amp_dtype, cache, progress=progress, desc=_set_name(path))
+            results[_set_name(path)] = evaluate(torch.nn.functional.normalize(feats, dim=1), issame)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _score_device(device: torch.device) -> torch.device:
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+def score_ijb(meta: IJBMeta, feats: torch.Tensor, device: torch.device,
+              use_faceness: bool = True) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+    """V2 and V3 results of image features ``feats`` on one IJB set; also the ROC ``(fpr, tpr)``."""
+    ids, tfeats = template_features(feats.to(_score_device(device)), meta.templates, meta.medias,
+                                    meta.faceness if use_faceness else None)
+    scores = pair_scores(ids, tfeats, meta.t1, meta.t2)
+    fpr, tpr, _ = roc_curve(scores, meta.labels)
+    verification = tar_at_far(scores, meta.labels)
+    verification["auc"] = float(np.trapezoid(tpr, fpr))
+    result: dict = {"verification": verification}
+    if meta.probes is not None:
+        rows = {t: i for i, t in enumerate(ids.tolist())}
+
+        def feats_of(template_ids: np.ndarray) -> torch.Tensor:
+            return tfeats[torch.as_tensor([rows[t] for t in template_ids.tolist()],
+                                          device=tfeats.device)]
+
+        probe_ids, probe_subjects = meta.probes
+        probe_feats = feats_of(probe_ids)
+        gallery_ids = np.concatenate([g[0] for g in meta.galleries.values()])
+        gallery_subjects = np.concatenate([g[1] for g in meta.galleries.values()])
+        combined = identification(feats_of(gallery_ids), gallery_subjects, probe_feats,
+                                  probe_subjects)
+        per_gallery = {name: identification(feats_of(g_ids), g_subjects, probe_feats, probe_subjects)
+                       for name, (g_ids, g_subjects) in meta.galleries.items()}
+        fpirs = combined["tpir_at_fpir"].keys()
+        result["identification"] = {
+            "rank1": combined["rank1"], "rank5": combined["rank5"], "rank10": combined["rank10"],
+            "tpir_at_fpir": {f: float(np.mean([g["tpir_at_fpir"][f] for g in per_gallery.values()]))
+                             for f in fpirs},
+            **{f"tpir_at_fpir_{name}": g["tpir_at_fpir"] for name, g in per_gallery.items()},
+        }
+    return result, (fpr, tpr)
+
+
+def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
+                   ijb_sets: list[tuple[str, str]] = (), out_dir: str | Path | None = None,
+                   batch_size: int = 128, amp_dtype: torch.dtype | None = None,
+                   use_faceness: bool = True, cache_key: dict | None = None, writer=None,
+                   step: int = 0) -> dict:
+    """Evaluate ``model`` on `.bin` sets and IJB sets ``[(root, name)]`` (SPEC V1–V3).
+
+    With ``out_dir``: per-shard feature caches under ``out_dir/features``, ``results.json``
+    and ``roc_<name>.png`` per IJB set (rank 0). With a TensorBoard ``writer``: scalars at
+    ``step`` (rank 0). Returns the results on every rank.
+    """
+    device = torch.device(device)
+    out = Path(out_dir) if out_dir is not None else None
+    features_root = out / "features" if out is not None else None
+    results: dict = {"bin": evaluate_bin_sets(model, list(bin_paths), device, batch_size,
+                                              amp_dtype, features_root, cache_key, progress=True)}
+    if ijb_sets:
+        results["ijb"] = {}
+    model.eval()
+    for root, name in ijb_sets:
+        meta = load_ijb_meta(root, name)
+        cache = None if features_root is None else prepare_cache(
+            features_root / name, {**(cache_key or {}), "set": str(root), "name": name})
+        feats = extract_features(model, AlignedImages(meta.image_paths, meta.landmarks), device,
+                                 batch_size, amp_dtype, cache, desc=name)
+        scored = None
+        if dist.is_main():
+            scored = score_ijb(meta, feats, device, use_faceness)
+            if out is not None:
+                plot_roc({name: scored[1]}, out / f"roc_{name}.png", title=f"ROC on {name}")
+        results["ijb"][name] = dist.broadcast_object(scored[0] if scored else None)
+    if dist.is_main():
+        if out is not None:
+            write_json(results, out / "results.json")
+        if writer is not None:
+            log_scalars(writer, results, step)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Evaluate a face model on verification .bin sets and IJB-B/IJB-C "
+                    "(run under torchrun to shard the images over ranks).")
+    parser.add_argument("--model", required=True, help="fr_distill checkpoint, InsightFace "
+                        "state dict (with --arch), ONNX or TorchScript file")
+    parser.add_argument("--arch", default="iresnet100", help="architecture of a plain state dict")
+    parser.add_argument("--embedding-dim", type=int, default=512)
+    parser.add_argument("--width", type=float, default=1.0, help="backbone width multiplier")
+    parser.add_argument("--bin", nargs="*", default=[], help="verification .bin files")
+    parser.add_argument("--ijb", nargs="*", default=[], help="IJB release roots (loose_crop/, meta/)")
+    parser.add_argument("--ijb-name", nargs="*", default=[], help="set name per --ijb (IJBB, IJBC)")
+    parser.add_argument("--out", required=True, help="output directory (results, caches, plots)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--amp", choices=("fp16", "bf16", "off"), default="fp16",
+                        help="autocast dtype on GPUs")
+    parser.add_argument("--no-faceness", action="store_true", help="do not weight by faceness")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    return parser
+
+
+def run_evaluation(argv: list[str] | None = None) -> dict:
+    """``launch/eval.py``: load the model, evaluate, print the table (rank 0); returns results."""
+    args = build_parser().parse_args(argv)
+    if len(args.ijb) != len(args.ijb_name):
+        raise SystemExit(f"error: {len(args.ijb)} --ijb roots but {len(args.ijb_name)} --ijb-name")
+    from fr_distill.models import load_teacher
+
+    info = dist.init(device=args.device)
+    try:
+        model = load_teacher(args.model, name=args.arch, embedding_dim=args.embedding_dim,
+                             width=args.width, device=info.device)
+        amp = {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[args.amp]
+        stat = Path(args.model).stat()
+        digest = hashlib.sha1(f"{Path(args.model).resolve()}:{stat.st_size}:{stat.st_mtime_ns}:"
+                              f"{args.arch}:{args.width}:{args.amp}".encode()).hexdigest()
+        results = evaluate_model(model, info.device, args.bin, list(zip(args.ijb, args.ijb_name)),
+                                 args.out, args.batch_size, amp if info.device.type == "cuda" else None,
+                                 not args.no_faceness, cache_key={"model": digest})
+        if info.is_main:
+            print(format_table(results))
+            print(f"results written to {Path(args.out) / 'results.json'}")
+        return results
+    finally:
+        dist.shutdown()

@@ -1,0 +1,28 @@
+"""Evaluate a face model on verification `.bin` sets (SPEC V1) and IJB-B/IJB-C (V2, V3).
+
+``torchrun --nproc_per_node N launch/eval.py --model M [--arch iresnet100] --bin a.bin b.bin
+--ijb DIR --ijb-name IJBC --out OUT [--batch-size 128]`` — images are sharded over the N ranks;
+results go to the console, ``OUT/results.json`` and ``OUT/roc_<name>.png``. Feature shards are
+cached under ``OUT/features`` so an interrupted run resumes. Exit status 2 with a one-line
+message for bad input.
+"""
+from __future__ import annotations
+
+import sys
+
+from fr_distill.eval import EvalDataError
+from fr_distill.eval.runner import run_evaluation
+from fr_distill.models import ModelLoadError
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run_evaluation(argv)
+    except (EvalDataError, ModelLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
