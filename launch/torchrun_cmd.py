@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fr_distill.engine import REQUEUE_EXIT_CODE
+from fr_distill.engine.faults import REQUEUE_EXIT_CODE
 from fr_distill.engine.cluster import (ClusterError, command_line, run_torchrun,
                                        slurm_node_from_env, torchrun_args)
 
