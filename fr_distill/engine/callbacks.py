@@ -1,0 +1,157 @@
+"""Features of the training loop as objects: checkpointing and periodic evaluation (issue 5).
+
+The loop calls every callback at the same points on every rank (``on_train_start``,
+``on_step_end`` after each optimizer step, ``on_train_end``); callbacks that write files do
+so on rank 0 only, and callbacks that need collectives (gathering a class-sharded head,
+sharded evaluation) run them on all ranks. The logging callback lives in
+:mod:`fr_distill.engine.logging`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from fr_distill import dist
+from fr_distill.engine.checkpoint import CheckpointStore
+from fr_distill.engine.faults import REQUEUE_MARKER
+from fr_distill.engine.state import Run
+from fr_distill.eval.verification import evaluate_bin_sets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step measured on this rank (tensors stay on the device)."""
+
+    step: int                                  # optimizer steps completed, this one included
+    terms: dict[str, torch.Tensor]             # unweighted loss terms, mean over micro-steps
+    total: torch.Tensor
+    cosine: torch.Tensor | None
+    lr: float                                  # learning rate this step used
+    images: int                                # images of this step over all ranks
+    data_wait_s: float
+    step_time_s: float
+    grad_scale: float
+    skipped: bool
+    grad_norm: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Callback:
+    """A feature of the loop; override the hooks it needs."""
+
+    def on_train_start(self, run: Run) -> None:
+        pass
+
+    def on_step_end(self, run: Run, stats: StepStats) -> None:
+        pass
+
+    def on_train_end(self, run: Run) -> None:
+        pass
+
+
+class CallbackList(Callback):
+    """Calls its callbacks in order."""
+
+    def __init__(self, callbacks: list[Callback]) -> None:
+        self.callbacks = callbacks
+
+    def on_train_start(self, run: Run) -> None:
+        for cb in self.callbacks:
+            cb.on_train_start(run)
+
+    def on_step_end(self, run: Run, stats: StepStats) -> None:
+        for cb in self.callbacks:
+            cb.on_step_end(run, stats)
+
+    def on_train_end(self, run: Run) -> None:
+        for cb in self.callbacks:
+            cb.on_train_end(run)
+
+
+def _flatten(results: dict[str, dict]) -> dict[str, float]:
+    """``{set: {metric: value}}`` → ``{"set/metric": value}`` (numbers only)."""
+    return {f"{name}/{key}": float(value) for name, metrics in results.items()
+            for key, value in metrics.items() if isinstance(value, (int, float))}
+
+
+def lower_is_better(metric: str) -> bool:
+    """Error rates are minimized; accuracies, AUC and TAR are maximized."""
+    leaf = metric.rsplit("/", 1)[-1].lower()
+    return leaf in ("eer", "far", "frr") or leaf.endswith(("_std", "error", "loss"))
+
+
+class EvalCallback(Callback):
+    """Verification on ``eval.bin_sets`` every ``eval.every_steps`` and at the end (SPEC V1),
+    sharded across all ranks; keeps ``best.pt`` by ``eval.best_metric``.
+
+    Runs before :class:`CheckpointCallback` so the step's checkpoint carries its results.
+    """
+
+    def __init__(self, store: CheckpointStore, on_results=None) -> None:
+        self.store = store
+        self.on_results = on_results or (lambda run, results: None)
+
+    def _due(self, run: Run) -> bool:
+        every = run.cfg.eval.every_steps
+        return bool(run.cfg.eval.bin_sets) and (run.finished or (every > 0 and run.step % every == 0))
+
+    def on_step_end(self, run: Run, stats: StepStats) -> None:
+        if not self._due(run):
+            return
+        run.student.eval()
+        results = _flatten(evaluate_bin_sets(run.student, list(run.cfg.eval.bin_sets),
+                                             run.info.device, batch_size=run.cfg.eval.batch_size,
+                                             amp_dtype=run.amp_dtype))
+        run.set_train_mode()
+        run.metrics["eval"] = {"step": run.step, **results}
+        self.on_results(run, results)
+        self._keep_best(run, results)
+
+    def _keep_best(self, run: Run, results: dict[str, float]) -> None:
+        metric = run.cfg.eval.best_metric
+        if not metric:
+            return
+        if metric not in results:
+            log.warning("eval.best_metric '%s' is not among the results (%s); no best checkpoint",
+                        metric, ", ".join(sorted(results)))
+            return
+        value, best = results[metric], run.metrics.get("best")
+        better = (best is None or best.get("metric") != metric or
+                  (value < best["value"] if lower_is_better(metric) else value > best["value"]))
+        if math.isfinite(value) and better:
+            run.metrics["best"] = {"metric": metric, "value": value, "step": run.step}
+            payload = run.state_dict()
+            if dist.is_main():
+                path = self.store.save_best(payload)
+                log.info("best %s = %.5f at step %d -> %s", metric, value, run.step, path)
+            dist.barrier()
+
+
+class CheckpointCallback(Callback):
+    """A checkpoint every ``checkpoint.every_steps``, at the end, and when stopping on a signal
+    (then also the requeue marker). Rank 0 writes; all ranks build the state."""
+
+    def __init__(self, store: CheckpointStore) -> None:
+        self.store = store
+
+    def on_train_start(self, run: Run) -> None:
+        if dist.is_main():
+            (run.run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
+
+    def on_step_end(self, run: Run, stats: StepStats) -> None:
+        due = run.step % run.cfg.checkpoint.every_steps == 0 or run.finished or run.stop_requested
+        if not due:
+            return
+        payload = run.state_dict()
+        if dist.is_main():
+            path = self.store.save_step(payload, run.step)
+            log.info("checkpoint %s", path)
+            if run.stop_requested:
+                (run.run_dir / REQUEUE_MARKER).write_text(json.dumps({"step": run.step}) + "\n")
+        dist.barrier()

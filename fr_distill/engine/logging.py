@@ -1,0 +1,187 @@
+"""Run records, console lines, TensorBoard scalars and the progress bar (issue 5).
+
+At the start rank 0 writes the resolved config (``config.yaml``) and ``run_info.json``
+(versions, devices, world size, batch sizes). Every ``logging.every_steps`` the loss terms,
+total, mean student–teacher cosine and timings of the window are averaged over ranks (one
+all-reduce on every rank: the average of the per-rank values is the global-batch value, see
+the objective's contract) and rank 0 prints one line — step, each term, lr, global images/s,
+data-wait share, ETA, grad scale, cosine — and writes the same to TensorBoard and to
+``metrics.jsonl``. A tqdm bar shows progress when stderr is a terminal (``progress_bar: auto``).
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import logging
+import math
+import platform
+import socket
+import sys
+import time
+
+import torch
+
+from fr_distill import dist
+from fr_distill.config import save_config
+from fr_distill.engine.callbacks import Callback, StepStats
+from fr_distill.engine.state import Run
+
+log = logging.getLogger("fr_distill")
+
+_PACKAGES = ("fr_distill", "torch", "torchvision", "numpy", "nvidia-dali-cuda130", "timm",
+             "onnxruntime")
+
+
+def setup_console(is_main: bool) -> None:
+    """INFO lines from rank 0, warnings and errors from every rank, on stdout."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+def run_info(run: Run) -> dict:
+    """What ran where: versions, devices, world size, batch sizes."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    device = run.info.device
+    return {
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "host": socket.gethostname(), "python": platform.python_version(), "versions": versions,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "cuda": torch.version.cuda, "nccl": ".".join(map(str, torch.cuda.nccl.version()))
+        if torch.cuda.is_available() else None,
+        "world_size": run.info.world_size, "batch_per_rank": run.loader.batch_size,
+        "global_batch": run.global_batch, "accumulation_steps": run.accumulation,
+        "amp_dtype": str(run.amp_dtype) if run.amp_dtype else "float32",
+        "start_step": run.start_step, "total_steps": run.total_steps,
+    }
+
+
+def _eta(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds))) if math.isfinite(seconds) else "?"
+
+
+class LoggingCallback(Callback):
+    """Console, TensorBoard, ``metrics.jsonl`` and tqdm; files and output on rank 0 only."""
+
+    def __init__(self) -> None:
+        self.writer = None
+        self.bar = None
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counted = 0
+        self.steps = 0
+        self.images = 0
+        self.skipped = 0
+        self.data_wait = 0.0
+        self.busy = 0.0
+        self.started = time.perf_counter()
+
+    def on_train_start(self, run: Run) -> None:
+        self._reset_window()
+        if not dist.is_main():
+            return
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(run.cfg, run.run_dir / "config.yaml")
+        (run.run_dir / "run_info.json").write_text(json.dumps(run_info(run), indent=2) + "\n")
+        log.info("training %s on %d rank(s) [%s], batch %d/rank, global %d x %d accumulation, "
+                 "steps %d -> %d, output %s", run.cfg.model.name, run.info.world_size,
+                 run.info.device, run.loader.batch_size, run.global_batch, run.accumulation,
+                 run.start_step, run.total_steps, run.run_dir)
+        if run.cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run.run_dir / "tensorboard"), purge_step=run.start_step)
+        mode = run.cfg.logging.progress_bar
+        if mode == "on" or (mode == "auto" and sys.stderr.isatty()):
+            from tqdm import tqdm
+            self.bar = tqdm(total=run.total_steps, initial=run.start_step, unit="step",
+                            dynamic_ncols=True)
+
+    def on_step_end(self, run: Run, stats: StepStats) -> None:
+        self.steps += 1
+        self.images += stats.images
+        self.data_wait += stats.data_wait_s
+        self.busy += stats.step_time_s
+        if stats.skipped:
+            self.skipped += 1
+        else:
+            self.counted += 1
+            values = dict(stats.terms, total=stats.total)
+            if stats.cosine is not None:
+                values["cosine"] = stats.cosine
+            for key, value in values.items():
+                self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
+        if self.bar is not None:
+            self.bar.update(1)
+        if run.step % run.cfg.logging.every_steps == 0 or run.finished or run.stop_requested:
+            self._emit(run, stats)
+            self._reset_window()
+
+    def _emit(self, run: Run, stats: StepStats) -> None:
+        keys = sorted(self.sums)
+        local = [self.sums[k] / self.counted for k in keys] + [
+            torch.tensor(self.data_wait / max(self.busy, 1e-9))]
+        mean = dist.all_reduce_sum(torch.stack([v.to(run.info.device) for v in local]))
+        mean = (mean / run.info.world_size).tolist()
+        if not dist.is_main():
+            return
+        wall = time.perf_counter() - self.started
+        record = {"step": run.step, **dict(zip(keys, mean[:-1])), "lr": stats.lr,
+                  "images_per_s": self.images / max(wall, 1e-9), "data_wait_share": mean[-1],
+                  "grad_scale": stats.grad_scale, "skipped_steps": self.skipped,
+                  "nonfinite_total": run.guard.total}
+        if stats.grad_norm is not None:
+            record["grad_norm"] = float(stats.grad_norm)
+        eta = (run.total_steps - run.step) * wall / max(self.steps, 1)
+        terms = " ".join(f"{k} {record[k]:.4f}" for k in keys if k not in ("total", "cosine"))
+        line = (f"step {run.step}/{run.total_steps} | {terms} | total {record.get('total', math.nan):.4f}"
+                f" | lr {stats.lr:.5g} | {record['images_per_s']:.1f} img/s"
+                f" | data {100 * record['data_wait_share']:.0f}% | eta {_eta(eta)}"
+                f" | scale {stats.grad_scale:g}")
+        if "cosine" in record:
+            line += f" | cos {record['cosine']:.4f}"
+        if self.skipped:
+            line += f" | skipped {self.skipped} non-finite"
+        self._print(line)
+        with open(run.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(f"train/{key}", value, run.step)
+
+    def _print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            log.info(line)
+
+    def eval_results(self, run: Run, results: dict[str, float]) -> None:
+        """Console line and TensorBoard scalars of a periodic evaluation (rank 0)."""
+        if not dist.is_main():
+            return
+        self._print(f"eval step {run.step}: " + " ".join(
+            f"{k} {v:.4f}" for k, v in sorted(results.items())))
+        with open(run.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": run.step, "eval": results}) + "\n")
+        if self.writer is not None:
+            for key, value in results.items():
+                self.writer.add_scalar(f"eval/{key}", value, run.step)
+            self.writer.flush()
+
+    def on_train_end(self, run: Run) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,117 @@
+"""The plan of a training run, worked out before any model is built (issue 5).
+
+Batch sizes (per rank, global, effective with accumulation), the scaled learning rate,
+steps per epoch and the checkpoint to resume from. A resumed run keeps the checkpoint's
+global batch whatever the world size (per-rank batch = global / W, which must divide), so
+its data order, memory-bank size and learning rate continue unchanged. ``launch/train.py
+--dry-run`` prints :meth:`Plan.describe` after validating the config and the data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fr_distill import dist
+from fr_distill.config import KD_TERMS, Config, check_paths, get_key
+from fr_distill.data import DatasetInfo, preflight
+from fr_distill.engine import checkpoint
+from fr_distill.engine.checkpoint import CheckpointStore
+from fr_distill.engine.faults import TrainingError
+from fr_distill.engine.optim import scaled_lr
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+@dataclass
+class Plan:
+    """Sizes and positions of a run (see the module docstring)."""
+
+    world_size: int
+    batch_per_rank: int
+    global_batch: int
+    accumulation: int
+    lr: float
+    num_samples: int
+    num_classes: int
+    data_format: str
+    resume_path: Path | None
+    resume_step: int
+
+    @property
+    def effective_batch(self) -> int:
+        return self.global_batch * self.accumulation
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per pass over the data."""
+        return self.num_samples // self.global_batch // self.accumulation
+
+    def describe(self, cfg: Config) -> str:
+        """A human-readable summary of what training ``cfg`` would do."""
+        terms = [f"sphereface2 x{cfg.loss.sphereface2.weight:g} ({cfg.loss.sphereface2.parallel})"
+                 ] if cfg.loss.sphereface2.weight > 0 else []
+        terms += [f"{t} x{get_key(cfg, f'loss.{t}.weight'):g}" for t in KD_TERMS
+                  if get_key(cfg, f"loss.{t}.weight") > 0]
+        epochs = cfg.schedule.total_steps / max(self.steps_per_epoch, 1)
+        resume = (f"{self.resume_path} (step {self.resume_step})" if self.resume_path
+                  else "none (fresh start)")
+        return "\n".join([
+            f"data      {cfg.data.train} ({self.data_format}): {self.num_samples} images, "
+            f"{self.num_classes} identities",
+            f"student   {cfg.model.name} width {cfg.model.width:g}, {cfg.model.embedding_dim}-d",
+            f"teacher   {cfg.teacher.name} from {cfg.teacher.path}" if cfg.teacher.path
+            else "teacher   none (plain training)",
+            f"objective {' + '.join(terms) or 'none'}",
+            f"batch     {self.batch_per_rank}/rank x {self.world_size} rank(s) = "
+            f"{self.global_batch} global, x{self.accumulation} accumulation = "
+            f"{self.effective_batch} per optimizer step",
+            f"schedule  {cfg.schedule.name}, lr {self.lr:g}, {cfg.schedule.total_steps} steps "
+            f"({epochs:.2f} epochs of {self.steps_per_epoch} steps), warmup "
+            f"{cfg.schedule.warmup_steps}",
+            f"precision {cfg.precision.amp}",
+            f"checkpoint every {cfg.checkpoint.every_steps} steps, keep {cfg.checkpoint.keep_last}, "
+            f"in {Path(cfg.run.output_dir) / CHECKPOINT_SUBDIR}",
+            f"resume    {resume}",
+            f"eval      {', '.join(cfg.eval.bin_sets) or 'none'}",
+        ])
+
+
+def checkpoint_store(cfg: Config) -> CheckpointStore:
+    return CheckpointStore(Path(cfg.run.output_dir) / CHECKPOINT_SUBDIR, cfg.checkpoint.keep_last)
+
+
+def find_resume(cfg: Config) -> Path | None:
+    """The newest valid checkpoint of the run directory, chosen by rank 0 for all ranks."""
+    found = checkpoint_store(cfg).latest_valid() if cfg.checkpoint.resume and dist.is_main() else None
+    return dist.broadcast_object(found)
+
+
+def make_plan(cfg: Config, info: DatasetInfo, world_size: int, resume_path: Path | None,
+              resumed: dict | None) -> Plan:
+    """Batch sizes and learning rate for ``world_size`` ranks, keeping a resumed run's global batch."""
+    global_batch = cfg.data.batch_size * world_size
+    if resumed is not None:
+        global_batch = int(resumed["data"]["global_batch"])
+        if global_batch % world_size:
+            raise TrainingError(f"{resume_path}: its global batch {global_batch} does not divide "
+                                f"over {world_size} ranks; resume on a world size dividing it")
+    accumulation = cfg.optim.accumulation_steps
+    return Plan(world_size=world_size, batch_per_rank=global_batch // world_size,
+                global_batch=global_batch, accumulation=accumulation,
+                lr=scaled_lr(cfg.optim, global_batch * accumulation),
+                num_samples=info.num_samples, num_classes=info.num_classes,
+                data_format=info.format, resume_path=resume_path,
+                resume_step=int(resumed["step"]) if resumed is not None else 0)
+
+
+def dry_run(cfg: Config) -> str:
+    """Validate paths and data and describe the run, without building models or training."""
+    check_paths(cfg)
+    info = preflight(cfg.data)
+    resume_path = find_resume(cfg)
+    resumed = checkpoint.load(resume_path) if resume_path else None
+    plan = make_plan(cfg, info, dist.env_world()[1], resume_path, resumed)
+    if info.num_samples < plan.global_batch:
+        raise TrainingError(f"data.train has {info.num_samples} images, fewer than one global "
+                            f"batch of {plan.global_batch}")
+    return plan.describe(cfg)
