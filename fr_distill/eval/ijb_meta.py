@@ -88,9 +88,12 @@ def _read_landmarks(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
 def read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(t1, t2, label)`` of a template pair file; parsed in C, re-read by line on error."""
     text = _require(path).read_text()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        values = np.fromstring(text, dtype=np.int64, sep=" ")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            values = np.fromstring(text, dtype=np.int64, sep=" ")
+    except ValueError:  # a malformed token: the line-by-line pass below names it
+        values = np.empty(0, dtype=np.int64)
     line_count = text.count("\n") + (not text.endswith("\n")) - text.count("\n\n")
     if values.size == 3 * line_count:  # otherwise some line is malformed: find it line by line
         table = values.reshape(-1, 3)

@@ -67,10 +67,17 @@ def tar_nearest(fpr: np.ndarray, tpr: np.ndarray, far: float) -> float:
 
 
 def tar_interpolated(fpr: np.ndarray, tpr: np.ndarray, far: float) -> float:
-    """TAR at ``far`` by linear interpolation on the ROC's upper envelope.
+    """TAR at ``far`` by linear interpolation along the ROC polyline.
 
-    At an FPR the curve reaches with several TPRs (a vertical step) the highest is used;
-    between consecutive FPRs TAR is interpolated linearly.
+    Where the curve has a vertical step at exactly ``far`` the top of the step is used;
+    between two FPRs the segment from the last point at the lower FPR to the first point at
+    the higher FPR is interpolated.
     """
-    last_of_run = np.concatenate([fpr[1:] != fpr[:-1], [True]])
-    return float(np.interp(far, fpr[last_of_run], tpr[last_of_run]))
+    above = int(np.searchsorted(fpr, far, side="right"))  # first point with fpr > far
+    if above == 0:
+        return float(tpr[0])
+    last = above - 1
+    if above == len(fpr) or fpr[last] == far:
+        return float(tpr[last])
+    step = (far - fpr[last]) / (fpr[above] - fpr[last])
+    return float(tpr[last] + step * (tpr[above] - tpr[last]))
