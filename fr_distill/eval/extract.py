@@ -168,6 +168,8 @@ def extract_features(model: torch.nn.Module, source: ImageSource, device: torch.
     device = torch.device(device)
     shards = rank_shards(shard_bounds(len(source), shard_size), dist.rank(), dist.world_size())
     directory = Path(cache_dir) if cache_dir is not None else None
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
     parts, computed = [], 0
     bar = tqdm(total=sum(stop - start for start, stop in shards), desc=desc, unit="img",
                disable=not (progress and dist.is_main()), leave=False)

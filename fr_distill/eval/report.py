@@ -10,9 +10,9 @@ import math
 from pathlib import Path
 
 
-def _jsonable(value):
+def to_jsonable(value):
     if isinstance(value, dict):
-        return {(f"{k:g}" if isinstance(k, float) else str(k)): _jsonable(v) for k, v in value.items()}
+        return {(f"{k:g}" if isinstance(k, float) else str(k)): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -21,7 +21,7 @@ def _jsonable(value):
 def write_json(results: dict, path: str | Path) -> Path:
     """Write ``results`` as JSON (float keys such as FARs become strings like ``"1e-05"``)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(_jsonable(results), indent=2, sort_keys=True) + "\n")
+    Path(path).write_text(json.dumps(to_jsonable(results), indent=2, sort_keys=True) + "\n")
     return Path(path)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from fr_distill import dist
 
-from .extract import AlignedImages, EncodedImages, extract_features, prepare_cache
+from .extract import SHARD_SIZE, AlignedImages, EncodedImages, extract_features, prepare_cache
 from .ijb import identification, pair_scores, tar_at_far, template_features
 from .ijb_meta import IJBMeta, load_ijb_meta
 from .plots import plot_roc
@@ -32,7 +32,8 @@ def _set_name(path: str) -> str:
 
 def evaluate_bin_sets(model: torch.nn.Module, paths: list[str], device, batch_size: int = 128,
                       amp_dtype: torch.dtype | None = None, cache_root: str | Path | None = None,
-                      cache_key: dict | None = None, progress: bool = False) -> dict[str, dict]:
+                      cache_key: dict | None = None, progress: bool = False,
+                      shard_size: int = SHARD_SIZE) -> dict[str, dict]:
     """V1 metrics of ``model`` on each `.bin` in ``paths``: ``{set name: metrics}`` on every rank.
 
     With ``cache_root`` the features of each set are cached per shard under
@@ -47,7 +48,7 @@ def evaluate_bin_sets(model: torch.nn.Module, paths: list[str], device, batch_si
             cache = None if cache_root is None else prepare_cache(
                 Path(cache_root) / _set_name(path), {**(cache_key or {}), "set": str(path)})
             feats = extract_features(model, EncodedImages(payloads, path), device, batch_size,
-                                     amp_dtype, cache, progress=progress, desc=_set_name(path))
+                                     amp_dtype, cache, shard_size, progress, _set_name(path))
             results[_set_name(path)] = evaluate(torch.nn.functional.normalize(feats, dim=1), issame)
     finally:
         model.train(was_training)
@@ -97,7 +98,7 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
                    ijb_sets: list[tuple[str, str]] = (), out_dir: str | Path | None = None,
                    batch_size: int = 128, amp_dtype: torch.dtype | None = None,
                    use_faceness: bool = True, cache_key: dict | None = None, writer=None,
-                   step: int = 0) -> dict:
+                   step: int = 0, shard_size: int = SHARD_SIZE) -> dict:
     """Evaluate ``model`` on `.bin` sets and IJB sets ``[(root, name)]`` (SPEC V1–V3).
 
     With ``out_dir``: per-shard feature caches under ``out_dir/features``, ``results.json``
@@ -108,7 +109,8 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
     out = Path(out_dir) if out_dir is not None else None
     features_root = out / "features" if out is not None else None
     results: dict = {"bin": evaluate_bin_sets(model, list(bin_paths), device, batch_size,
-                                              amp_dtype, features_root, cache_key, progress=True)}
+                                              amp_dtype, features_root, cache_key, True,
+                                              shard_size)}
     if ijb_sets:
         results["ijb"] = {}
     model.eval()
@@ -117,7 +119,7 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
         cache = None if features_root is None else prepare_cache(
             features_root / name, {**(cache_key or {}), "set": str(root), "name": name})
         feats = extract_features(model, AlignedImages(meta.image_paths, meta.landmarks), device,
-                                 batch_size, amp_dtype, cache, desc=name)
+                                 batch_size, amp_dtype, cache, shard_size, desc=name)
         scored = None
         if dist.is_main():
             scored = score_ijb(meta, feats, device, use_faceness)
@@ -146,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ijb-name", nargs="*", default=[], help="set name per --ijb (IJBB, IJBC)")
     parser.add_argument("--out", required=True, help="output directory (results, caches, plots)")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--shard-size", type=int, default=SHARD_SIZE,
+                        help="images per cached feature shard")
     parser.add_argument("--amp", choices=("fp16", "bf16", "off"), default="fp16",
                         help="autocast dtype on GPUs")
     parser.add_argument("--no-faceness", action="store_true", help="do not weight by faceness")
@@ -170,7 +174,8 @@ def run_evaluation(argv: list[str] | None = None) -> dict:
                               f"{args.arch}:{args.width}:{args.amp}".encode()).hexdigest()
         results = evaluate_model(model, info.device, args.bin, list(zip(args.ijb, args.ijb_name)),
                                  args.out, args.batch_size, amp if info.device.type == "cuda" else None,
-                                 not args.no_faceness, cache_key={"model": digest})
+                                 not args.no_faceness, cache_key={"model": digest},
+                                 shard_size=args.shard_size)
         if info.is_main:
             print(format_table(results))
             print(f"results written to {Path(args.out) / 'results.json'}")
