@@ -181,3 +181,16 @@ def test_ablation_and_baseline_configs_change_only_the_loss(name, terms):
     assert cfg.loss.sphereface2 == base.loss.sphereface2
     for section in ("model", "teacher", "data", "optim", "schedule", "precision"):
         assert getattr(cfg, section) == getattr(base, section), section
+
+
+def test_state_of_another_term_set_is_refused_in_one_line():
+    with_bank = build_objective(LossConfig(), C, DS, DT, global_batch=B)
+    cfg = LossConfig()
+    cfg.rpsd.weight = 0.0
+    without_bank = build_objective(cfg, C, DS, DT, global_batch=B)
+    with pytest.raises(ObjectiveInputError, match=r"unexpected keys \['kd_terms.rpsd.bank.teacher'") as info:
+        without_bank.load_state_dict(with_bank.state_dict())
+    assert "\n" not in str(info.value)
+    with pytest.raises(ObjectiveInputError, match=r"missing keys \['kd_terms.rpsd.bank.teacher'"):
+        with_bank.load_state_dict(without_bank.state_dict())
+    without_bank.load_state_dict(with_bank.state_dict(), strict=False)

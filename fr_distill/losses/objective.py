@@ -81,6 +81,21 @@ class Objective(nn.Module):
         """This rank's class rows of a class-sharded head: gradients are not averaged."""
         return [self.head.weight] if self.head is not None and self.head.class_sharded else []
 
+    # -- checkpoint state ------------------------------------------------------------------------
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load head, projector and bank (resized or re-sharded as needed, see their modules).
+
+        With ``strict``, keys missing from the state or not used by this objective (a term
+        enabled in one config and not the other) raise a one-line :class:`ObjectiveInputError`.
+        ``state_dict()`` of a class-sharded head is a collective: call it on every rank.
+        """
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        if strict and (result.missing_keys or result.unexpected_keys):
+            raise ObjectiveInputError(
+                f"objective state does not match this objective: missing keys "
+                f"{list(result.missing_keys)}, unexpected keys {list(result.unexpected_keys)}")
+        return result
+
     # -- input checks ----------------------------------------------------------------------------
     def _check_embeddings(self, f_s: torch.Tensor, f_t: torch.Tensor | None) -> None:
         if f_s.dim() != 2 or f_s.shape[1] != self.student_dim or not f_s.is_floating_point():
