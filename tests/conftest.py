@@ -66,3 +66,19 @@ def write_jpeg_folder(root: Path, num_classes: int, per_class: int, seed: int = 
 def jpeg_folder(tmp_path) -> Path:
     """A small image-folder training set: 4 identities × 6 JPEGs."""
     return write_jpeg_folder(tmp_path / "train", 4, 6)
+
+
+SYNTHETIC_DATA_ARGS = dict(num_identities=24, images_per_identity=8, seed=0, bin_identities=24,
+                           bin_pairs=100, ijb_subjects=12, workers=1)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """The synthetic face data set, generated once per session (``SYNTHETIC_DATA_ARGS``): 24
+    identities × 8 images (folder + RecordIO), synth_lfw/synth_cfp .bin sets of 100 pairs, an
+    IJB-style release ``ijb/IJBS`` of 12 subjects; its ``manifest.json`` holds the counts."""
+    from fr_distill.data.synthetic import generate
+
+    out = tmp_path_factory.mktemp("synthetic")
+    generate(out, **SYNTHETIC_DATA_ARGS)
+    return out

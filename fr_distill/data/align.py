@@ -4,14 +4,23 @@ A face is aligned by the least-squares similarity transform (rotation, uniform s
 translation; Umeyama 1991, the estimator of scikit-image's ``SimilarityTransform`` and of
 InsightFace's ``norm_crop``) that maps its five landmarks (left eye, right eye, nose tip,
 left and right mouth corners, in image pixels) onto :data:`ARCFACE_TEMPLATE`, followed by a
-bilinear warp of the image into a ``size × size`` crop. Pixel centres sit at integer
+bilinear warp of the image into a ``size × size`` crop. :func:`align_folder` applies it to
+a folder of loose images listed in a landmarks file of the IJB ``_name_5pts_score.txt``
+format (``img x1 y1 … x5 y5 [faceness]``), e.g. to prepare raw data such as VGGFace2. Pixel centres sit at integer
 coordinates and pixels outside the source image read as black, as with OpenCV's
 ``warpAffine`` defaults, so crops match InsightFace's within interpolation rounding. Pure
 numpy: no OpenCV dependency.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .errors import DataError
 
 ARCFACE_TEMPLATE = np.array(
     [[38.2946, 51.6963],
@@ -130,3 +139,63 @@ def align_face(image_hwc_uint8: np.ndarray, landmarks: np.ndarray, size: int = 1
         raise ValueError(f"align_face: expected a uint8 H×W×3 image, got {image.dtype} with "
                          f"shape {tuple(image.shape)}")
     return warp_affine(image, alignment_matrix(landmarks, size), size, size)
+
+
+def read_landmarks_file(path: str | os.PathLike) -> list[tuple[str, np.ndarray, float]]:
+    """Parse ``img x1 y1 … x5 y5 [faceness]`` lines into ``(name, 5×2 points, faceness)``.
+
+    A malformed line raises :class:`DataError` naming the file and line number.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read landmarks file ({err.strerror})") from None
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) not in (11, 12):
+            raise DataError(f"{path}:{number}: expected 'img x1 y1 ... x5 y5 [faceness]' "
+                            f"(11 or 12 fields), got {len(fields)}")
+        try:
+            values = np.array([float(v) for v in fields[1:]])
+        except ValueError:
+            raise DataError(f"{path}:{number}: non-numeric landmark value in {line.strip()!r}") from None
+        if not np.all(np.isfinite(values)):
+            raise DataError(f"{path}:{number}: landmark values must be finite")
+        faceness = float(values[10]) if len(values) == 11 else 1.0
+        entries.append((fields[0], values[:10].reshape(5, 2), faceness))
+    return entries
+
+
+def align_folder(image_dir: str | os.PathLike, landmarks_file: str | os.PathLike,
+                 out_dir: str | os.PathLike, size: int = 112, min_faceness: float = 0.0,
+                 quality: int = 95, progress: bool = True) -> int:
+    """Align every image listed in ``landmarks_file`` (paths relative to ``image_dir``) into
+    ``out_dir`` under the same relative name, as ``size × size`` crops; returns the count.
+
+    Entries whose faceness is below ``min_faceness`` are skipped. The listed images must all
+    exist (checked before any work); an undecodable one raises :class:`DataError`.
+    """
+    image_dir, out_dir = Path(image_dir), Path(out_dir)
+    entries = [e for e in read_landmarks_file(landmarks_file) if e[2] >= min_faceness]
+    for name, _, _ in entries:
+        if not (image_dir / name).is_file():
+            raise DataError(f"{landmarks_file}: image {name!r} not found in {image_dir}")
+    for name, points, _ in tqdm(entries, desc="align", disable=not progress):
+        source = image_dir / name
+        try:
+            with Image.open(source) as img:
+                pixels = np.asarray(img.convert("RGB"))
+        except (OSError, SyntaxError) as err:
+            raise DataError(f"{source}: cannot decode image ({err})") from None
+        try:
+            aligned = align_face(pixels, points, size)
+        except ValueError as err:
+            raise DataError(f"{landmarks_file}: {name}: {err}") from None
+        target = out_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(aligned).save(target, quality=quality)
+    return len(entries)
