@@ -216,28 +216,109 @@ def reports(tmp_path: Path) -> list[dict]:
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-def test_two_agents_meet_and_report_the_workers_requeue_code(tmp_path):
-    codes = wait_nodes(start_nodes(tmp_path, f"exit:{REQUEUE_EXIT_CODE}"), tmp_path)
-    # The store's host (node 0) always sees its worker's code; another agent may lose the
-    # store first and report 1. srun returns the highest task code, so the job sees 75.
-    assert codes[0] == REQUEUE_EXIT_CODE and codes[1] in (REQUEUE_EXIT_CODE, 1)
-    got = reports(tmp_path)
-    assert [r["world_size"] for r in got] == [2, 2]
-    assert sorted(r["group_rank"] for r in got) == [0, 1]  # one process on each node
-    assert [r["local_rank"] for r in got] == [0, 0]
-    assert [r["sum"] for r in got] == [3.0, 3.0]  # all-reduce of rank+1 across the nodes
-    assert "node 1/2: torchrun --nnodes 2" in (tmp_path / "node1.log").read_text()
-
-
-def test_preemption_signal_reaches_the_workers_and_requeues(tmp_path):
-    procs = start_nodes(tmp_path, f"wait_signal:{REQUEUE_EXIT_CODE}")
+@pytest.mark.dist
+def test_two_agents_meet_and_report_requeue_on_exit_code_and_on_preemption(tmp_path):
+    """Two fake jobs at once: (a) the workers exit with the requeue code themselves; (b) the
+    agents receive SIGUSR1 (SLURM's ``--signal=USR1@120``) and forward it to the workers."""
+    exiting, signalled = tmp_path / "exit", tmp_path / "signal"
+    exiting.mkdir(), signalled.mkdir()
+    first = start_nodes(exiting, f"exit:{REQUEUE_EXIT_CODE}")
+    second = start_nodes(signalled, f"wait_signal:{REQUEUE_EXIT_CODE}")
     deadline = time.monotonic() + 90
-    while not all((tmp_path / f"ready{r}").exists() for r in (0, 1)):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+    while not all((signalled / f"ready{r}").exists() for r in (0, 1)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in second), \
             "workers did not start"
         time.sleep(0.1)
-    for p in procs:  # SLURM's --signal=USR1@120 reaches the agents
+    for p in second:
         p.send_signal(signal.SIGUSR1)
-    codes = wait_nodes(procs, tmp_path)
-    assert codes == [REQUEUE_EXIT_CODE, REQUEUE_EXIT_CODE]
-    assert [r["signals"] for r in reports(tmp_path)] == [[signal.SIGUSR1], [signal.SIGUSR1]]
+    codes_exit, codes_signal = wait_nodes(first, exiting), wait_nodes(second, signalled)
+
+    # (a) The store's host (node 0) always sees its worker's code; another agent may lose the
+    # store first and report 1. srun returns the highest task code, so the job sees 75.
+    assert codes_exit[0] == REQUEUE_EXIT_CODE and codes_exit[1] in (REQUEUE_EXIT_CODE, 1)
+    # (b) Both agents stop on the signal after their workers exited: both report 75.
+    assert codes_signal == [REQUEUE_EXIT_CODE, REQUEUE_EXIT_CODE]
+    assert [r["signals"] for r in reports(signalled)] == [[signal.SIGUSR1], [signal.SIGUSR1]]
+    for got in (reports(exiting), reports(signalled)):
+        assert [r["world_size"] for r in got] == [2, 2]
+        assert sorted(r["group_rank"] for r in got) == [0, 1]  # one process on each node
+        assert [r["local_rank"] for r in got] == [0, 0]
+        assert [r["sum"] for r in got] == [3.0, 3.0]  # all-reduce of rank+1 across the nodes
+    assert "node 1/2: torchrun --nnodes 2" in (exiting / "node1.log").read_text()
+
+
+# --------------------------------------------------------------------------------------
+# Multi-node training: two agents (one process each) == one node with two processes
+# --------------------------------------------------------------------------------------
+def tiny_distillation_config(root: Path) -> Path:
+    """A 4-step unified distillation run (SphereFace2 + ILED + RPSD with its bank all-gather)."""
+    import torch
+
+    from conftest import write_jpeg_folder
+    from fr_distill.models import get_backbone
+
+    write_jpeg_folder(root / "data", num_classes=4, per_class=8)
+    torch.manual_seed(1)
+    torch.save(get_backbone("iresnet18", 32, width=0.125).state_dict(), root / "teacher.pth")
+    config = root / "tiny.yaml"
+    config.write_text(f"""
+model: {{name: iresnet18, embedding_dim: 32, width: 0.125, channels_last: false}}
+teacher: {{path: {root}/teacher.pth, name: iresnet18, embedding_dim: 32, width: 0.125}}
+data: {{train: {root}/data, loader: torch, batch_size: 4, num_workers: 0}}
+optim: {{lr: 0.05}}
+schedule: {{total_steps: 4, milestones: [3]}}
+precision: {{amp: fp32}}
+checkpoint: {{every_steps: 100}}
+logging: {{every_steps: 1, tensorboard: false, progress_bar: "off"}}
+run: {{seed: 3}}
+""")
+    return config
+
+
+@pytest.mark.dist
+def test_two_node_training_equals_one_node_with_two_processes(tmp_path):
+    import torch
+
+    config = tiny_distillation_config(tmp_path)
+    train = ["launch/train.py", "--config", str(config)]
+    single_log = open(tmp_path / "single.log", "w")
+    single = subprocess.Popen(  # started together with the two nodes: the runs are independent
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+         *train, f"run.output_dir={tmp_path / 'single'}"],
+        cwd=REPO, env=torchrun_env(), stdout=single_log, stderr=single_log)
+    port = str(free_port())
+    nodes = []
+    for node_id in (0, 1):
+        env = torchrun_env(slurm_env(nodelist="localhost,127.0.0.1", node_id=node_id,
+                                     job_id="31", SLURM_GPUS_ON_NODE="1"))
+        log = open(tmp_path / f"node{node_id}.log", "w")
+        nodes.append(subprocess.Popen(
+            [sys.executable, str(TORCHRUN_CMD), "--exec", "--port", port, "--",
+             *train, f"run.output_dir={tmp_path / 'multi'}"],
+            cwd=REPO, env=env, stdout=log, stderr=log))
+    codes = wait_nodes([single, *nodes], tmp_path)
+    assert codes == [0, 0, 0], (tmp_path / "single.log").read_text()[-3000:]
+    for node_id in (0, 1):
+        assert (f"node {node_id}/2: torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d "
+                f"--rdzv-endpoint localhost:{port} --rdzv-id 31") in \
+            (tmp_path / f"node{node_id}.log").read_text()
+
+    def final(run: str) -> dict:
+        return torch.load(tmp_path / run / "checkpoints" / "step_00000004.pt", weights_only=True)
+
+    one, two = final("single"), final("multi")
+    assert one["step"] == two["step"] == 4
+    for part in ("student", "objective"):  # objective: SphereFace2 head and the memory bank
+        tensors = {k: v for k, v in one[part].items() if isinstance(v, torch.Tensor)}
+        assert tensors and tensors.keys() == {k for k, v in two[part].items()
+                                              if isinstance(v, torch.Tensor)}
+        for key, value in tensors.items():
+            assert torch.allclose(value.double(), two[part][key].double(), rtol=0, atol=1e-6), key
+    from fr_distill.models import get_backbone
+
+    torch.manual_seed(3)  # run.seed: the trainer's initialization of the student
+    initial = get_backbone("iresnet18", 32, width=0.125).state_dict()
+    moved = [k for k, v in initial.items()
+             if v.is_floating_point() and not torch.equal(v, one["student"][k])]
+    assert "fc.weight" in moved  # the runs trained: equality is not that of untouched weights
