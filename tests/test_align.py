@@ -114,3 +114,51 @@ def test_bad_landmarks_are_refused(landmarks, message):
 def test_bad_image_is_refused():
     with pytest.raises(ValueError, match="uint8 H×W×3"):
         align_face(np.zeros((112, 112), np.uint8), ARCFACE_TEMPLATE)
+
+
+def write_loose_folder(root, entries):
+    """Loose PNG crops of the blob face under known similarities; returns landmark lines."""
+    from PIL import Image
+
+    lines = []
+    for name, angle, scale, faceness in entries:
+        truth = similarity(angle, scale, 0.0, 0.0)
+        truth[:, 2] = 80.0 - truth[:, :2] @ [56.0, 56.0]
+        Image.fromarray(warp_affine(blob_face(), truth, 160, 160)).save(root / name)
+        pts = apply(truth, ARCFACE_TEMPLATE.astype(np.float64))
+        lines.append(f"{name} {' '.join(f'{v:.3f}' for v in pts.ravel())} {faceness}")
+    return lines
+
+
+def test_align_folder_aligns_every_listed_image(tmp_path):
+    from PIL import Image
+
+    from fr_distill.data.align import align_folder
+
+    (tmp_path / "loose").mkdir()
+    lines = write_loose_folder(tmp_path / "loose", [("a.png", 20.0, 1.1, 0.9),
+                                                    ("b.png", -35.0, 0.9, 0.2)])
+    (tmp_path / "lm.txt").write_text("\n".join(lines) + "\n")
+    count = align_folder(tmp_path / "loose", tmp_path / "lm.txt", tmp_path / "out",
+                         min_faceness=0.5, progress=False)
+    assert count == 1 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]
+    crop = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+    diff = np.abs(crop.astype(np.int16) - blob_face().astype(np.int16))[8:-8, 8:-8]
+    assert crop.shape == (112, 112, 3) and diff.mean() < 2.0
+
+
+@pytest.mark.parametrize("line, message", [
+    ("a.png 1 2 3", r"lm.txt:2: expected 'img x1 y1 \.\.\. x5 y5 \[faceness\]'"),
+    ("a.png 1 2 3 4 5 6 7 x 9 10 1.0", r"lm.txt:2: non-numeric landmark value"),
+    ("missing.png 1 2 3 4 5 6 7 8 9 10 1.0", r"lm.txt: image 'missing.png' not found"),
+])
+def test_align_folder_bad_landmark_files(tmp_path, line, message):
+    from fr_distill.data import DataError
+    from fr_distill.data.align import align_folder
+
+    (tmp_path / "loose").mkdir()
+    good = write_loose_folder(tmp_path / "loose", [("a.png", 0.0, 1.0, 1.0)])
+    (tmp_path / "lm.txt").write_text(good[0] + "\n" + line + "\n")
+    with pytest.raises(DataError, match=message):
+        align_folder(tmp_path / "loose", tmp_path / "lm.txt", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()  # refused before any work

@@ -7,3 +7,4 @@ from .recordio import RecordIOReader, RecordIOWriter
 from .dataset import DatasetInfo, preflight, scan
 from .loader import Batch, TrainLoader, build_train_loader
 from .sampler import GlobalSampler
+from .align import ARCFACE_TEMPLATE, align_face, estimate_similarity
