@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import shutil
 import subprocess
 import sys
 
@@ -135,8 +134,3 @@ def test_validate_data_decodes_everything_and_exits_nonzero(jpeg_folder, tmp_pat
     assert proc.returncode == 1 and "BAD " + str(jpeg_folder / "id001" / "junk.jpg") in proc.stdout
     assert "2 problem(s) found" in proc.stdout
     assert (tmp_path / "c.csv").read_text().splitlines()[1] == "id000,6"
-    shutil.rmtree(jpeg_folder / "id001")
-    (jpeg_folder / "id000" / "noscan.jpg").unlink()
-    proc = subprocess.run([sys.executable, "tools/validate_data.py", str(jpeg_folder), "--no-progress"],
-                          cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK")

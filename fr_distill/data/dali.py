@@ -1,8 +1,8 @@
 """DALI input path: a parallel external source fed by the sampler, DALI decode/flip/normalize.
 
-Python worker processes read each sample's encoded bytes (image folder or RecordIO, any
-layout the project's reader accepts, including InsightFace's header record) in the exact
-order of :class:`~fr_distill.data.sampler.GlobalSampler`, together with the sampler's flip
+Python worker processes (batch mode: each prepares whole batches) read the encoded bytes
+(image folder or RecordIO, any layout the project's reader accepts, including InsightFace's
+header record) in the exact order of :class:`~fr_distill.data.sampler.GlobalSampler`, together with the sampler's flip
 flag and the data-set index. DALI decodes (``device="mixed"`` on a GPU, ``"cpu"`` otherwise;
 same graph), mirrors by the flag and normalizes ``(x - 127.5) / 127.5`` to CHW float32 in
 one ``crop_mirror_normalize``. Batches come out as torch tensors on the rank's device.
@@ -23,24 +23,28 @@ from .errors import DataError
 from .sampler import GlobalSampler
 
 
-class SampleSource:
-    """Per-sample callback of the parallel external source: (bytes, mirror flag, index)."""
+class BatchSource:
+    """Batch callback of the parallel external source: for batch ``info.iteration`` (global step
+    ``start_step + info.iteration``) this rank's encoded images, mirror flags and indices.
+
+    Batch mode keeps the per-image Python overhead to one file/record read; the index and flip
+    arithmetic is vectorized per batch. Each worker process prepares whole batches.
+    """
 
     def __init__(self, images: EncodedImages, sampler: GlobalSampler, start_step: int,
                  rank: int, world_size: int) -> None:
         self.images, self.sampler, self.start_step = images, sampler, start_step
         self.rank, self.world_size = rank, world_size
 
-    def __call__(self, info) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         step = self.start_step + info.iteration
         indices = self.sampler.rank_indices(step, self.rank, self.world_size)
-        index = indices[info.idx_in_batch:info.idx_in_batch + 1]
-        flip = self.sampler.flips(step, index)
-        return (np.frombuffer(self.images[int(index[0])], dtype=np.uint8),
-                flip.astype(np.int32).reshape(()), index.reshape(()))
+        flips = self.sampler.flips(step, indices).astype(np.int32)
+        encoded = [np.frombuffer(self.images[i], dtype=np.uint8) for i in indices.tolist()]
+        return encoded, flips, indices
 
 
-def build_pipeline(source: SampleSource, batch_size: int, device: torch.device,
+def build_pipeline(source: BatchSource, batch_size: int, device: torch.device,
                    num_workers: int, prefetch: int):
     """The DALI pipeline (built) producing (images CHW float32, indices int64)."""
     from nvidia.dali import fn, pipeline_def, types
@@ -55,7 +59,8 @@ def build_pipeline(source: SampleSource, batch_size: int, device: torch.device,
                   py_start_method=start_method)
     def pipeline():
         encoded, mirror, index = fn.external_source(
-            source=source, num_outputs=3, batch=False, parallel=True,
+            source=source, num_outputs=3, batch=True, batch_info=True, parallel=True,
+            prefetch_queue_depth=max(prefetch, num_workers),
             dtype=[types.UINT8, types.INT32, types.INT64])
         images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu",
                                    output_type=types.RGB)
@@ -75,7 +80,7 @@ def dali_batches(images: EncodedImages, sampler: GlobalSampler, start_step: int,
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     per_rank = sampler.global_batch // world_size
-    pipe = build_pipeline(SampleSource(images, sampler, start_step, rank, world_size),
+    pipe = build_pipeline(BatchSource(images, sampler, start_step, rank, world_size),
                           per_rank, device, num_workers, prefetch)
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     try:

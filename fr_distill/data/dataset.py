@@ -313,6 +313,7 @@ class EncodedImages:
     def __init__(self, info: DatasetInfo) -> None:
         self.format, self.samples = info.format, info.samples
         self.root = Path(info.root)
+        self.root_str = str(self.root)
         self.reader = RecordIOReader(info.root, info.idx_path) if info.format == "recordio" else None
 
     def __len__(self) -> int:
@@ -327,7 +328,7 @@ class EncodedImages:
     def __getitem__(self, i: int) -> bytes:
         if self.reader is not None:
             return self.reader.read(int(self.samples[i]))[1]
-        path = self.root / self.samples[i].decode()
+        path = os.path.join(self.root_str, self.samples[i].decode())
         try:
             with open(path, "rb") as f:
                 return f.read()
