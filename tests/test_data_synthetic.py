@@ -224,6 +224,8 @@ def test_second_run_reuses_and_changed_arguments_regenerate(tmp_path):
     (out / "train.idx").write_text("0\t0\n")  # damaged file: regenerated
     generate(out, 3, 2, seed=1, workers=1, **TINY)
     assert (out / "train.idx").stat().st_size > 10
+    generate(out, 3, 2, seed=1, workers=1, ijb_name="IJBX", **TINY)  # renamed release
+    assert sorted(p.name for p in (out / "ijb").iterdir()) == ["IJBX"]
 
 
 def test_foreign_directory_and_bad_arguments_are_refused(tmp_path):

@@ -83,6 +83,12 @@ def _clear_previous(out_dir: Path, ijb_name: str) -> None:
     if owned and not (out_dir / MANIFEST).is_file():
         raise DataError(f"{owned[0]}: exists but {out_dir / MANIFEST} does not; not written by "
                         "the synthetic generator — remove it or choose another directory")
+    try:
+        previous = json.loads((out_dir / MANIFEST).read_text())["parameters"]["ijb_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        previous = None
+    if isinstance(previous, str) and previous.isalnum() and previous != ijb_name:
+        owned += [p for p in [out_dir / "ijb" / previous] if p.exists()]
     for path in owned:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 

@@ -168,6 +168,7 @@ def _feature_positions(p: dict[str, np.ndarray], c: dict[str, np.ndarray]) -> di
         "eye_l": shift(0.6) - half, "eye_r": shift(0.6) + half,
         "nose_x": shift(1.0), "mouth_x": shift(0.7),
         "mouth_half": p["mouth_half_w"] * (1.0 - 0.2 * turn),
+        "mouth_y": p["mouth_y"] + 1.5 * c["mouth_open"],
         "hair_cx": shift(0.1),
     }
 
@@ -175,7 +176,7 @@ def _feature_positions(p: dict[str, np.ndarray], c: dict[str, np.ndarray]) -> di
 def raw_landmarks(p: dict[str, np.ndarray], c: dict[str, np.ndarray]) -> np.ndarray:
     """The five landmarks ``[B, 5, 2]`` in the raw face frame (ArcFace order)."""
     f = _feature_positions(p, c)
-    mouth_y = p["mouth_y"] + 1.5 * c["mouth_open"]
+    mouth_y = f["mouth_y"]
     pts = [(f["eye_l"], p["eye_y"]), (f["eye_r"], p["eye_y"]), (f["nose_x"], p["nose_tip_y"]),
            (f["mouth_x"] - f["mouth_half"], mouth_y), (f["mouth_x"] + f["mouth_half"], mouth_y)]
     return np.stack([np.stack(xy, axis=-1) for xy in pts], axis=1)
@@ -319,17 +320,22 @@ def render(latent: np.ndarray, cond: dict[str, np.ndarray], to_pixels: np.ndarra
     similarities ``[B, 3, 3]`` (see :func:`pose_matrix`); returns uint8 ``[B, H, W, 3]``."""
     p, c = decode(latent), cond
     f = _feature_positions(p, c)
-    to_face = np.linalg.inv(to_pixels @ normalization(p, c))
-    cv = _Canvas(to_face, height, width)
-    n = len(latent)
-    yaw, turn = c["yaw"], np.abs(c["yaw"])
-
+    cv = _Canvas(np.linalg.inv(to_pixels @ normalization(p, c)), height, width)
     skin = _palette(np.stack([SKIN_LIGHT, SKIN_DARK]), p["skin_tone"])
     skin = skin + np.outer(p["skin_warmth"], [10.0, 0.0, -10.0]) + c["skin_shift"][:, None]
     hair = _palette(HAIR_PALETTE, p["hair_hue"])
     cv.img[:] = np.asarray(c["bg"], dtype=np.float32)[:, :, None, None]
     cv.img += (_col(c["bg_grad"]) * (cv.ys / height - 0.5))[:, None]
+    face = _paint_head(cv, p, c, f, skin, hair)
+    _paint_features(cv, p, c, f, skin, hair)
+    _paint_occlusions(cv, p, c, f, face)
+    return _finish(cv, c, rng)
 
+
+def _paint_head(cv: _Canvas, p: dict, c: dict, f: dict, skin: np.ndarray,
+                hair: np.ndarray) -> np.ndarray:
+    """Hair volume, ears, the textured face, moles, hairline and beard; returns face coverage."""
+    yaw = c["yaw"]
     # hair volume behind the head, cut at the hair length
     vol = p["hair_volume"]
     back, win = cv.ellipse(f["hair_cx"], p["face_cy"] - 6.0, f["face_rx"] + vol,
@@ -365,6 +371,13 @@ def render(latent: np.ndarray, cond: dict[str, np.ndarray], to_pixels: np.ndarra
                         np.hypot(f["face_rx"], p["face_ry_bottom"] / 2))
         chin = _crop(face, win) * cv.step(cv.coords(win)[1] - _col(p["nose_tip_y"] + 5.0))
         cv.paint((chin, win), hair, weight=beard)
+    return face
+
+
+def _paint_features(cv: _Canvas, p: dict, c: dict, f: dict, skin: np.ndarray,
+                    hair: np.ndarray) -> None:
+    """Brows, eyes, nose and mouth."""
+    n, yaw = len(skin), c["yaw"]
     # brows
     for side, x in ((-1.0, f["eye_l"]), (1.0, f["eye_r"])):
         brow = cv.ellipse(x + side * 1.0, p["eye_y"] - p["brow_gap"], p["brow_len"] / 2,
@@ -393,28 +406,35 @@ def render(latent: np.ndarray, cond: dict[str, np.ndarray], to_pixels: np.ndarra
         cv.shade(nostril, 0.55 * np.clip(1.0 - side * yaw, 0.0, 1.0))
     # mouth: lips and the opening
     lip = skin * 0.75 + p["lip_red"][:, None] * np.array([40.0, -25.0, -15.0])
-    mouth_y = p["mouth_y"] + 1.5 * c["mouth_open"]
+    mouth_y = f["mouth_y"]
     lips = cv.ellipse(f["mouth_x"], mouth_y, f["mouth_half"], p["lip_thick"] / 2
                       + 3.0 * c["mouth_open"])
     cv.paint(lips, lip)
     opening = cv.ellipse(f["mouth_x"], mouth_y, f["mouth_half"] * 0.8,
                          np.maximum(3.0 * c["mouth_open"], 1e-3), win=lips[1])
     cv.paint(opening, np.tile([[70.0, 25.0, 25.0]], (n, 1)), weight=c["mouth_open"] > 0.05)
-    # occlusions: sunglasses, lower-face mask, a patch in pixel space
+
+
+def _paint_occlusions(cv: _Canvas, p: dict, c: dict, f: dict, face: np.ndarray) -> None:
+    """Sunglasses and a lower-face mask (in the face frame), a patch in pixel space."""
     if np.any(c["glasses"]):
         for x in (f["eye_l"], f["eye_r"]):
             lens = cv.ellipse(x, p["eye_y"], p["eye_rx"] + 3.0, p["eye_ry"] + 4.0)
             cv.paint(lens, c["occ_color"] * 0.3, weight=c["glasses"])
     if np.any(c["mask"]):
-        alpha, win = cv.ellipse(f["mouth_x"], mouth_y - 2.0, f["face_rx"] * 0.85, 16.0)
+        alpha, win = cv.ellipse(f["mouth_x"], f["mouth_y"] - 2.0, f["face_rx"] * 0.85, 16.0)
         cv.paint((alpha * _crop(face, win), win), c["occ_color"], weight=c["mask"])
-    box = c["patch_box"]
+    box, height, width = c["patch_box"], cv.height, cv.width
     for i in np.flatnonzero(c["patch"]):
         x0, y0 = int(box[i, 0] * width * 0.8), int(box[i, 1] * height * 0.8)
         x1 = x0 + int(width * (0.15 + 0.2 * box[i, 2]))
         y1 = y0 + int(height * (0.15 + 0.2 * box[i, 3]))
         cv.img[i, :, y0:y1, x0:x1] = np.asarray(c["occ_color"][i, ::-1], np.float32)[:, None, None]
-    # illumination, blur, noise
+
+
+def _finish(cv: _Canvas, c: dict, rng: np.random.Generator) -> np.ndarray:
+    """Light gradient and gain, blur, noise; uint8 ``[B, H, W, 3]``."""
+    n, height, width = len(cv.img), cv.height, cv.width
     lx, ly = np.cos(c["light_angle"]), np.sin(c["light_angle"])
     light = (_col(c["gain"]) + _col(c["light"] * lx) * (cv.xs / width - 0.5) * 2
              + _col(c["light"] * ly) * (cv.ys / height - 0.5) * 2)
