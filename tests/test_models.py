@@ -119,7 +119,8 @@ def test_iresnet_init_and_head_like_insightface():
                for s, n in zip(range(1, 5), LAYERS[50]) for b in range(n))
 
 
-def reference_iresnet_forward(state: dict, layers: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+def reference_iresnet_forward(state: dict, layers: tuple[int, ...],
+                              x: torch.Tensor) -> torch.Tensor:
     """InsightFace's eval-mode forward written with functional ops from the state dict."""
     def bn(p, t):
         return F.batch_norm(t, state[f"{p}.running_mean"], state[f"{p}.running_var"],
@@ -131,9 +132,11 @@ def reference_iresnet_forward(state: dict, layers: tuple[int, ...], x: torch.Ten
             p, stride = f"layer{stage}.{b}", 2 if b == 0 else 1
             out = F.conv2d(bn(f"{p}.bn1", x), state[f"{p}.conv1.weight"], padding=1)
             out = F.prelu(bn(f"{p}.bn2", out), state[f"{p}.prelu.weight"])
-            out = bn(f"{p}.bn3", F.conv2d(out, state[f"{p}.conv2.weight"], stride=stride, padding=1))
+            out = F.conv2d(out, state[f"{p}.conv2.weight"], stride=stride, padding=1)
+            out = bn(f"{p}.bn3", out)
             if b == 0:
-                x = bn(f"{p}.downsample.1", F.conv2d(x, state[f"{p}.downsample.0.weight"], stride=2))
+                x = F.conv2d(x, state[f"{p}.downsample.0.weight"], stride=2)
+                x = bn(f"{p}.downsample.1", x)
             x = out + x
     x = torch.flatten(bn("bn2", x), 1)
     return bn("features", F.linear(x, state["fc.weight"], state["fc.bias"]))

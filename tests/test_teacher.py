@@ -146,7 +146,8 @@ def test_onnx_falls_back_to_onnxruntime(tmp_path, caplog):
     projected = x.mean(dim=(2, 3)) @ torch.from_numpy(weight)
     expected = torch.where(projected.abs() > 0.5, projected, torch.zeros_like(projected))
     assert relative_error(teacher(x), expected) <= 1e-5
-    with pytest.raises(ModelLoadError, match=r"onnx2torch conversion failed \(onnx_backend=torch\)"):
+    with pytest.raises(ModelLoadError,
+                       match=r"onnx2torch conversion failed \(onnx_backend=torch\)"):
         load_teacher(path, onnx_backend="torch")
 
 
@@ -215,9 +216,11 @@ def test_wrong_architecture_lists_keys(source):
     message = one_line_error(path, "iresnet34", DIM, WIDTH)
     assert message.startswith(f"{path} does not fit iresnet34 (width {WIDTH}, embedding_dim {DIM}):"
                               " missing keys [layer1.2.bn1.weight, layer1.2.bn1.bias,")
-    assert "(+" in message and "the file looks like iresnet18 (width 0.25, embedding_dim 32)" in message
+    assert "(+" in message
+    assert "the file looks like iresnet18 (width 0.25, embedding_dim 32)" in message
     message = one_line_error(path, "iresnet18", DIM, 0.5)
-    assert "shape mismatches (file vs model) [conv1.weight (16, 3, 3, 3) vs (32, 3, 3, 3)," in message
+    assert "shape mismatches (file vs model) [conv1.weight (16, 3, 3, 3) vs (32, 3, 3, 3)," \
+        in message
     message = one_line_error(path, "iresnet18", 64, WIDTH)
     assert "fc.weight (32, 6272) vs (64, 6272)" in message
     assert "missing keys" not in message
@@ -229,7 +232,8 @@ def test_bad_files_and_arguments(tmp_path, source):
         f"teacher file not found: {tmp_path / 'absent.pth'}"
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(open(files["backbone.pth"], "rb").read()[:500])
-    assert one_line_error(str(truncated)).startswith(f"cannot read {truncated} (truncated or corrupt?)")
+    assert one_line_error(str(truncated)).startswith(
+        f"cannot read {truncated} (truncated or corrupt?)")
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(b"not a model at all" * 10)
     assert one_line_error(str(garbage)).startswith(

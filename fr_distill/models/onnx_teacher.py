@@ -113,9 +113,10 @@ class OnnxRuntimeModule(nn.Module):
                            tuple(x.shape), x.data_ptr())
         binding.bind_output(self.spec.output_name, kind, index, _numpy_dtype(self.output_dtype),
                             tuple(out.shape), out.data_ptr())
-        if kind == "cuda":
-            torch.cuda.current_stream(self.run_device).synchronize()  # x is written before ORT reads
+        if kind == "cuda":  # x must be fully written before onnxruntime's stream reads it
+            torch.cuda.current_stream(self.run_device).synchronize()
         self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
         return out.to(out_device, torch.float32)
 
 

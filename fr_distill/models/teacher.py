@@ -54,6 +54,7 @@ class FrozenTeacher(nn.Module):
         return self
 
     def requires_grad_(self, requires_grad: bool = True) -> FrozenTeacher:
+        """Refuses to make the teacher trainable; ``requires_grad_(False)`` is accepted."""
         if requires_grad:
             raise RuntimeError(f"the teacher loaded from {self.source} is frozen")
         return self
