@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import EvalDataError
-from .roc import roc_curve, tar_interpolated, tar_nearest
+from .roc import nearest_index, roc_curve, roc_curve_head, tar_interpolated, tar_nearest
 
 DEFAULT_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -34,6 +34,17 @@ def _tensor(values, dtype=None, device=None) -> torch.Tensor:
     tensor = values if isinstance(values, torch.Tensor) else torch.from_numpy(np.asarray(values))
     return tensor.to(device=device if device is not None else tensor.device,
                      dtype=dtype if dtype is not None else tensor.dtype)
+
+
+def unique_inverse(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(ids, return_inverse=True)``; by a presence table instead of a sort when
+    the ids are non-negative and not much larger than their count (as IJB ids are)."""
+    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= 4 * ids.numel() + 2 ** 20:
+        return torch.unique(ids, return_inverse=True)
+    present = torch.zeros(int(ids.max()) + 1, dtype=torch.bool, device=ids.device)
+    present[ids] = True
+    rank = torch.cumsum(present, 0) - 1
+    return torch.nonzero(present).reshape(-1), rank[ids]
 
 
 def template_features(img_feats, templates, medias, faceness=None,
@@ -54,8 +65,8 @@ def template_features(img_feats, templates, medias, faceness=None,
     if faceness is not None:
         weight = _tensor(faceness, torch.float32, feats.device).reshape(-1, 1)
         feats = feats * weight
-    template_ids, template_of_image = torch.unique(tmpl, return_inverse=True)
-    _, media_rank = torch.unique(media, return_inverse=True)
+    template_ids, template_of_image = unique_inverse(tmpl)
+    _, media_rank = unique_inverse(media)
     group_key = template_of_image * (int(media_rank.max()) + 1) + media_rank
     group_ids, group_of_image = torch.unique(group_key, return_inverse=True)
     counts = torch.bincount(group_of_image, minlength=group_ids.numel()).to(torch.float32)
@@ -71,8 +82,17 @@ def template_features(img_feats, templates, medias, faceness=None,
 
 
 def _rows_of(template_ids: torch.Tensor, wanted: torch.Tensor, name: str) -> torch.Tensor:
-    rows = torch.searchsorted(template_ids, wanted).clamp_(max=template_ids.numel() - 1)
-    missing = template_ids[rows] != wanted
+    """Row of each id of ``wanted`` in the sorted ``template_ids`` (a lookup table when the
+    ids are small non-negative integers, else a binary search)."""
+    largest = int(template_ids[-1])
+    if int(template_ids[0]) >= 0 and largest < 4 * wanted.numel() + 2 ** 24:
+        table = torch.full((largest + 2,), -1, dtype=torch.int64, device=wanted.device)
+        table[template_ids] = torch.arange(template_ids.numel(), device=wanted.device)
+        rows = table[wanted.clamp(min=-1, max=largest + 1)]
+        missing = rows < 0
+    else:
+        rows = torch.searchsorted(template_ids, wanted).clamp_(max=template_ids.numel() - 1)
+        missing = template_ids[rows] != wanted
     if missing.any():
         index = int(torch.nonzero(missing)[0])
         raise EvalDataError(f"pair_scores: {name}[{index}] = template {int(wanted[index])} "
@@ -94,8 +114,8 @@ def pair_scores(template_ids, template_feats, t1, t2, chunk_size: int = 16384,
     if first.numel() != second.numel():
         raise ValueError(f"pair_scores: {first.numel()} t1 ids but {second.numel()} t2 ids")
     rows1, rows2 = _rows_of(ids, first, "t1"), _rows_of(ids, second, "t2")
-    used1, pos1 = torch.unique(rows1, return_inverse=True)
-    used2, pos2 = torch.unique(rows2, return_inverse=True)
+    used1, pos1 = unique_inverse(rows1)
+    used2, pos2 = unique_inverse(rows2)
     block = used1.numel() * used2.numel()
     if block <= 16 * first.numel() and block * feats.element_size() <= max_dense_bytes:
         scores = _dense_block_scores(feats[used1], feats[used2], chunk_size)
@@ -121,9 +141,15 @@ def _dense_block_scores(left: torch.Tensor, right: torch.Tensor, rows_per_chunk:
 def tar_at_far(scores, labels, fars=DEFAULT_FARS) -> dict[str, dict[float, float]]:
     """TAR at each FAR, as InsightFace's nearest ROC point and interpolated on the ROC (V2).
 
-    ``scores`` higher = more similar; ``labels`` 1 for genuine pairs.
+    ``scores`` higher = more similar; ``labels`` 1 for genuine pairs. Values equal those read
+    off ``sklearn.metrics.roc_curve``; only the head of the ROC up to twice the largest FAR
+    is built unless a read-out touches its end.
     """
-    fpr, tpr, _ = roc_curve(scores, labels)
+    fpr, tpr, cut = roc_curve_head(scores, labels, min(1.0, 2 * max(fars)))
+    last = len(fpr) - 1
+    if cut and any(nearest_index(fpr, far) == last or np.searchsorted(fpr, far, "right") >= last
+                   for far in fars):
+        fpr, tpr, _ = roc_curve(scores, labels)
     return {"nearest": {far: tar_nearest(fpr, tpr, far) for far in fars},
             "interpolated": {far: tar_interpolated(fpr, tpr, far) for far in fars}}
 
