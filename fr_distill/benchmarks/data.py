@@ -9,13 +9,16 @@ On the same 112×112 JPEGs, the same number of CPU workers, in one run:
   * ``project_torch``  — the project's PyTorch fallback loader (simplejpeg decode).
 On a GPU (``--device cuda``) DALI decodes with ``device="mixed"`` and every output is moved to
 the GPU. The variants take turns in interleaved rounds (a load change on a shared machine
-hits all alike); prints the median images/s and the ratios; ``--json PATH`` writes them.
+hits all alike); prints the median images/s, the median CPU time per image (this process,
+its threads and worker processes: the cost on dedicated cores, robust to other load) and
+the ratios; ``--json PATH`` writes them.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -44,18 +47,42 @@ def write_face_like_jpegs(root: Path, num_images: int, num_classes: int, seed: i
             folder / f"{i:06d}.jpg", quality=95)
 
 
+def _cpu_seconds() -> float:
+    """User+system CPU seconds of this process (all threads) and its live descendants (Linux)."""
+    own = os.times()
+    total = own.user + own.system
+    tick = os.sysconf("SC_CLK_TCK")
+    parent_of, cpu_of = {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent_of[int(pid)] = int(fields[1])
+        cpu_of[int(pid)] = (int(fields[11]) + int(fields[12])) / tick
+    family = {os.getpid()}
+    grew = True
+    while grew:
+        new = {pid for pid, parent in parent_of.items() if parent in family} - family
+        family |= new
+        grew = bool(new)
+    return total + sum(cpu_of[pid] for pid in family - {os.getpid()})
+
+
 def _rate(batches: Iterator, batch_size: int, skip: int, measured: int,
-          sync: Callable[[], None]) -> float:
-    """Images per second over ``measured`` batches, after ``skip`` batches that drain what the
-    variant prefetched while it was idle."""
+          sync: Callable[[], None]) -> tuple[float, float]:
+    """(images per second, CPU microseconds per image) over ``measured`` batches, after ``skip``
+    batches that drain what the variant prefetched while it was idle."""
     for _ in itertools.islice(batches, skip):
         pass
     sync()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     for _ in itertools.islice(batches, measured):
         pass
     sync()
-    return measured * batch_size / (time.perf_counter() - start)
+    images = measured * batch_size
+    return images / (time.perf_counter() - start), (_cpu_seconds() - cpu_start) / images * 1e6
 
 
 def _project(folder: Path, loader: str, batch: int, workers: int, device: torch.device) -> Iterator:
@@ -133,28 +160,36 @@ def main(argv: list[str] | None = None) -> dict:
             "project_torch": lambda: _project(folder, "torch", args.batch, args.workers, device),
         }
         iterators = {name: make() for name, make in variants.items()}
-        samples: dict[str, list[float]] = {name: [] for name in variants}
+        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
         for _ in range(args.rounds):  # interleaved, so load changes hit every variant alike
             for name, batches in iterators.items():
                 samples[name].append(_rate(batches, args.batch, args.skip, args.batches, sync))
         for batches in iterators.values():
             batches.close()
-        rates = {name: float(np.median(values)) for name, values in samples.items()}
+        rates = {name: float(np.median([r for r, _ in v])) for name, v in samples.items()}
+        cpu_us = {name: float(np.median([c for _, c in v])) for name, v in samples.items()}
     result = {
         "device": str(device), "batch": args.batch, "workers": args.workers,
         "rounds": args.rounds, "batches_per_round": args.batches,
         "images_per_s": {k: round(v, 1) for k, v in rates.items()},
+        "cpu_us_per_image": {k: round(v, 1) for k, v in cpu_us.items()},
         "ratios": {"project_dali/torch_pil": round(rates["project_dali"] / rates["torch_pil"], 3),
                    "project_dali/dali_file": round(rates["project_dali"] / rates["dali_file"], 3),
                    "project_torch/torch_pil": round(rates["project_torch"] / rates["torch_pil"], 3)},
+        # throughput per CPU: how the variants compare on the same dedicated cores
+        "cpu_efficiency_ratios": {
+            "project_dali/torch_pil": round(cpu_us["torch_pil"] / cpu_us["project_dali"], 3),
+            "project_dali/dali_file": round(cpu_us["dali_file"] / cpu_us["project_dali"], 3)},
     }
     print(f"data pipeline throughput ({device}, batch {args.batch}, {args.workers} workers; median "
           f"of {args.rounds} interleaved rounds of {args.batches} batches)")
-    print(f"{'variant':<16}{'images/s':>12}")
+    print(f"{'variant':<16}{'images/s':>12}{'CPU us/image':>14}")
     for name, rate in rates.items():
-        print(f"{name:<16}{rate:>12.0f}")
+        print(f"{name:<16}{rate:>12.0f}{cpu_us[name]:>14.0f}")
     for name, ratio in result["ratios"].items():
-        print(f"{name:<26}{ratio:>8.2f}x")
+        print(f"{name + ' (images/s)':<44}{ratio:>8.2f}x")
+    for name, ratio in result["cpu_efficiency_ratios"].items():
+        print(f"{name + ' (images per CPU-s)':<44}{ratio:>8.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result
