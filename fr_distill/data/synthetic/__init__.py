@@ -39,8 +39,10 @@ template, so alignment by the listed IJB landmarks recovers the rendering exactl
 Training, verification and IJB identities are separate pools: disjoint. Every byte is a
 function of the arguments (not of ``workers``); a second call with the same arguments
 reuses the files (decided by ``manifest.json``). Speed, measured on a 2-core x86_64 VM:
-about 1.9 ms of CPU per 112×112 training image (render + JPEG), rendered in ``workers``
-processes.
+about 1.9 ms of CPU per 112×112 training image (render + JPEG); 1,000 identities × 20
+images plus the default .bin (2 × 600 pairs) and IJB (474 crops) sets take 53 s of CPU in
+all (``tools/make_synthetic.py``, start-up included): under a minute even in one process,
+about half that with two worker processes on two free cores.
 """
 from __future__ import annotations
 
