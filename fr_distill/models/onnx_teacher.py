@@ -197,10 +197,12 @@ def load_onnx_teacher(path: str, device: torch.device, backend: str = "auto"
 
     try:
         model = onnx.load(path)
-        onnx.checker.check_model(model)
-    except Exception as err:  # protobuf DecodeError, onnx ValidationError, missing external data
+    except Exception as err:  # protobuf DecodeError, missing external data files
         raise ModelLoadError(f"{path} is neither a torch/TorchScript file nor a valid ONNX model: "
                              f"{str(err).splitlines()[0][:300]}") from None
+    if not model.graph.node:
+        raise ModelLoadError(f"{path} is neither a torch/TorchScript file nor a valid ONNX model: "
+                             "no graph nodes")
     spec = read_input_spec(model, path)
     cpu_session = ort_session(path, torch.device("cpu"))
     probe = torch.randn((spec.batch or PROBE_BATCH, *spec.shape_chw),
