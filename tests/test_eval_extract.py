@@ -11,10 +11,13 @@ import torch
 from PIL import Image
 
 from fr_distill.data.align import ARCFACE_TEMPLATE, estimate_similarity
+from fr_distill.eval.dali_align import DaliAlignedImages
+from fr_distill.eval.ijb_meta import load_ijb_meta
 from fr_distill.eval.extract import AlignedImages, EncodedImages, extract_features, last_run
 from fr_distill.eval.report import to_jsonable
 from fr_distill.eval.runner import evaluate_model
 from fr_distill.eval.verification import read_bin
+from launch import eval as launch_eval
 from tests.conftest import REPO, run_torchrun
 from tests.eval_data import tiny_model, write_bin, write_ijb
 
@@ -42,6 +45,17 @@ def test_alignment_identity_and_rotated_face(tmp_path):
         weight = aligned * window
         centre = np.array([(weight * xs).sum(), (weight * ys).sum()]) / weight.sum()
         assert np.linalg.norm(centre - [x, y]) < 1.0
+
+
+def test_dali_cpu_alignment_matches_numpy(tmp_path):
+    root = write_ijb(tmp_path / "IJBC", subjects=2, templates_per_subject=2)
+    meta = load_ijb_meta(root, "IJBC")
+    count = min(6, len(meta.image_paths))
+    reference = AlignedImages(meta.image_paths, meta.landmarks).load(0, count).astype(int)
+    dali = DaliAlignedImages(meta.image_paths, meta.landmarks, device="cpu").load(0, count)
+    assert dali.shape == reference.shape and dali.dtype == np.uint8
+    difference = np.abs(dali.astype(int) - reference)
+    assert difference.max() <= 2 and difference.mean() < 0.1
 
 
 def test_resume_recomputes_only_missing_shards(tmp_path):
@@ -90,24 +104,24 @@ def test_two_ranks_equal_one_rank_and_resume(tmp_path):
     assert len(ijb_shards) > 2  # the IJB images were spread over both ranks' shards
 
 
-@pytest.mark.dist
-def test_launch_eval_end_to_end(tmp_path):
+def test_launch_eval_script(tmp_path, capsys):
     write_bin(tmp_path / "s.bin", 12, seed=2)
     ijb = write_ijb(tmp_path / "IJBC", subjects=4, templates_per_subject=2)
     model = tiny_model()
-    scripted = torch.jit.script(model)
-    scripted.save(str(tmp_path / "model.pt"))
-    run_torchrun(REPO / "launch/eval.py", "--model", tmp_path / "model.pt", "--bin", tmp_path / "s.bin",
-                 "--ijb", ijb, "--ijb-name", "IJBC", "--out", tmp_path / "out", "--batch-size", "4",
-                 "--shard-size", "8", nproc=2, timeout=240)
+    torch.jit.script(model).save(str(tmp_path / "model.pt"))
+    argv = ["--model", str(tmp_path / "model.pt"), "--bin", str(tmp_path / "s.bin"), "--ijb", str(ijb),
+            "--ijb-name", "IJBC", "--out", str(tmp_path / "out"), "--batch-size", "4"]
+    assert launch_eval.main(argv) == 0
+    assert "TAR@FAR" in capsys.readouterr().out
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     expected = evaluate_model(model, "cpu", [str(tmp_path / "s.bin")], [(str(ijb), "IJBC")],
                               batch_size=4)
     assert_results_close(saved, to_jsonable(expected))
     assert (tmp_path / "out" / "roc_IJBC.png").stat().st_size > 1000
-    proc = run_torchrun(REPO / "launch/eval.py", "--model", tmp_path / "model.pt", "--bin",
-                        tmp_path / "missing.bin", "--out", tmp_path / "bad", nproc=1, check=False)
-    assert proc.returncode != 0 and "missing.bin: cannot read" in proc.stderr
+    argv[3] = str(tmp_path / "missing.bin")
+    assert launch_eval.main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert "missing.bin: cannot read" in error and "\n" not in error
 
 
 class RecordingWriter:

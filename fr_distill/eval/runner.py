@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 from fr_distill import dist
 
+from .dali_align import DaliAlignedImages
 from .extract import SHARD_SIZE, AlignedImages, EncodedImages, extract_features, prepare_cache
 from .ijb import identification, pair_scores, tar_at_far, template_features
 from .ijb_meta import IJBMeta, load_ijb_meta
@@ -94,11 +96,23 @@ def score_ijb(meta: IJBMeta, feats: torch.Tensor, device: torch.device,
     return result, (fpr, tpr)
 
 
+def aligned_images(meta: IJBMeta, device: torch.device, aligner: str = "auto"):
+    """The loose crops of ``meta`` aligned by DALI (``dali``; on GPUs by default when DALI is
+    installed) or by numpy (``numpy``)."""
+    if aligner == "auto":
+        aligner = "dali" if device.type == "cuda" and importlib.util.find_spec("nvidia.dali") else "numpy"
+    if aligner == "dali":
+        gpu = device.type == "cuda"
+        return DaliAlignedImages(meta.image_paths, meta.landmarks, device="gpu" if gpu else "cpu",
+                                 device_id=device.index or 0)
+    return AlignedImages(meta.image_paths, meta.landmarks)
+
+
 def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
                    ijb_sets: list[tuple[str, str]] = (), out_dir: str | Path | None = None,
                    batch_size: int = 128, amp_dtype: torch.dtype | None = None,
                    use_faceness: bool = True, cache_key: dict | None = None, writer=None,
-                   step: int = 0, shard_size: int = SHARD_SIZE) -> dict:
+                   step: int = 0, shard_size: int = SHARD_SIZE, aligner: str = "auto") -> dict:
     """Evaluate ``model`` on `.bin` sets and IJB sets ``[(root, name)]`` (SPEC V1–V3).
 
     With ``out_dir``: per-shard feature caches under ``out_dir/features``, ``results.json``
@@ -117,8 +131,9 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
     for root, name in ijb_sets:
         meta = load_ijb_meta(root, name)
         cache = None if features_root is None else prepare_cache(
-            features_root / name, {**(cache_key or {}), "set": str(root), "name": name})
-        feats = extract_features(model, AlignedImages(meta.image_paths, meta.landmarks), device,
+            features_root / name, {**(cache_key or {}), "set": str(root), "name": name,
+                                   "aligner": aligner})
+        feats = extract_features(model, aligned_images(meta, device, aligner), device,
                                  batch_size, amp_dtype, cache, shard_size, desc=name)
         scored = None
         if dist.is_main():
@@ -154,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="autocast dtype on GPUs")
     parser.add_argument("--no-faceness", action="store_true", help="do not weight by faceness")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    parser.add_argument("--aligner", default="auto", choices=("auto", "dali", "numpy"),
+                        help="IJB face alignment: DALI decode+warp_affine (default on GPUs) or numpy")
     return parser
 
 
@@ -175,7 +192,7 @@ def run_evaluation(argv: list[str] | None = None) -> dict:
         results = evaluate_model(model, info.device, args.bin, list(zip(args.ijb, args.ijb_name)),
                                  args.out, args.batch_size, amp if info.device.type == "cuda" else None,
                                  not args.no_faceness, cache_key={"model": digest},
-                                 shard_size=args.shard_size)
+                                 shard_size=args.shard_size, aligner=args.aligner)
         if info.is_main:
             print(format_table(results))
             print(f"results written to {Path(args.out) / 'results.json'}")
