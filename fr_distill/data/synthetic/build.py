@@ -12,7 +12,7 @@ from ..errors import DataError
 from . import faces, release
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump whenever the rendered bytes change, so old outputs are not reused
 POOLS = {"train": 1, "verification": 4, "ijb": 7}
 """Random streams of the three identity pools; separate pools make the splits disjoint."""
 

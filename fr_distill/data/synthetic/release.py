@@ -287,6 +287,7 @@ def plan_ijb(latent: np.ndarray, probe_templates: int, max_media: int, max_image
     cond = faces.jitter_conditions(rng, media_cond, image_media_arr - 1)
     n = len(image_media)
     sizes, to_pixels = loose_placement(rng, n, *crop_sizes)
+    cond["patch_box"][:, :2] *= (sizes / crop_sizes[1])[:, None]  # patches inside each crop
     lat = latent[media_subject[image_media_arr - 1]]
     jobs = [RenderJob(lat[i:i + batch_images], subset(cond, slice(i, i + batch_images)),
                       to_pixels[i:i + batch_images], int(crop_sizes[1]), (seed, 9, i), quality,
