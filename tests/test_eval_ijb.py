@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import sklearn.preprocessing
 import torch
+from sklearn.metrics import roc_curve as sk_roc_curve
 
 from fr_distill.eval import EvalDataError
 from fr_distill.eval.ijb import identification, pair_scores, tar_at_far, template_features
@@ -82,6 +83,21 @@ def test_tar_at_far_hand_made():
     assert tar_interpolated(fpr, tpr, 0.2) == pytest.approx(0.7)
     assert tar_interpolated(fpr, tpr, 0.05) == pytest.approx(0.1)
     assert tar_interpolated(fpr, tpr, 0.1) == 0.6
+
+
+def test_tar_at_far_equals_sklearn_nearest_point():
+    rng = np.random.default_rng(5)
+    for n, decimals in ((40000, 3), (40000, 8)):
+        labels = (rng.random(n) < 0.05).astype(int)
+        scores = (rng.normal(size=n) + 2.5 * labels).round(decimals)
+        fars = (1e-4, 1e-3, 1e-2, 1e-1, 0.3)
+        fpr, tpr, _ = sk_roc_curve(labels, scores)
+        flipped_fpr, flipped_tpr = np.flipud(fpr), np.flipud(tpr)
+        expected = {}
+        for far in fars:
+            _, index = min(zip(abs(flipped_fpr - far), range(len(flipped_fpr))))
+            expected[far] = flipped_tpr[index]
+        assert tar_at_far(scores, labels, fars)["nearest"] == expected
 
 
 def test_identification_hand_made():
