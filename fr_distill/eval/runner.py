@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from fr_distill import dist
 
@@ -39,8 +40,12 @@ def evaluate_bin_sets(model: torch.nn.Module, paths: list[str], device, batch_si
     """V1 metrics of ``model`` on each `.bin` in ``paths``: ``{set name: metrics}`` on every rank.
 
     With ``cache_root`` the features of each set are cached per shard under
-    ``cache_root/<set>`` (keyed by ``cache_key``), so an interrupted run resumes.
+    ``cache_root/<set>`` (keyed by ``cache_key``), so an interrupted run resumes. A DDP
+    wrapper is looked through: ranks run different numbers of forward passes here, which
+    DDP's per-forward buffer broadcast would turn into a hang.
     """
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
     was_training = model.training
     model.eval()
     results = {}
