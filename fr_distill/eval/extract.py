@@ -8,10 +8,11 @@ written atomically as ``feats_<start>-<stop>.npy`` (image range), so an interrup
 recomputes only the shards it had not finished. The features of all ranks are gathered to
 every rank in image order.
 
-Image sources give uint8 ``[B, 3, 112, 112]`` RGB batches: :class:`ArrayImages` (already
-decoded), :class:`EncodedImages` (the encoded images of a `.bin`, decoded lazily so each rank
-decodes only its share) and :class:`AlignedImages` (loose crops aligned from five landmarks
-with :func:`fr_distill.data.align.align_face`).
+Image sources give uint8 ``[B, 3, 112, 112]`` RGB batches: :class:`EncodedImages` (the
+encoded images of a `.bin`, decoded lazily so each rank decodes only its share),
+:class:`AlignedImages` (loose crops aligned from five landmarks with
+:func:`fr_distill.data.align.align_face`) and
+:class:`fr_distill.eval.dali_align.DaliAlignedImages` (the same with DALI, on GPUs).
 """
 from __future__ import annotations
 
@@ -41,19 +42,6 @@ class ImageSource(Protocol):
     def __len__(self) -> int: ...
 
     def load(self, start: int, stop: int) -> np.ndarray: ...
-
-
-class ArrayImages:
-    """Images already decoded into a uint8 ``[N, 3, H, W]`` array."""
-
-    def __init__(self, images: np.ndarray):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def load(self, start: int, stop: int) -> np.ndarray:
-        return self.images[start:stop]
 
 
 class EncodedImages:

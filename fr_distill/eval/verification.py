@@ -13,10 +13,10 @@ restricted unpickler of :mod:`fr_distill.eval.safe_pickle` and decodes the image
 * ``eer`` — OpenSphere's EER: the FPR where the linearly interpolated ROC meets ``tpr = 1 - fpr``.
 * ``auc`` — area under the ROC (trapezoids, as ``sklearn.metrics.auc``).
 * ``val_at_far_1e-3`` — InsightFace's VAL@FAR: per fold, the distance threshold giving
-  FAR = 1e-3 on the training folds (thresholds ``0, 0.001, …, 3.999``; linear interpolation
-  of the threshold against the distinct training FARs — scikit-image era scipy's ``slinear``
-  interpolation refuses repeated FARs) and the true-accept rate at it on the held-out fold,
-  averaged over folds.
+  FAR = 1e-3 on the training folds (thresholds ``0, 0.001, …, 3.999``, the threshold linearly
+  interpolated against the training FAR — InsightFace's ``interp1d(kind="slinear")``, which
+  current scipy refuses on repeated FARs, so the interpolation runs over the distinct FARs)
+  and the true-accept rate at it on the held-out fold, averaged over folds.
 
 Similarity for the ROC-based metrics is ``-distance``. All rates are fractions in [0, 1].
 """
