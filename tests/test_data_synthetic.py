@@ -25,7 +25,8 @@ TINY = dict(bin_identities=4, bin_pairs=12, ijb_subjects=3, ijb_probe_templates=
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
 
 
 def decode(data: bytes) -> np.ndarray:

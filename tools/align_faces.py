@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Align loose face images onto the ArcFace 112×112 template from their 5-point landmarks.
 
-    python tools/align_faces.py --images IJBC/loose_crop --landmarks IJBC/meta/ijbc_name_5pts_score.txt --out IJBC/aligned
+    python tools/align_faces.py --images IJBC/loose_crop \\
+        --landmarks IJBC/meta/ijbc_name_5pts_score.txt --out IJBC/aligned
 
 The landmarks file has one line per image: ``img x1 y1 x2 y2 x3 y3 x4 y4 x5 y5 [faceness]``
 (left eye, right eye, nose tip, left and right mouth corners; ``img`` relative to --images).
@@ -21,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True, help="folder of loose images")
-    parser.add_argument("--landmarks", required=True, help="landmarks file (_name_5pts_score.txt format)")
+    parser.add_argument("--landmarks", required=True,
+                        help="landmarks file (_name_5pts_score.txt format)")
     parser.add_argument("--out", required=True, help="output folder of aligned crops")
     parser.add_argument("--size", type=int, default=112, help="crop side (default 112)")
     parser.add_argument("--min-faceness", type=float, default=0.0,

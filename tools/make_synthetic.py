@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ijb-crop-sizes", type=int, nargs=2, default=(150, 200),
                         metavar=("MIN", "MAX"), help="loose-crop side range in pixels")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality")
-    parser.add_argument("--workers", type=int, default=None, help="render processes (default: CPUs)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="render processes (default: one per CPU)")
     parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
     args = parser.parse_args(argv)
     start = time.perf_counter()

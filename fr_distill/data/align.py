@@ -4,12 +4,12 @@ A face is aligned by the least-squares similarity transform (rotation, uniform s
 translation; Umeyama 1991, the estimator of scikit-image's ``SimilarityTransform`` and of
 InsightFace's ``norm_crop``) that maps its five landmarks (left eye, right eye, nose tip,
 left and right mouth corners, in image pixels) onto :data:`ARCFACE_TEMPLATE`, followed by a
-bilinear warp of the image into a ``size × size`` crop. :func:`align_folder` applies it to
-a folder of loose images listed in a landmarks file of the IJB ``_name_5pts_score.txt``
-format (``img x1 y1 … x5 y5 [faceness]``), e.g. to prepare raw data such as VGGFace2. Pixel centres sit at integer
+bilinear warp of the image into a ``size × size`` crop. Pixel centres sit at integer
 coordinates and pixels outside the source image read as black, as with OpenCV's
 ``warpAffine`` defaults, so crops match InsightFace's within interpolation rounding. Pure
-numpy: no OpenCV dependency.
+numpy: no OpenCV dependency. :func:`align_folder` applies it to a folder of loose images
+listed in a landmarks file of the IJB ``_name_5pts_score.txt`` format
+(``img x1 y1 … x5 y5 [faceness]``), e.g. to prepare raw data such as VGGFace2.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def template_for_size(size: int) -> np.ndarray:
 
 def warp_affine(image: np.ndarray, matrix: np.ndarray, out_height: int,
                 out_width: int) -> np.ndarray:
-    """Warp ``image`` (H×W×C or H×W, uint8) by the 2×3 forward ``matrix`` with bilinear sampling.
+    """Warp ``image`` (uint8 H×W×C or H×W) by the 2×3 forward ``matrix``, bilinear sampling.
 
     Output pixel ``(x, y)`` samples the source at ``M⁻¹ [x, y, 1]``; samples outside the source
     are black. Returns uint8 ``out_height × out_width (× C)``.
@@ -129,7 +129,7 @@ def alignment_matrix(landmarks: np.ndarray, size: int = 112) -> np.ndarray:
 
 
 def align_face(image_hwc_uint8: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.ndarray:
-    """Align a face: similarity-warp ``image_hwc_uint8`` so its 5 ``landmarks`` land on the template.
+    """Align a face: warp ``image_hwc_uint8`` so its 5 ``landmarks`` land on the template.
 
     ``landmarks`` is 5×2 ``(x, y)`` in source pixels (left eye, right eye, nose, left mouth,
     right mouth). Returns a ``size × size × 3`` uint8 crop (SPEC V2).
@@ -162,7 +162,8 @@ def read_landmarks_file(path: str | os.PathLike) -> list[tuple[str, np.ndarray, 
         try:
             values = np.array([float(v) for v in fields[1:]])
         except ValueError:
-            raise DataError(f"{path}:{number}: non-numeric landmark value in {line.strip()!r}") from None
+            raise DataError(f"{path}:{number}: non-numeric landmark value in "
+                            f"{line.strip()!r}") from None
         if not np.all(np.isfinite(values)):
             raise DataError(f"{path}:{number}: landmark values must be finite")
         faceness = float(values[10]) if len(values) == 11 else 1.0

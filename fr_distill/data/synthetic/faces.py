@@ -109,7 +109,8 @@ def decode(latent: np.ndarray) -> dict[str, np.ndarray]:
     return {key: values[:, i] for i, key in enumerate(IDENTITY_KEYS)}
 
 
-def sample_conditions(rng: np.random.Generator, num: int, difficulty: Difficulty) -> dict[str, np.ndarray]:
+def sample_conditions(rng: np.random.Generator, num: int,
+                      difficulty: Difficulty) -> dict[str, np.ndarray]:
     """Per-image variation for ``num`` images (float64 arrays, first axis ``num``)."""
     d = difficulty
     u = lambda lo, hi, *shape: rng.uniform(lo, hi, size=(num, *shape))  # noqa: E731
@@ -191,15 +192,15 @@ def normalization(p: dict[str, np.ndarray], c: dict[str, np.ndarray]) -> np.ndar
     return out
 
 
-def pose_matrix(c: dict[str, np.ndarray], out_scale: float = 1.0) -> np.ndarray:
-    """Per-image 3×3 similarities ``[B, 3, 3]``: aligned frame → output pixels (roll, scale, shift)."""
-    scale = c["scale"] * out_scale
+def pose_matrix(c: dict[str, np.ndarray]) -> np.ndarray:
+    """Per-image 3×3 similarities ``[B, 3, 3]``: aligned frame → 112×112 output pixels (roll and
+    scale about the crop centre, then shift): the residual misalignment of aligned data."""
+    scale = c["scale"]
     cos, sin = np.cos(c["roll"]) * scale, np.sin(c["roll"]) * scale
-    centre = 56.0 * out_scale
     m = np.zeros((len(scale), 3, 3))
     m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = cos, -sin, sin, cos
-    m[:, 0, 2] = centre + c["shift"][:, 0] - (cos * 56.0 - sin * 56.0)
-    m[:, 1, 2] = centre + c["shift"][:, 1] - (sin * 56.0 + cos * 56.0)
+    m[:, 0, 2] = 56.0 + c["shift"][:, 0] - (cos * 56.0 - sin * 56.0)
+    m[:, 1, 2] = 56.0 + c["shift"][:, 1] - (sin * 56.0 + cos * 56.0)
     m[:, 2, 2] = 1.0
     return m
 
@@ -247,8 +248,10 @@ class _Canvas:
         px = m[:, 0, 0] * cx + m[:, 0, 1] * cy + m[:, 0, 2]
         py = m[:, 1, 0] * cx + m[:, 1, 1] * cy + m[:, 1, 2]
         r = np.broadcast_to(radius, len(m)) / self.px.ravel() + 2.0
-        y0, y1 = int(max(np.floor((py - r).min()), 0)), int(min(np.ceil((py + r).max()) + 1, self.height))
-        x0, x1 = int(max(np.floor((px - r).min()), 0)), int(min(np.ceil((px + r).max()) + 1, self.width))
+        y0 = int(max(np.floor((py - r).min()), 0))
+        y1 = int(min(np.ceil((py + r).max()) + 1, self.height))
+        x0 = int(max(np.floor((px - r).min()), 0))
+        x1 = int(min(np.ceil((px + r).max()) + 1, self.width))
         return slice(y0, max(y0, y1)), slice(x0, max(x0, x1))
 
     def texture(self, p: dict[str, np.ndarray]) -> np.ndarray:
@@ -460,7 +463,8 @@ def _blur(img: np.ndarray) -> np.ndarray:
             + 6 * pad[..., 2:w + 2]) / 16.0
 
 
-def face_boxes(latent: np.ndarray, cond: dict[str, np.ndarray], to_pixels: np.ndarray) -> np.ndarray:
+def face_boxes(latent: np.ndarray, cond: dict[str, np.ndarray],
+               to_pixels: np.ndarray) -> np.ndarray:
     """Bounding boxes ``[B, 4]`` (x, y, w, h) of the face ellipse in output pixels."""
     p = decode(latent)
     f = _feature_positions(p, cond)

@@ -335,7 +335,8 @@ def write_ijb(root: Path, name: str, plan: IJBPlan, workers: int) -> dict[str, i
     for g in gallery:
         pairs.extend((g, p, int(plan.subject[g - 1] == plan.subject[p - 1])) for p in probes)
     for i, p in enumerate(probes):
-        pairs.extend((p, q, 1) for q in probes[i + 1:] if plan.subject[p - 1] == plan.subject[q - 1])
+        pairs.extend((p, q, 1) for q in probes[i + 1:]
+                     if plan.subject[p - 1] == plan.subject[q - 1])
     with open(meta / f"{lower}_template_pair_label.txt", "w") as f:
         f.writelines(f"{a} {b} {label}\n" for a, b, label in pairs)
     g1 = gallery[plan.subject[gallery - 1] % 2 == 1]
