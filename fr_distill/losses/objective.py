@@ -9,6 +9,12 @@ ranks equals the 1-rank value on the global batch**; gradients follow the contra
 trainer (DDP averages the student's gradients, :meth:`Objective.replicated_parameters` are
 averaged with ``dist.average_gradients``, :meth:`Objective.sharded_parameters` are not), under
 which every gradient equals the 1-rank gradient. All ranks must pass the same batch size.
+To log the 1-rank value of a term, average it over ranks (``dist.all_reduce_sum(v) / W``).
+
+Checkpoints: ``state_dict()`` holds the head (always the full ``[C, D]`` matrix), the
+projector and the bank; with a class-sharded head it is a collective (the rows are
+gathered), so every rank must call it. ``load_state_dict`` re-shards the head for the
+current world size and resizes the bank for the current global batch.
 
 Input checks: shapes and dtypes are checked on the host; finiteness of the embeddings and
 the label range are reduced to one small flag vector read with a single device sync per

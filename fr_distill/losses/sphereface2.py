@@ -163,8 +163,8 @@ class SphereFace2Head(nn.Module):
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """This rank's share of the loss for ``features`` ``[B, D]`` and ``labels`` ``[B]``."""
-        with torch.no_grad():
-            self.weight.copy_(F.normalize(self.weight, dim=1))
+        with torch.no_grad():  # as F.normalize(dim=1), without a second [C, D] buffer
+            self.weight.div_(torch.linalg.vector_norm(self.weight, dim=1, keepdim=True).clamp_min_(1e-12))
         weight = self.weight
         if self.world_size > 1:
             features = dist.all_gather_with_grad(features)
