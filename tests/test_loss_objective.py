@@ -165,7 +165,7 @@ def test_every_config_file_loads_and_builds_its_objective():
         cfg = load_config(path)
         enabled = {n for n in ("iled", "rpsd", "l2", "fc", "rkd") if getattr(cfg.loss, n).weight > 0}
         objective = build_objective(cfg.loss, 20, cfg.model.embedding_dim, cfg.teacher.embedding_dim,
-                                    global_batch=8)
+                                    global_batch=8, projector=cfg.model.projector)
         assert set(objective.kd_terms) == enabled, path
 
 
