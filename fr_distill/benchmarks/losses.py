@@ -5,7 +5,7 @@ on a shared machine hits all alike), forward + backward of:
   * ``student``     — IResNet-18 (the paper's student), input ``[B, 3, 112, 112]``;
   * ``objective``   — the full objective of SPEC (E5) with the paper's weights: SphereFace2
                       over ``C`` classes (8,631 = VGGFace2) + ILED + RPSD against a full memory
-                      bank (``Q = 3·B``), input checks included;
+                      bank (``Q = 3·B``), input checks and the bank update included;
   * ``sphereface2``, ``iled``, ``rpsd`` — each term alone, for the breakdown.
 Prints the median milliseconds per variant and each one's ratio to the student step (the
 target is < 2 % for the objective at batch 64 on a GPU); ``--json PATH`` writes them.
@@ -33,7 +33,8 @@ def _synchronize(device: torch.device) -> None:
 
 def _objective_step(cfg: LossConfig, classes: int, dim: int, batch: int,
                     device: torch.device) -> Callable[[], None]:
-    """Forward + backward of the objective built from ``cfg`` on fixed random embeddings."""
+    """Forward + backward of the objective built from ``cfg`` on fixed random embeddings, then
+    the memory-bank update (a no-op without RPSD)."""
     objective = build_objective(cfg, classes, dim, dim, global_batch=batch, device=device)
     g = torch.Generator(device=device).manual_seed(0)
     f_s = torch.randn(batch, dim, device=device, generator=g, requires_grad=True)
@@ -46,6 +47,7 @@ def _objective_step(cfg: LossConfig, classes: int, dim: int, batch: int,
 
     def step() -> None:
         objective(f_s, f_t, labels).total.backward()
+        objective.update_bank(f_s.detach(), f_t)
         f_s.grad = None
         objective.zero_grad(set_to_none=True)
 
