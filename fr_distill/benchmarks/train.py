@@ -1,0 +1,394 @@
+"""One distillation training step, timed phase by phase, against plain training (issue 5).
+
+For every batch size × precision (bf16, fp16, fp32) × mode (eager; compiled with
+``--compile``), in one run, two variants of the trainer's step on the same in-memory batches:
+  * ``distill`` — frozen teacher forward (``no_grad``, autocast) + student forward/backward +
+                  the unified objective (SphereFace2 + ILED + RPSD) + memory-bank all-gather;
+  * ``plain``   — the same student and SphereFace2 head without a teacher (training from
+                  scratch).
+Phases (ms per step): data wait, teacher forward, student forward+backward (the backward of
+the whole loss included), objective forward (with the trainer's finiteness checks), bank
+all-gather/enqueue, optimizer (scaler step, zero_grad). On a GPU the phases are timed with
+CUDA events and the step with a synchronize at its end; on a CPU with the wall clock.
+
+Images/s come from the wall time of the measured steps. The model FLOPs of a step are counted
+with ``torch.utils.flop_counter.FlopCounterMode`` (teacher forward + student forward and
+backward + objective, per image); with the card's dense bf16 peak (``--peak-tflops``, or
+detected for H100/H200 from the device name) this gives the share of the peak used. Peak GPU
+memory per variant is ``torch.cuda.max_memory_allocated``. ``--data PATH`` also measures the
+data wait of the real loader (``build_train_loader``) feeding the first variant's batch size.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..config import DataConfig, LossConfig, OptimConfig
+from ..engine.optim import build_optimizer
+from ..engine.trainer import all_ranks_finite, autocast, nonfinite_terms
+from ..losses import build_objective
+from ..models import FrozenTeacher, get_backbone
+
+PHASES = ("data", "teacher", "student_fwd_bwd", "objective", "bank", "optimizer")
+
+#: Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets; matched in
+#: order against the device name (the PCIe and NVL cards before the SXM default of a family).
+BF16_DENSE_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0),
+                          ("H100", 989.0), ("H200", 989.0))
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a known card (H100/H200 variants) from its name, else None."""
+    return next((peak for key, peak in BF16_DENSE_PEAK_TFLOPS if key in device_name), None)
+
+
+def detect_peak_tflops(device: torch.device) -> float | None:
+    """:func:`bf16_peak_tflops` of ``device`` (None on a CPU)."""
+    return bf16_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+@dataclass
+class Models:
+    """One student/teacher pair (eager or compiled) shared by the variants of a mode."""
+
+    student: nn.Module
+    teacher: nn.Module
+    student_step: nn.Module  # what the step calls: the student, or its compiled wrapper
+    teacher_step: nn.Module
+
+
+@dataclass
+class Result:
+    batch: int
+    amp: str
+    mode: str
+    variant: str
+    images_per_s: float
+    step_ms: float
+    phases_ms: dict[str, float]
+    warmup_s: float
+    peak_memory_gib: float | None = None
+    step_gflop_per_image: float | None = None
+    peak_share: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class PhaseTimer:
+    """Marks phase boundaries: CUDA events on a GPU (one synchronize per step), else wall clock."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object]] = []
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.marks = [("start", self._now())]
+
+    def mark(self, phase: str) -> None:
+        self.marks.append((phase, self._now()))
+
+    def finish(self) -> dict[str, float]:
+        """Milliseconds per phase of this step (phases marked twice are summed)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out: dict[str, float] = {}
+        for (_, a), (phase, b) in zip(self.marks, self.marks[1:]):
+            ms = a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+            out[phase] = out.get(phase, 0.0) + ms
+        return out
+
+
+def synthetic_batches(batch: int, num_classes: int, device: torch.device, count: int = 4,
+                      seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A few normalized random image batches on ``device``, cycled (no data wait)."""
+    gen = torch.Generator().manual_seed(seed)
+    made = [((torch.rand(batch, 3, 112, 112, generator=gen) * 2 - 1).to(device),
+             torch.randint(0, num_classes, (batch,), generator=gen).to(device))
+            for _ in range(count)]
+    return itertools.cycle(made)
+
+
+def loader_batches(path: str, batch: int, device: torch.device,
+                   workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of the project's training loader over ``path`` (1 rank)."""
+    from ..data import build_train_loader, preflight
+
+    cfg = DataConfig(train=path, batch_size=batch, num_workers=workers)
+    info = preflight(cfg)
+    loader = build_train_loader(cfg, info, 0, 1, device, seed=0)
+    return ((b.images, b.labels) for b in loader.iterate(0))
+
+
+def loss_config(distill: bool) -> LossConfig:
+    """The unified objective (paper defaults), or SphereFace2 alone for plain training."""
+    cfg = LossConfig()
+    if not distill:
+        cfg.iled.weight = 0.0
+        cfg.rpsd.weight = 0.0
+    return cfg
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    """Set every BatchNorm's running statistics to those of ``images`` (one train-mode pass).
+
+    A randomly initialized deep IResNet in eval mode (unit running variance) overflows to
+    NaN; with calibrated statistics its activations stay normalized, as a trained teacher's.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    model(images)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return model.eval()
+
+
+def build_models(args: argparse.Namespace, device: torch.device, compiled: bool) -> Models:
+    """Student (train mode) and frozen teacher (random weights, calibrated BatchNorm)."""
+    torch.manual_seed(0)
+    student = get_backbone(args.student, args.embedding_dim, width=args.width).to(
+        device, memory_format=torch.channels_last)
+    calibration = torch.rand(8, 3, 112, 112, device=device) * 2 - 1
+    backbone = get_backbone(args.teacher, args.embedding_dim, width=args.width).to(device)
+    teacher = FrozenTeacher(calibrate_batchnorm(backbone, calibration),
+                            source=f"random {args.teacher}", backend="torch",
+                            embedding_dim=args.embedding_dim).to(
+        device, memory_format=torch.channels_last)
+    student.train()
+    if compiled:
+        return Models(student, teacher, torch.compile(student), torch.compile(teacher))
+    return Models(student, teacher, student, teacher)
+
+
+def make_step(models: Models, objective: nn.Module, optimizer: torch.optim.Optimizer,
+              scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, distill: bool,
+              batches: Iterator, timer: PhaseTimer, device: torch.device) -> Callable[[], None]:
+    """The trainer's step (accumulation 1), with a timer mark after every phase."""
+
+    def step() -> None:
+        timer.start()
+        images, labels = next(batches)
+        images = images.contiguous(memory_format=torch.channels_last)
+        timer.mark("data")
+        f_t = None
+        if distill:
+            with torch.no_grad(), autocast(device, amp_dtype):
+                f_t = models.teacher_step(images).float()
+            timer.mark("teacher")
+        with autocast(device, amp_dtype):
+            f_s = models.student_step(images)
+        f_s = f_s.float()
+        timer.mark("student_fwd_bwd")
+        if not all_ranks_finite(f_s, f_t):
+            raise RuntimeError("benchmark step produced non-finite embeddings")
+        out = objective(f_s, f_t, labels)
+        if nonfinite_terms(out):
+            raise RuntimeError(f"benchmark step produced non-finite terms {nonfinite_terms(out)}")
+        timer.mark("objective")
+        scaler.scale(out.total).backward()
+        timer.mark("student_fwd_bwd")
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        timer.mark("optimizer")
+        objective.update_bank(f_s.detach(), f_t)
+        timer.mark("bank")
+
+    return step
+
+
+def count_step_flops(models: Models, args: argparse.Namespace, device: torch.device,
+                     distill: bool) -> dict[str, float]:
+    """GFLOP per image of the teacher forward, the student forward, and the whole step
+    (teacher forward + student forward/backward + objective), counted on 2 images in fp32.
+
+    FLOPs are 2 per multiply-add (the convention of the peak figures)."""
+    images = torch.randn(2, 3, 112, 112, device=device).contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(2, device=device) % args.classes
+    objective = build_objective(loss_config(distill), args.classes, args.embedding_dim,
+                                args.embedding_dim, 2, device=device)
+    teacher, student = models.teacher, models.student
+    counts = {}
+    with FlopCounterMode(display=False) as teacher_flops:
+        f_t = teacher(images) if distill else None
+    with FlopCounterMode(display=False) as student_flops:
+        f_s = student(images)
+    with FlopCounterMode(display=False) as rest_flops:
+        objective(f_s, f_t, labels).total.backward()
+    student.zero_grad(set_to_none=True)
+    counts["teacher_fwd"] = teacher_flops.get_total_flops() / 2e9
+    counts["student_fwd"] = student_flops.get_total_flops() / 2e9
+    counts["step"] = (teacher_flops.get_total_flops() + student_flops.get_total_flops()
+                      + rest_flops.get_total_flops()) / 2e9
+    return counts
+
+
+def run_variant(models: Models, args: argparse.Namespace, device: torch.device, batch: int,
+                amp: str, mode: str, distill: bool, batches: Iterator) -> Result:
+    amp_dtype = AMP_DTYPES[amp]
+    if amp_dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        amp_dtype = None
+    objective = build_objective(loss_config(distill), args.classes, args.embedding_dim,
+                                args.embedding_dim, batch, device=device)
+    params = list(models.student.parameters()) + objective.replicated_parameters()
+    optimizer = build_optimizer(params, OptimConfig(), lr=0.01)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    timer = PhaseTimer(device)
+    step = make_step(models, objective, optimizer, scaler, amp_dtype, distill, batches, timer,
+                     device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+        timer.finish()
+    warmup_s = time.perf_counter() - started
+    totals = dict.fromkeys(PHASES, 0.0)
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+        for phase, ms in timer.finish().items():
+            totals[phase] += ms
+    wall = time.perf_counter() - started
+    peak_mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30
+                if device.type == "cuda" else None)
+    return Result(batch=batch, amp=amp, mode=mode, variant="distill" if distill else "plain",
+                  images_per_s=batch * args.steps / wall, step_ms=wall * 1e3 / args.steps,
+                  phases_ms={k: v / args.steps for k, v in totals.items()}, warmup_s=warmup_s,
+                  peak_memory_gib=peak_mem)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tools/benchmark.py train", description=__doc__.split("\n")[0])
+    parser.add_argument("--teacher", default="iresnet100")
+    parser.add_argument("--student", default="iresnet18")
+    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier of both")
+    parser.add_argument("--embedding-dim", type=int, default=512)
+    parser.add_argument("--classes", type=int, default=8631, help="SphereFace2 head (VGGFace2: 8631)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--amp", nargs="+", choices=sorted(AMP_DTYPES), default=["bf16", "fp16"])
+    parser.add_argument("--compile", nargs="*", choices=sorted(AMP_DTYPES), default=None,
+                        help="also run compiled variants (for the precisions named, default all)")
+    parser.add_argument("--steps", type=int, default=20, help="measured steps per variant")
+    parser.add_argument("--warmup", type=int, default=5, help="unmeasured steps per variant")
+    parser.add_argument("--data", default="", help="training data: also time the real loader")
+    parser.add_argument("--workers", type=int, default=4, help="loader workers with --data")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense bf16 peak of the card (default: known H100/H200 by name)")
+    parser.add_argument("--json", default="", help="write the results here")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or min(args.batch) < 2:
+        parser.error("--steps >= 1, --warmup >= 0 and every --batch >= 2 are required")
+    return args
+
+
+def machine(device: torch.device) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "device": str(device), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def format_table(results: list[Result], peak: float | None) -> str:
+    head = (f"{'batch':>5} {'amp':>4} {'mode':>8} {'variant':>7} {'img/s':>9} {'ms/step':>8} "
+            + " ".join(f"{p[:12]:>12}" for p in PHASES)
+            + f" {'GFLOP/img':>9} {'%peak':>6} {'mem GiB':>7} {'x plain':>7}")
+    lines = [head, "-" * len(head)]
+    plain = {(r.batch, r.amp, r.mode): r for r in results if r.variant == "plain"}
+    for r in results:
+        base = plain.get((r.batch, r.amp, r.mode))
+        ratio = f"{r.step_ms / base.step_ms:7.2f}" if base else f"{'':>7}"
+        share = f"{100 * r.peak_share:6.1f}" if r.peak_share is not None else f"{'-':>6}"
+        mem = f"{r.peak_memory_gib:7.2f}" if r.peak_memory_gib is not None else f"{'-':>7}"
+        lines.append(f"{r.batch:>5} {r.amp:>4} {r.mode:>8} {r.variant:>7} {r.images_per_s:9.1f} "
+                     f"{r.step_ms:8.1f} " + " ".join(f"{r.phases_ms[p]:12.2f}" for p in PHASES)
+                     + f" {r.step_gflop_per_image:9.2f} {share} {mem} {ratio}")
+    lines.append("")
+    lines.append(f"phases in ms/step; %peak: model FLOPs x img/s over the dense bf16 peak "
+                 f"({peak:.0f} TFLOP/s)" if peak else
+                 "phases in ms/step; %peak not reported (unknown device: pass --peak-tflops)")
+    for key, base in plain.items():
+        dist = next(r for r in results if (r.batch, r.amp, r.mode) == key and r.variant == "distill")
+        extra = dist.step_ms - base.step_ms
+        lines.append(f"batch {key[0]} {key[1]} {key[2]}: distillation adds {extra:.1f} ms/step over "
+                     f"plain; teacher forward {dist.phases_ms['teacher']:.1f} ms "
+                     f"(added / teacher = {extra / dist.phases_ms['teacher']:.2f})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    torch.backends.cudnn.benchmark = True
+    peak = args.peak_tflops if args.peak_tflops is not None else detect_peak_tflops(device)
+    modes = [("eager", False)] + ([("compiled", True)] if args.compile is not None else [])
+    compile_amps = set(args.compile or args.amp)
+    results: list[Result] = []
+    flops: dict[str, dict[str, float]] = {}
+    for mode, compiled in modes:
+        models = build_models(args, device, compiled)
+        if not flops:
+            flops = {v: count_step_flops(models, args, device, v == "distill")
+                     for v in ("distill", "plain")}
+        for amp, batch in itertools.product(args.amp, args.batch):
+            if compiled and amp not in compile_amps:
+                continue
+            for distill in (False, True):
+                batches = synthetic_batches(batch, args.classes, device)
+                result = run_variant(models, args, device, batch, amp, mode, distill, batches)
+                result.step_gflop_per_image = flops[result.variant]["step"]
+                if peak:
+                    result.peak_share = (result.step_gflop_per_image * 1e9 * result.images_per_s
+                                         / (peak * 1e12))
+                results.append(result)
+                print(f"  {mode} {amp} batch {batch} {result.variant}: "
+                      f"{result.images_per_s:.1f} img/s", flush=True)
+    loader = None
+    if args.data:
+        batch = args.batch[0]
+        models = build_models(args, device, compiled=False)
+        real = run_variant(models, args, device, batch, args.amp[0], "eager", True,
+                           loader_batches(args.data, batch, device, args.workers))
+        loader = {"batch": batch, "amp": args.amp[0], "images_per_s": real.images_per_s,
+                  "data_wait_ms": real.phases_ms["data"], "step_ms": real.step_ms}
+    print(format_table(results, peak))
+    if loader:
+        print(f"real loader ({args.data}, batch {loader['batch']}): data wait "
+              f"{loader['data_wait_ms']:.1f} ms of {loader['step_ms']:.1f} ms/step, "
+              f"{loader['images_per_s']:.1f} img/s")
+    report = {"benchmark": "train", "machine": machine(device), "peak_bf16_tflops": peak,
+              "args": vars(args), "gflop_per_image": flops,
+              "results": [dataclasses.asdict(r) for r in results], "real_loader": loader}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
