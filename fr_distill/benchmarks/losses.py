@@ -76,7 +76,8 @@ def _loss_config(iled: float, rpsd: float, sphereface2: float) -> LossConfig:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="benchmark.py losses", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="benchmark.py losses",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64, help="samples per step")
     parser.add_argument("--classes", type=int, default=8631, help="SphereFace2 classes (VGGFace2)")
     parser.add_argument("--dim", type=int, default=512, help="embedding dim of student and teacher")
@@ -90,12 +91,13 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     amp = args.amp or ("bf16" if device.type == "cuda" else "fp32")
     torch.manual_seed(0)
+    sizes = (args.classes, args.dim, args.batch, device)
     variants: dict[str, Callable[[], None]] = {
         "student": _student_step(args.batch, args.dim, device, amp),
-        "objective": _objective_step(LossConfig(), args.classes, args.dim, args.batch, device),
-        "sphereface2": _objective_step(_loss_config(0, 0, 1), args.classes, args.dim, args.batch, device),
-        "iled": _objective_step(_loss_config(1, 0, 0), args.classes, args.dim, args.batch, device),
-        "rpsd": _objective_step(_loss_config(0, 40, 0), args.classes, args.dim, args.batch, device),
+        "objective": _objective_step(LossConfig(), *sizes),
+        "sphereface2": _objective_step(_loss_config(0, 0, 1), *sizes),
+        "iled": _objective_step(_loss_config(1, 0, 0), *sizes),
+        "rpsd": _objective_step(_loss_config(0, 40, 0), *sizes),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_index in range(args.repeats + 1):
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
             if round_index > 0:
                 times[name].append(time.perf_counter() - start)
     median_ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
-    ratios = {name: median_ms[name] / median_ms["student"] for name in median_ms if name != "student"}
+    ratios = {name: ms / median_ms["student"]
+              for name, ms in median_ms.items() if name != "student"}
     result = {"device": str(device), "batch": args.batch, "classes": args.classes, "dim": args.dim,
               "student_amp": amp, "repeats": args.repeats, "torch": torch.__version__,
               "median_ms": median_ms, "ratio_to_student": ratios}

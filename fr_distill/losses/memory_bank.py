@@ -37,8 +37,8 @@ class MemoryBank(nn.Module):
         if capacity < 1:
             raise ObjectiveInputError(f"memory bank capacity must be >= 1, got {capacity}")
         if update not in UPDATE_MODES:
-            raise ObjectiveInputError(f"memory bank update must be one of {', '.join(UPDATE_MODES)}, "
-                                      f"got {update!r}")
+            raise ObjectiveInputError(f"memory bank update must be one of "
+                                      f"{', '.join(UPDATE_MODES)}, got {update!r}")
         self.capacity, self.dim, self.update, self.seed = capacity, dim, update, seed
         self.register_buffer("teacher", torch.zeros(capacity, dim, device=device))
         self.register_buffer("student", torch.zeros(capacity, dim, device=device))

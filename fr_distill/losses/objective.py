@@ -105,8 +105,8 @@ class Objective(nn.Module):
     # -- input checks ----------------------------------------------------------------------------
     def _check_embeddings(self, f_s: torch.Tensor, f_t: torch.Tensor | None) -> None:
         if f_s.dim() != 2 or f_s.shape[1] != self.student_dim or not f_s.is_floating_point():
-            raise ObjectiveInputError(f"f_s (student embeddings) has shape {shape_of(f_s)} and dtype "
-                                      f"{f_s.dtype}; expected float [B, {self.student_dim}]")
+            raise ObjectiveInputError(f"f_s (student embeddings) has shape {shape_of(f_s)} and "
+                                      f"dtype {f_s.dtype}; expected float [B, {self.student_dim}]")
         batch = f_s.shape[0]
         if batch == 0:
             raise ObjectiveInputError("f_s (student embeddings) has shape [0, ...]: empty batch")
@@ -115,18 +115,20 @@ class Objective(nn.Module):
                                       f"{', '.join(self.kd_terms)} are enabled")
         if f_t is not None and (f_t.dim() != 2 or tuple(f_t.shape) != (batch, self.teacher_dim)
                                 or not f_t.is_floating_point()):
-            raise ObjectiveInputError(f"f_t (teacher embeddings) has shape {shape_of(f_t)} and dtype "
-                                      f"{f_t.dtype}; expected float [{batch}, {self.teacher_dim}]")
+            raise ObjectiveInputError(f"f_t (teacher embeddings) has shape {shape_of(f_t)} and "
+                                      f"dtype {f_t.dtype}; expected float "
+                                      f"[{batch}, {self.teacher_dim}]")
 
-    def _check_inputs(self, f_s: torch.Tensor, f_t: torch.Tensor | None, labels: torch.Tensor) -> None:
+    def _check_inputs(self, f_s: torch.Tensor, f_t: torch.Tensor | None,
+                      labels: torch.Tensor) -> None:
         """Host-side shape/dtype checks, then one device sync for finiteness of ``f_s``/``f_t``
         and ``0 <= labels < C``, reduced to a single small flag vector."""
         self._check_embeddings(f_s, f_t)
         batch = f_s.shape[0]
         if self.head is not None and (labels.dim() != 1 or labels.shape[0] != batch
                                       or labels.is_floating_point() or labels.dtype == torch.bool):
-            raise ObjectiveInputError(f"labels has shape {shape_of(labels)} and dtype {labels.dtype}; "
-                                      f"expected integer [{batch}]")
+            raise ObjectiveInputError(f"labels has shape {shape_of(labels)} and dtype "
+                                      f"{labels.dtype}; expected integer [{batch}]")
         checks = [("f_s (student embeddings)", f_s, torch.isfinite(f_s).all(), "NaN or Inf values")]
         if f_t is not None:
             checks.append(("f_t (teacher embeddings)", f_t, torch.isfinite(f_t).all(),
@@ -181,7 +183,8 @@ class Objective(nn.Module):
         if bank is None:
             return
         if f_t is None:
-            raise ObjectiveInputError("update_bank: f_t (teacher embeddings) is None but RPSD is enabled")
+            raise ObjectiveInputError("update_bank: f_t (teacher embeddings) is None but RPSD "
+                                      "is enabled")
         self._check_embeddings(f_s, f_t)
         with torch.autocast(device_type=f_s.device.type, enabled=False):
             inputs = self._kd_inputs(f_s.float(), f_t.float())
@@ -225,7 +228,8 @@ def build_objective(loss_cfg: LossConfig, num_classes: int, student_dim: int, te
     head = None
     if sf.weight > 0:
         head = SphereFace2Head(num_classes, student_dim, lamb=sf.lamb, r=sf.r, m=sf.m, t=sf.t,
-                               lw=sf.lw, class_sharded=sf.parallel == "class_sharded", device=device)
+                               lw=sf.lw, class_sharded=sf.parallel == "class_sharded",
+                               device=device)
     linear = (nn.Linear(student_dim, teacher_dim, bias=False, device=device)
               if projector else None)
     return Objective(num_classes, student_dim, teacher_dim, head, sf.weight, kd_terms, linear)

@@ -55,7 +55,8 @@ def class_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]
     return start, start + base + (1 if rank < extra else 0)
 
 
-def initial_weight_rows(num_classes: int, dim: int, start: int, end: int, seed: int) -> torch.Tensor:
+def initial_weight_rows(num_classes: int, dim: int, start: int, end: int,
+                        seed: int) -> torch.Tensor:
     """Rows ``[start, end)`` of a ``[C, D]`` xavier-normal matrix (std ``sqrt(2/(C+D))``).
 
     Block ``b`` (rows ``b·INIT_BLOCK_ROWS …``) is drawn from a CPU generator seeded with
@@ -143,7 +144,8 @@ class SphereFace2Head(nn.Module):
                  device: torch.device | str = "cpu") -> None:
         super().__init__()
         if num_classes < 2:
-            raise ObjectiveInputError(f"SphereFace2 needs at least 2 classes, got num_classes={num_classes}")
+            raise ObjectiveInputError(f"SphereFace2 needs at least 2 classes, got "
+                                      f"num_classes={num_classes}")
         self.num_classes, self.dim = num_classes, dim
         self.lamb, self.r, self.m, self.t, self.lw = lamb, r, m, t, lw
         self.class_sharded = class_sharded
@@ -164,7 +166,8 @@ class SphereFace2Head(nn.Module):
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """This rank's share of the loss for ``features`` ``[B, D]`` and ``labels`` ``[B]``."""
         with torch.no_grad():  # as F.normalize(dim=1), without a second [C, D] buffer
-            self.weight.div_(torch.linalg.vector_norm(self.weight, dim=1, keepdim=True).clamp_min_(1e-12))
+            norms = torch.linalg.vector_norm(self.weight, dim=1, keepdim=True)
+            self.weight.div_(norms.clamp_min_(1e-12))
         weight = self.weight
         if self.world_size > 1:
             features = dist.all_gather_with_grad(features)
@@ -181,7 +184,8 @@ class SphereFace2Head(nn.Module):
     # -- checkpoint format: the full [C, D] matrix, whatever the mode and world size ----------
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         if self.world_size > 1:
-            destination[prefix + "weight"] = dist.all_gather_rows(self.weight.detach(), device="cpu")
+            destination[prefix + "weight"] = dist.all_gather_rows(self.weight.detach(),
+                                                                  device="cpu")
             destination[prefix + "bias"] = self.bias.detach()
         else:
             super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -199,8 +203,8 @@ class SphereFace2Head(nn.Module):
                 f"objective state '{keys['weight']}' has shape {shape_of(weight)}; this run's head "
                 f"is [{self.num_classes}, {self.dim}] (num_classes, embedding dim)")
         if bias.numel() != 1:
-            raise ObjectiveInputError(f"objective state '{keys['bias']}' has shape {shape_of(bias)}; "
-                                      f"expected [1]")
+            raise ObjectiveInputError(f"objective state '{keys['bias']}' has shape "
+                                      f"{shape_of(bias)}; expected [1]")
         with torch.no_grad():
             self.weight.copy_(weight[self.start:self.end])
             self.bias.copy_(bias.reshape(1))

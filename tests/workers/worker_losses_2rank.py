@@ -12,10 +12,10 @@ average_gradients(objective.replicated_parameters()), sharded rows left alone. R
 * replicated head, random bank updates, teacher_bank anchor, no distance weighting.
 
 Every run enables all terms (SphereFace2, ILED, RPSD, l2, fc, RKD) and a projector (student
-dim != teacher dim). The worker writes the largest relative differences per quantity to
-OUT/result.json (per quantity and step; the first step starts from identical states, later
-ones carry the float32 drift of SGD updates) and, from rank 0, the final class-sharded state to OUT/sharded_state.pt and
-the reference's to OUT/reference_state.pt; the test asserts on them.
+dim != teacher dim). The worker writes the relative differences to OUT/result.json (per
+quantity and step; the first step starts from identical states, later ones carry the float32
+drift of the SGD updates) and, from rank 0, the final class-sharded state to
+OUT/sharded_state.pt and the reference's to OUT/reference_state.pt; the test asserts on them.
 """
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def global_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
 
 def build(cfg: LossConfig):
     torch.manual_seed(0)
-    objective = build_objective(cfg, NUM_CLASSES, STUDENT_DIM, TEACHER_DIM, GLOBAL_BATCH, projector=True)
+    objective = build_objective(cfg, NUM_CLASSES, STUDENT_DIM, TEACHER_DIM, GLOBAL_BATCH,
+                                projector=True)
     torch.manual_seed(1)
     return objective, nn.Linear(IN_DIM, STUDENT_DIM)
 
