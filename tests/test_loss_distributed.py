@@ -65,7 +65,8 @@ def test_class_sharded_checkpoint_resumes_on_one_rank_with_another_global_batch(
     cfg.bank.bank_factor = 2
     single = build_objective(cfg, 7, 5, 4, global_batch=4, projector=True)  # bank 12 -> 8 rows
     single.load_state_dict(state)
-    torch.testing.assert_close(single.head.weight.detach(), reference["head.weight"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(single.head.weight.detach(), reference["head.weight"],
+                               rtol=0, atol=1e-6)
     stamps = reference["kd_terms.rpsd.bank.stamp"]
     newest = torch.argsort(stamps)[-8:]
     assert single.bank.filled == 8 and single.bank.stamp.tolist() == stamps[newest].tolist()

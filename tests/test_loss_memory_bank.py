@@ -80,7 +80,8 @@ def test_state_round_trip_continues_identically(update):
     restored.load_state_dict(round_trip(bank.state_dict()))
     for b in (bank, restored):
         feed(b, [2, 2], first=nxt)
-    assert torch.equal(bank.teacher, restored.teacher) and torch.equal(bank.student, restored.student)
+    assert torch.equal(bank.teacher, restored.teacher)
+    assert torch.equal(bank.student, restored.student)
     assert (bank.ptr, bank.filled, bank.count) == (restored.ptr, restored.filled, restored.count)
 
 

@@ -25,7 +25,8 @@ def kd_inputs(student: torch.Tensor, teacher: torch.Tensor) -> KDInputs:
     return KDInputs(student, teacher, s_hat, t_hat, (s_hat * t_hat).sum(dim=1))
 
 
-def filled_bank(teacher_rows: torch.Tensor, student_rows: torch.Tensor, capacity: int = 6) -> MemoryBank:
+def filled_bank(teacher_rows: torch.Tensor, student_rows: torch.Tensor,
+                capacity: int = 6) -> MemoryBank:
     bank = MemoryBank(capacity, teacher_rows.shape[1]).double()
     bank.enqueue(F.normalize(teacher_rows, dim=1), F.normalize(student_rows, dim=1))
     return bank

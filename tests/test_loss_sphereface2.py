@@ -118,7 +118,8 @@ def test_gradcheck_with_the_margin_offset_held_fixed():
 
     def loss(features, weight, bias):
         cos = F.normalize(features, dim=1) @ weight.t()
-        total = sphereface2_sum(cos, LABELS, bias, offsets, num_classes=5, lamb=0.7, r=40.0, lw=10.0)
+        total = sphereface2_sum(cos, LABELS, bias, offsets, num_classes=5, lamb=0.7, r=40.0,
+                                lw=10.0)
         return total / cos.numel()
 
     inputs = (FEATURES.clone().requires_grad_(), weight_hat.clone().requires_grad_(),
@@ -138,7 +139,8 @@ def test_class_blocks_sum_to_the_whole_loss():
         block = cos[:, start:end]
         inside = (LABELS >= start) & (LABELS < end)
         col = torch.where(inside, LABELS - start, -1)
-        parts = parts + sphereface2_sum(block, col, bias, margin_offsets(block, col, 0.4, 3.0), **kwargs)
+        offsets = margin_offsets(block, col, 0.4, 3.0)
+        parts = parts + sphereface2_sum(block, col, bias, offsets, **kwargs)
     assert parts.item() == pytest.approx(whole.item(), rel=1e-13)
 
 
@@ -152,7 +154,8 @@ def test_initial_rows_are_the_same_matrix_for_any_split(monkeypatch):
     monkeypatch.setattr(sf2, "INIT_BLOCK_ROWS", 4)
     full = initial_weight_rows(10, 3, 0, 10, seed=123)
     for world in (2, 3):
-        shards = [initial_weight_rows(10, 3, *class_range(10, world, k), seed=123) for k in range(world)]
+        shards = [initial_weight_rows(10, 3, *class_range(10, world, k), seed=123)
+                  for k in range(world)]
         assert torch.equal(torch.cat(shards), full)
     assert not torch.equal(initial_weight_rows(10, 3, 0, 10, seed=124), full)
 
