@@ -12,8 +12,8 @@ from PIL import Image
 
 def encode(image_hwc: np.ndarray, fmt: str = "JPEG") -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(image_hwc).save(buffer, format=fmt, quality=95) if fmt == "JPEG" else \
-        Image.fromarray(image_hwc).save(buffer, format=fmt)
+    options = {"quality": 95} if fmt == "JPEG" else {}
+    Image.fromarray(image_hwc).save(buffer, format=fmt, **options)
     return buffer.getvalue()
 
 
