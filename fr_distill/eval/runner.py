@@ -68,7 +68,15 @@ def _score_device(device: torch.device) -> torch.device:
 
 def score_ijb(meta: IJBMeta, feats: torch.Tensor, device: torch.device,
               use_faceness: bool = True) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
-    """V2 and V3 results of image features ``feats`` on one IJB set; also the ROC ``(fpr, tpr)``."""
+    """V2 and V3 results of image features ``feats`` on one IJB set; also the ROC ``(fpr, tpr)``.
+
+    1:N protocol: rank-1/5/10 search the mixed probe templates in the combined gallery
+    (G1+G2, or S1+S2), where every probe has its mate, as InsightFace's ``ijb_1n.py`` does.
+    TPIR at FPIR is open-set, as in the IJB-B/IJB-C protocol papers: each gallery is searched
+    on its own, so the probes of subjects enrolled in the other gallery are its non-mated
+    searches; the reported value is the mean over the two galleries (each also reported as
+    ``tpir_at_fpir_<gallery>``).
+    """
     ids, tfeats = template_features(feats.to(_score_device(device)), meta.templates, meta.medias,
                                     meta.faceness if use_faceness else None)
     scores = pair_scores(ids, tfeats, meta.t1, meta.t2)
