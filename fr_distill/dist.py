@@ -148,6 +148,16 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def broadcast_tensors_(tensors, src: int = 0) -> None:
+    """Overwrite each tensor in place with rank ``src``'s values (replicated parameters that
+    are not wrapped in DDP start identical on every rank)."""
+    if not is_dist():
+        return
+    with torch.no_grad():
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=src)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward hands each rank the summed gradient of its rows."""
 
