@@ -54,6 +54,15 @@ def test_bank_and_head_identical_on_both_ranks(two_rank_run, run):
 
 
 @pytest.mark.dist
+@pytest.mark.parametrize("run", RUNS)
+def test_objective_starts_identical_on_ranks_with_different_rng_states(two_rank_run, run):
+    _, results = two_rank_run
+    mismatch = results[0]["init_mismatch"][run]
+    assert set(mismatch) == {"projector", "head_weight"}
+    assert all(value == 0.0 for value in mismatch.values()), mismatch
+
+
+@pytest.mark.dist
 def test_class_sharded_checkpoint_resumes_on_one_rank_with_another_global_batch(two_rank_run):
     out, results = two_rank_run
     assert all(result["reshard_rows_exact"] for result in results)

@@ -199,8 +199,9 @@ def build_objective(loss_cfg: LossConfig, num_classes: int, student_dim: int, te
 
     ``global_batch`` sizes the memory bank (``Q = bank_factor · G``); ``projector`` adds a
     linear map ``student_dim → teacher_dim`` in front of the distillation terms, required
-    when the dims differ and any distillation term is enabled. A class-sharded head takes
-    this rank's class rows (call on every rank, after ``dist.init``).
+    when the dims differ and any distillation term is enabled. A collective: call it on every
+    rank after ``dist.init``; replicated parameters start as rank 0's, a class-sharded head
+    takes this rank's rows of the same initial matrix.
     """
     kd_terms: dict[str, tuple[nn.Module, float]] = {}
     if loss_cfg.iled.weight > 0:
@@ -232,4 +233,6 @@ def build_objective(loss_cfg: LossConfig, num_classes: int, student_dim: int, te
                                device=device)
     linear = (nn.Linear(student_dim, teacher_dim, bias=False, device=device)
               if projector else None)
-    return Objective(num_classes, student_dim, teacher_dim, head, sf.weight, kd_terms, linear)
+    objective = Objective(num_classes, student_dim, teacher_dim, head, sf.weight, kd_terms, linear)
+    dist.broadcast_tensors_(objective.replicated_parameters())  # identical start on every rank
+    return objective

@@ -61,7 +61,8 @@ def initial_weight_rows(num_classes: int, dim: int, start: int, end: int,
 
     Block ``b`` (rows ``b·INIT_BLOCK_ROWS …``) is drawn from a CPU generator seeded with
     ``seed + b``, so a rank draws only the blocks it holds and the matrix is the same for
-    every world size and for both head modes.
+    every world size and for both head modes. The head takes ``seed`` from the global RNG of
+    rank 0 (broadcast), so all ranks agree whatever their own RNG state.
     """
     std = math.sqrt(2.0 / (num_classes + dim))
     parts = []
@@ -152,7 +153,7 @@ class SphereFace2Head(nn.Module):
         self.world_size = dist.world_size() if class_sharded else 1
         self.start, self.end = class_range(num_classes, self.world_size,
                                            dist.rank() if class_sharded else 0)
-        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+        seed = dist.broadcast_object(int(torch.randint(0, 2 ** 62, (1,)).item()))
         self.weight = nn.Parameter(
             initial_weight_rows(num_classes, dim, self.start, self.end, seed).to(device))
         self.bias = nn.Parameter(torch.full((1,), initial_bias(num_classes, lamb, r, m, t),

@@ -137,7 +137,7 @@ def main(out_dir: str) -> None:
     info = dist.init(backend="gloo", device="cpu")
     assert info.world_size == WORLD, info
     rows = slice(info.rank * LOCAL_BATCH, (info.rank + 1) * LOCAL_BATCH)
-    result: dict = {"diffs": {}, "rank_mismatch": {},
+    result: dict = {"diffs": {}, "rank_mismatch": {}, "init_mismatch": {},
                     "reference_rpsd": [float(v) for v in references["fifo"]["term/rpsd"]]}
     sharded_objective = None
     for name, cfg in runs.items():
@@ -150,6 +150,15 @@ def main(out_dir: str) -> None:
                                          for key, v in gathered.items()}
         if name == "class_sharded":
             sharded_objective = objective
+    for name, cfg in runs.items():  # ranks with different RNG states still start identical
+        torch.manual_seed(100 + info.rank)
+        objective = build_objective(cfg, NUM_CLASSES, STUDENT_DIM, TEACHER_DIM, GLOBAL_BATCH,
+                                    projector=True)
+        start = {"projector": objective.projector.weight,
+                 "head_weight": full_head_tensor(objective, objective.head.weight)}
+        gathered = {key: dist.all_gather_cat(v.detach().unsqueeze(0)) for key, v in start.items()}
+        result["init_mismatch"][name] = {key: float((v[0] - v[1]).abs().max())
+                                         for key, v in gathered.items()}
     state = sharded_objective.state_dict()  # a collective: gathers the class rows
     assert state["head.weight"].shape == (NUM_CLASSES, STUDENT_DIM)
     resharded, _ = build(runs["class_sharded"])
