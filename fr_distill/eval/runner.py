@@ -125,12 +125,15 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
                    ijb_sets: list[tuple[str, str]] = (), out_dir: str | Path | None = None,
                    batch_size: int = 128, amp_dtype: torch.dtype | None = None,
                    use_faceness: bool = True, cache_key: dict | None = None, writer=None,
-                   step: int = 0, shard_size: int = SHARD_SIZE, aligner: str = "auto") -> dict:
+                   step: int = 0, shard_size: int = SHARD_SIZE, aligner: str = "auto",
+                   roc_curves: dict | None = None) -> dict:
     """Evaluate ``model`` on `.bin` sets and IJB sets ``[(root, name)]`` (SPEC V1–V3).
 
     With ``out_dir``: per-shard feature caches under ``out_dir/features``, ``results.json``
     and ``roc_<name>.png`` per IJB set (rank 0). With a TensorBoard ``writer``: scalars at
-    ``step`` (rank 0). Returns the results on every rank.
+    ``step`` (rank 0). With ``roc_curves``, rank 0 stores each IJB set's ROC ``(fpr, tpr)``
+    there under the set's name (to draw several models on one figure). Returns the results
+    on every rank.
     """
     device = torch.device(device)
     out = Path(out_dir) if out_dir is not None else None
@@ -151,6 +154,8 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
         scored = None
         if dist.is_main():
             scored = score_ijb(meta, feats, device, use_faceness)
+            if roc_curves is not None:
+                roc_curves[name] = scored[1]
             if out is not None:
                 plot_roc({name: scored[1]}, out / f"roc_{name}.png", title=f"ROC on {name}")
         results["ijb"][name] = dist.broadcast_object(scored[0] if scored else None)
