@@ -54,7 +54,13 @@ def init(backend: str = "auto", device: str = "auto", timeout_s: float = 1800.0)
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         chosen = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
-        dist.init_process_group(chosen, timeout=datetime.timedelta(seconds=timeout_s),
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # torchrun keeps its store across worker restarts (static rendezvous): without a
+        # per-attempt prefix a restarted rank can read a dead peer's address and fail to connect.
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(chosen, store=dist.PrefixStore(f"attempt_{attempt}", store),
+                                rank=rank, world_size=world_size, timeout=timeout,
                                 device_id=dev if chosen == "nccl" else None)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
