@@ -19,7 +19,7 @@ from fr_distill import dist
 from fr_distill.engine.checkpoint import CheckpointStore
 from fr_distill.engine.faults import REQUEUE_MARKER
 from fr_distill.engine.state import Run
-from fr_distill.eval.verification import evaluate_bin_sets
+from fr_distill.eval import evaluate_bin_sets
 
 log = logging.getLogger(__name__)
 

@@ -123,13 +123,14 @@ def _param_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
 
 def _gather_sharded_state(optimizer: torch.optim.Optimizer, sharded: list[nn.Parameter]) -> dict:
     """``optimizer.state_dict()`` with each sharded parameter's per-row state gathered whole."""
-    state = optimizer.state_dict()
+    state = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: copy
     index = _param_index(optimizer)
     for p in sharded:
-        entry = state["state"].get(index[id(p)], {})
-        for key, value in entry.items():
-            if torch.is_tensor(value) and value.shape == p.shape:
-                entry[key] = dist.all_gather_rows(value, device="cpu")
+        i = index[id(p)]
+        if i in state["state"]:
+            state["state"][i] = {key: dist.all_gather_rows(value, device="cpu")
+                                 if torch.is_tensor(value) and value.shape == p.shape else value
+                                 for key, value in state["state"][i].items()}
     return state
 
 
@@ -140,8 +141,10 @@ def _slice_sharded_state(state: dict, optimizer: torch.optim.Optimizer,
     for p in sharded:
         rows = dist.all_gather_object(int(p.shape[0]))
         start = sum(rows[:dist.rank()])
-        entry = state["state"].get(index[id(p)], {})
-        for key, value in entry.items():
-            if torch.is_tensor(value) and value.dim() == p.dim() and value.shape[1:] == p.shape[1:]:
-                entry[key] = value[start:start + p.shape[0]].clone()
+        i = index[id(p)]
+        if i in state["state"]:
+            state["state"][i] = {key: value[start:start + p.shape[0]].clone()
+                                 if torch.is_tensor(value) and value.dim() == p.dim()
+                                 and value.shape[1:] == p.shape[1:] else value
+                                 for key, value in state["state"][i].items()}
     return state

@@ -1,0 +1,180 @@
+"""The trainer under torchrun (gloo, CPU), sharing one uninterrupted 2-rank reference run:
+
+* 2 ranks × batch B equal 1 rank × batch 2B (losses and weights within 1e-5);
+* a worker SIGKILLed at a random step with ``--max-restarts 1``: the run completes with final
+  weights bitwise equal to the reference;
+* SIGTERM on one rank: every rank stops after the same step, a checkpoint and the requeue
+  marker appear, workers exit with REQUEUE_EXIT_CODE, and resuming ends bitwise equal;
+* resume on a different world size keeps the global batch (class-sharded head re-sharded);
+* the teacher is bitwise unchanged after training.
+
+The student is an IResNet-18 of width 1/8 with ``model.freeze_bn`` (BatchNorm on its running
+statistics), so it has no batch statistics: with them, ranks normalizing their half batch
+would legitimately differ from one rank normalizing the whole batch. The SphereFace2 head is
+class-sharded, so its gathering, re-sharding and per-rank momentum are exercised too.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_torchrun
+from fr_distill.config import load_config
+from fr_distill.engine import REQUEUE_EXIT_CODE, REQUEUE_MARKER, checkpoint
+from fr_distill.models import get_backbone
+
+WORKER = REPO / "tests" / "workers" / "worker_train_run.py"
+STEPS = 8
+
+
+@pytest.fixture
+def single_thread():
+    """In-process runs use one thread, as each torchrun worker does (OMP_NUM_THREADS=1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, synthetic_data) -> dict:
+    root = tmp_path_factory.mktemp("train_dist")
+    torch.manual_seed(123)
+    teacher_file = root / "teacher.pth"
+    torch.save(get_backbone("iresnet18", 32, width=0.125).state_dict(), teacher_file)
+    overrides = [
+        f"data.train={synthetic_data / 'train'}", "data.loader=torch", "data.num_workers=0",
+        "data.batch_size=4", "model.name=iresnet18", "model.width=0.125",
+        "model.embedding_dim=32", "model.freeze_bn=true", f"teacher.path={teacher_file}",
+        "teacher.name=iresnet18", "teacher.width=0.125", "teacher.embedding_dim=32",
+        "loss.sphereface2.parallel=class_sharded", "precision.amp=fp32", "optim.lr=0.02",
+        "optim.no_decay_bn_bias=true", f"schedule.total_steps={STEPS}", "schedule.warmup_steps=1",
+        "schedule.milestones=[6]", "checkpoint.every_steps=2", "checkpoint.keep_last=10",
+        "logging.every_steps=1", "logging.tensorboard=false", "run.seed=5"]
+    return {"root": root, "teacher": teacher_file, "overrides": overrides}
+
+
+def _run(setup, name: str, *extra: str, torchrun_args=(), check=True, worker_args=()):
+    out = setup["root"] / name
+    proc = run_torchrun(WORKER, *worker_args, "--teacher-file", str(setup["teacher"]),
+                        *setup["overrides"], f"run.output_dir={out}", *extra, nproc=2,
+                        torchrun_args=torchrun_args, check=check, timeout=300)
+    return out, proc
+
+
+def _final(run_dir: Path, step: int = STEPS) -> dict:
+    return checkpoint.load(run_dir / "checkpoints" / f"step_{step:08d}.pt")
+
+
+def _assert_bitwise(a: dict, b: dict) -> None:
+    for part in ("student", "objective"):
+        assert a[part].keys() == b[part].keys()
+        for key, value in a[part].items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, b[part][key]), f"{part}.{key} differs"
+    momentum_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    momentum_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b, strict=True))
+
+
+def _losses(run_dir: Path) -> dict[int, dict]:
+    """Last logged record of each step (a restarted run logs resumed steps again)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records if "total" in r}
+
+
+@pytest.fixture(scope="module")
+def reference(setup) -> Path:
+    out, _ = _run(setup, "reference", "logging.tensorboard=true")
+    return out
+
+
+def test_reference_run_records_and_teacher_unchanged(reference):
+    result = json.loads((reference / "result.json").read_text())
+    assert result == {"status": "completed", "step": STEPS, "start_step": 0,
+                      "teacher_unchanged": True}
+    info = json.loads((reference / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["global_batch"] == 8 and "torch" in info["versions"]
+    assert load_config(reference / "config.yaml").loss.sphereface2.parallel == "class_sharded"
+    assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
+    losses = _losses(reference)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert {"sphereface2", "iled", "rpsd", "total", "cosine", "lr", "images_per_s",
+            "data_wait_share"} <= losses[1].keys()
+    assert losses[1]["lr"] == pytest.approx(0.02) and losses[7]["lr"] == pytest.approx(0.002)
+    assert losses[1]["rpsd"] == 0.0 and losses[2]["rpsd"] > 0.0  # bank empty at step 1 only
+    assert sorted(p.name for p in (reference / "checkpoints").glob("*.pt")) == [
+        f"step_{s:08d}.pt" for s in (2, 4, 6, 8)]
+
+
+def test_two_ranks_equal_one_rank_with_double_batch(setup, reference, single_thread):
+    from fr_distill.engine import train
+
+    out = setup["root"] / "one_rank"
+    cfg = load_config(None, setup["overrides"] + ["data.batch_size=8", f"run.output_dir={out}"])
+    train(cfg)
+    two, one = _losses(reference), _losses(out)
+    for step in range(1, STEPS + 1):
+        for term in ("sphereface2", "iled", "rpsd", "total"):
+            assert one[step][term] == pytest.approx(two[step][term], rel=1e-5, abs=1e-6), (step, term)
+    a, b = _final(reference), _final(out)
+    for key, value in a["student"].items():
+        torch.testing.assert_close(b["student"][key], value, rtol=0, atol=1e-5)
+    torch.testing.assert_close(b["objective"]["head.weight"], a["objective"]["head.weight"],
+                               rtol=0, atol=1e-5)
+
+
+def test_resume_on_other_world_size_keeps_global_batch(setup, reference, single_thread):
+    from fr_distill.engine import train
+
+    out = setup["root"] / "resize"
+    (out / "checkpoints").mkdir(parents=True)
+    for suffix in ("", ".sha256"):
+        shutil.copy(reference / "checkpoints" / f"step_00000004.pt{suffix}", out / "checkpoints")
+    cfg = load_config(None, setup["overrides"] + [f"run.output_dir={out}"])  # batch_size=4, W=1
+    result = train(cfg)
+    assert (result.start_step, result.step) == (4, STEPS)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["batch_per_rank"] == 8 and info["global_batch"] == 8
+    a, b = _final(reference), _final(out)
+    for key, value in a["student"].items():
+        torch.testing.assert_close(b["student"][key], value, rtol=0, atol=1e-5)
+    assert b["optimizer"]["state"].keys() == a["optimizer"]["state"].keys()
+
+
+def test_killed_worker_restarts_and_ends_bitwise_equal(setup, reference):
+    step = random.randint(1, STEPS - 1)
+    out = setup["root"] / "killed"
+    out.mkdir()
+    _, proc = _run(setup, "killed", torchrun_args=("--max-restarts", "1"),
+                   worker_args=("--fault", "kill", "--fault-step", str(step), "--fault-rank", "1",
+                                "--marker", str(out / "killed_once")))
+    assert (out / "killed_once").read_text() == str(step)
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "completed" and result["start_step"] == step - step % 2, step
+    _assert_bitwise(_final(reference), _final(out))
+
+
+def test_sigterm_checkpoints_requeues_and_resumes_exactly(setup, reference):
+    step = random.randint(1, STEPS - 2)
+    out = setup["root"] / "preempted"
+    out.mkdir()
+    _, proc = _run(setup, "preempted", check=False,
+                   worker_args=("--fault", "term", "--fault-step", str(step), "--fault-rank", "1",
+                                "--marker", str(out / "signalled")))
+    assert proc.returncode != 0
+    assert f"exitcode  : {REQUEUE_EXIT_CODE}" in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    stopped = step + 1  # the signal reaches the ranks' agreement in the following step
+    assert json.loads((out / REQUEUE_MARKER).read_text()) == {"step": stopped}
+    assert json.loads((out / "result.json").read_text())["status"] == "preempted"
+    assert checkpoint.load(out / "checkpoints" / f"step_{stopped:08d}.pt")["step"] == stopped
+    _run(setup, "preempted")
+    result = json.loads((out / "result.json").read_text())
+    assert (result["status"], result["start_step"]) == ("completed", stopped)
+    assert not (out / REQUEUE_MARKER).exists()
+    _assert_bitwise(_final(reference), _final(out))
