@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="validate config and data, print the plan, do not train")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted config overrides, e.g. loss.rpsd.weight=20")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from fr_distill.engine import dry_run, train  # after --help: the trainer imports torch models
 
     try:

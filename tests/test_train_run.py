@@ -1,0 +1,179 @@
+"""The trainer in one process (no process group) on the synthetic face data: learning,
+gradient accumulation, fallback from a truncated checkpoint, the non-finite-loss stop, and
+``launch/train.py``'s command line."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from fr_distill.config import load_config
+from fr_distill.engine import NonFiniteLossError, checkpoint, train
+from fr_distill.eval import evaluate_bin_sets
+from fr_distill.models import build_student, get_backbone
+
+
+@pytest.fixture
+def single_thread():
+    """One thread, as each torchrun worker has (OMP_NUM_THREADS=1): faster on 2 shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory) -> Path:
+    torch.manual_seed(7)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
+    torch.save(get_backbone("iresnet18", 32, width=0.125).state_dict(), path)
+    return path
+
+
+def _overrides(data: Path, out: Path, teacher: Path | None = None) -> list[str]:
+    base = [f"data.train={data / 'train'}", "data.loader=torch", "data.num_workers=0",
+            "model.width=0.125", "model.embedding_dim=32", "precision.amp=fp32",
+            f"run.output_dir={out}", "logging.tensorboard=false", "logging.every_steps=1"]
+    if teacher is None:
+        return base + ["loss.iled.weight=0", "loss.rpsd.weight=0"]
+    return base + [f"teacher.path={teacher}", "teacher.name=iresnet18", "teacher.width=0.125",
+                   "teacher.embedding_dim=32"]
+
+
+def _assert_identical(a, b, where: str = "") -> None:
+    """Bitwise equality of nested dicts of tensors and plain values."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_identical(a[key], b[key], f"{where}.{key}")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_raises_verification_accuracy(synthetic_data, tmp_path, single_thread):
+    """60 steps of SphereFace2 training: verification on the synthetic .bin sets (identities
+    disjoint from training) rises well above the same initialization's untrained values."""
+    bins = [str(synthetic_data / "synth_lfw.bin"), str(synthetic_data / "synth_cfp.bin")]
+    cfg = load_config(None, _overrides(synthetic_data, tmp_path / "run") + [
+        "data.batch_size=16", "optim.lr=0.1", "schedule.total_steps=60",
+        "schedule.warmup_steps=5", "schedule.milestones=[50]", "checkpoint.every_steps=60",
+        "logging.every_steps=20", f"eval.bin_sets=[{','.join(bins)}]",
+        "eval.best_metric=synth_lfw/auc"])
+    torch.manual_seed(cfg.run.seed)  # the trainer's initialization of the student
+    untrained = evaluate_bin_sets(build_student(cfg.model), bins, torch.device("cpu"))
+    result = train(cfg)
+    trained = result.metrics["eval"]
+    assert trained["step"] == 60
+
+    def mean(metric: str, results) -> float:
+        return sum(results(name, metric) for name in ("synth_lfw", "synth_cfp")) / 2
+
+    before = lambda name, metric: untrained[name][metric]  # noqa: E731
+    after = lambda name, metric: trained[f"{name}/{metric}"]  # noqa: E731
+    assert mean("auc", after) > mean("auc", before) + 0.1, (untrained, trained)
+    assert mean("accuracy_mean", after) > mean("accuracy_mean", before) + 0.04, (untrained, trained)
+    best = checkpoint.load(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert best["metrics"]["best"] == {"metric": "synth_lfw/auc", "value": trained["synth_lfw/auc"],
+                                       "step": 60}
+
+
+def test_gradient_accumulation_equals_the_larger_batch(synthetic_data, tmp_path, single_thread):
+    """batch 8 × 1 and batch 4 × 2 micro-steps: same weights, same per-optimizer-step schedule."""
+    common = ["model.freeze_bn=true", "schedule.total_steps=4", "schedule.warmup_steps=2",
+              "schedule.name=cosine", "optim.reference_batch=16", "optim.grad_clip=5",
+              "checkpoint.every_steps=4"]
+    runs = {}
+    for name, extra in {"full": ["data.batch_size=8"],
+                        "accumulated": ["data.batch_size=4", "optim.accumulation_steps=2"]}.items():
+        out = tmp_path / name
+        result = train(load_config(None, _overrides(synthetic_data, out) + common + extra))
+        assert result.status == "completed" and result.step == 4
+        runs[name] = (checkpoint.load(out / "checkpoints" / "step_00000004.pt"), _records(out))
+    (full, full_log), (acc, acc_log) = runs["full"], runs["accumulated"]
+    assert [r["lr"] for r in acc_log] == pytest.approx([r["lr"] for r in full_log])
+    assert full_log[0]["lr"] == pytest.approx(0.1 * 8 / 16 / 2)  # scaled, first warmup step
+    assert [r["sphereface2"] for r in acc_log] == pytest.approx(
+        [r["sphereface2"] for r in full_log], rel=1e-5)
+    assert acc["data"]["position"] == 8 and full["data"]["position"] == 4
+    for key, value in full["student"].items():
+        torch.testing.assert_close(acc["student"][key], value, rtol=1e-5, atol=1e-5)
+
+
+def test_truncated_newest_checkpoint_falls_back_and_resumes_exactly(
+        synthetic_data, teacher_file, tmp_path, single_thread):
+    out = tmp_path / "run"
+    cfg = load_config(None, _overrides(synthetic_data, out, teacher_file) + [
+        "data.batch_size=8", "schedule.total_steps=4", "checkpoint.every_steps=2"])
+    assert train(cfg).start_step == 0
+    store = checkpoint.CheckpointStore(out / "checkpoints", keep_last=3)
+    newest = store.step_path(4)
+    uninterrupted = checkpoint.load(newest)
+    newest.write_bytes(newest.read_bytes()[:4096])  # e.g. the disk filled up mid-write
+    assert store.latest_valid() == store.step_path(2)
+    result = train(cfg)
+    assert (result.start_step, result.step, result.status) == (2, 4, "completed")
+    again = checkpoint.load(newest)
+    _assert_identical(uninterrupted["student"], again["student"])
+    _assert_identical(uninterrupted["objective"], again["objective"])
+
+
+def test_nonfinite_loss_skips_steps_then_stops_with_one_line(synthetic_data, teacher_file,
+                                                            tmp_path, single_thread):
+    """A learning rate of 1e30 blows the weights up after the first step; the following
+    steps are skipped and counted, and the run stops after max_nonfinite_steps in a row,
+    leaving the last checkpoint valid."""
+    out = tmp_path / "run"
+    cfg = load_config(None, _overrides(synthetic_data, out, teacher_file) + [
+        "data.batch_size=8", "optim.lr=1.0e+30", "schedule.total_steps=10",
+        "checkpoint.every_steps=1", "run.max_nonfinite_steps=2"])
+    with pytest.raises(NonFiniteLossError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("non-finite loss at step 3 (2 steps in a row, limit "
+                              "run.max_nonfinite_steps=2); non-finite terms: ")
+    store = checkpoint.CheckpointStore(out / "checkpoints", keep_last=3)
+    last = checkpoint.load(store.latest_valid())
+    assert last["step"] == 2 and last["faults"] == {"total": 1, "in_a_row": 1}
+    skipped = [r for r in _records(out) if r.get("skipped_steps")]
+    assert [r["step"] for r in skipped] == [2]
+
+
+def _launch_main():
+    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_launch_help_dry_run_and_errors(synthetic_data, tmp_path, capsys):
+    main = _launch_main()
+    with pytest.raises(SystemExit) as exit_help:
+        main(["--help"])
+    assert exit_help.value.code == 0 and "--dry-run" in capsys.readouterr().out
+    config = tmp_path / "run.yaml"
+    config.write_text("defaults: [" + str(REPO / "configs" / "vggface2_r100_r18_unified.yaml")
+                      + "]\nloss: {iled: {weight: 0}, rpsd: {weight: 0}}\n")
+    args = ["--config", str(config), f"data.train={synthetic_data / 'train'}",
+            "data.batch_size=16", f"run.output_dir={tmp_path / 'out'}"]
+    assert main(args + ["--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "192 images, 24 identities" in plan
+    assert "batch     16/rank x 1 rank(s) = 16 global, x1 accumulation = 16 per optimizer step" in plan
+    assert "lr 0.003125" in plan  # 0.1 * 16 / 512 (optim.reference_batch)
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+    assert main(args + ["--dry-run", "loss.rpsd.wieght=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown config key 'loss.rpsd.wieght'" in err
+    assert main(args + ["--dry-run", "loss.iled.weight=1"]) == 2
+    assert "teacher.path" in capsys.readouterr().err
