@@ -226,3 +226,29 @@ def test_nonfinite_guard_counts_in_a_row():
     with pytest.raises(NonFiniteLossError, match=r"step 8 .*non-finite terms: rpsd, total"):
         guard.record(8, ["rpsd", "total"])
     assert guard.state_dict() == {"total": 3, "in_a_row": 2}
+
+
+# ---------------------------------------------------------------------------- configs
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+@pytest.mark.parametrize("name, changed", [
+    ("sweeps/iled_s0.5", {"loss.iled.s": 0.5}), ("sweeps/iled_s0.7", {"loss.iled.s": 0.7}),
+    ("sweeps/iled_s0.9", {}), ("sweeps/iled_r20", {"loss.iled.r": 20.0}),
+    ("sweeps/iled_r40", {}), ("sweeps/iled_r60", {"loss.iled.r": 60.0}),
+    ("sweeps/rpsd_t0.05", {}), ("sweeps/rpsd_t0.10", {"loss.rpsd.t": 0.10}),
+    ("sweeps/rpsd_t0.15", {"loss.rpsd.t": 0.15}),
+    ("teacher_gap/iresnet100", {}), ("teacher_gap/iresnet50", {"teacher.name": "iresnet50"}),
+    ("teacher_gap/dpn98", {"teacher.name": "timm:dpn98"})])
+def test_sweep_and_teacher_gap_configs_change_only_their_keys(name, changed):
+    from conftest import REPO
+    from fr_distill.config import load_config, to_dict
+
+    base = _leaves(to_dict(load_config(REPO / "configs" / "vggface2_r100_r18_unified.yaml")))
+    cfg = _leaves(to_dict(load_config(REPO / "configs" / f"{name}.yaml")))
+    diff = {k: v for k, v in cfg.items() if v != base[k]}
+    assert diff == {"run.output_dir": f"runs/{name}", **changed}
