@@ -344,6 +344,23 @@ def format_table(results: list[Result], peak: float | None) -> str:
     return "\n".join(lines)
 
 
+def summary_table(report: dict) -> str:
+    """images/s, share of the bf16 peak and peak memory of every variant of a ``report``."""
+    head = f"{'batch':>5} {'amp':>4} {'mode':>8} {'variant':>7} {'img/s':>9} {'%bf16 peak':>10} {'peak GiB':>8}"
+    lines = [head, "-" * len(head)]
+    for r in report["results"]:
+        share = f"{100 * r['peak_share']:10.1f}" if r["peak_share"] is not None else f"{'-':>10}"
+        mem = f"{r['peak_memory_gib']:8.2f}" if r["peak_memory_gib"] is not None else f"{'-':>8}"
+        lines.append(f"{r['batch']:>5} {r['amp']:>4} {r['mode']:>8} {r['variant']:>7} "
+                     f"{r['images_per_s']:9.1f} {share} {mem}")
+    return "\n".join(lines)
+
+
+def write_report(path: str, report: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
@@ -354,11 +371,13 @@ def main(argv: list[str] | None = None) -> dict:
     compile_amps = set(args.compile or args.amp)
     results: list[Result] = []
     flops: dict[str, dict[str, float]] = {}
+    report = {"benchmark": "train", "machine": machine(device), "peak_bf16_tflops": peak,
+              "args": vars(args), "gflop_per_image": flops, "results": [], "real_loader": None}
     for mode, compiled in modes:
         models = build_models(args, device, compiled)
         if not flops:
-            flops = {v: count_step_flops(models, args, device, v == "distill")
-                     for v in ("distill", "plain")}
+            flops.update({v: count_step_flops(models, args, device, v == "distill")
+                          for v in ("distill", "plain")})
         for amp, batch in itertools.product(args.amp, args.batch):
             if compiled and amp not in compile_amps:
                 continue
@@ -372,6 +391,9 @@ def main(argv: list[str] | None = None) -> dict:
                 results.append(result)
                 print(f"  {mode} {amp} batch {batch} {result.variant}: "
                       f"{result.images_per_s:.1f} img/s", flush=True)
+                if args.json:  # after every variant: a run cut short keeps what it measured
+                    report["results"] = [dataclasses.asdict(r) for r in results]
+                    write_report(args.json, report)
     loader = None
     if args.data:
         batch = args.batch[0]
@@ -385,10 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"real loader ({args.data}, batch {loader['batch']}): data wait "
               f"{loader['data_wait_ms']:.1f} ms of {loader['step_ms']:.1f} ms/step, "
               f"{loader['images_per_s']:.1f} img/s")
-    report = {"benchmark": "train", "machine": machine(device), "peak_bf16_tflops": peak,
-              "args": vars(args), "gflop_per_image": flops,
-              "results": [dataclasses.asdict(r) for r in results], "real_loader": loader}
+    report["results"] = [dataclasses.asdict(r) for r in results]
+    report["real_loader"] = loader
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_report(args.json, report)
     return report
