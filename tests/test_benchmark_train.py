@@ -2,7 +2,6 @@
 independent count from the layers' shapes, its phase accounting, ratios and JSON."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
