@@ -15,6 +15,7 @@ from fr_distill.data import loader as loader_module
 from fr_distill.data.convert import folder_to_recordio
 
 STEPS = 3  # steps 4, 5, 6 of 6 per epoch: crosses into epoch 1
+pytestmark = pytest.mark.timeout(180)  # loader worker processes: fail, never hang the suite
 
 
 def reference_images(info, indices, flips) -> torch.Tensor:
@@ -96,3 +97,41 @@ def test_backend_selection(monkeypatch, jpeg_folder):
     cfg.loader = "dali"
     with pytest.raises(DataError, match="data.loader is 'dali' but nvidia.dali is not installed"):
         build_train_loader(cfg, info, 0, 1, "cpu", 0)
+
+
+def test_batch_source_survives_pickling_for_spawned_workers(jpeg_folder, tmp_path):
+    """With CUDA initialized the DALI workers are spawned: the source travels pickled."""
+    import pickle
+    from types import SimpleNamespace
+
+    from fr_distill.data.dali import BatchSource
+    from fr_distill.data.dataset import EncodedImages
+    from fr_distill.data.sampler import GlobalSampler
+
+    folder_to_recordio(jpeg_folder, tmp_path / "train.rec", seed=2)
+    info = preflight(DataConfig(train=str(tmp_path / "train.rec")))
+    source = BatchSource(EncodedImages(info), GlobalSampler(24, 8, seed=1), 5, 1, 2)
+    first = source(SimpleNamespace(iteration=2))
+    copy = pickle.loads(pickle.dumps(source))
+    again = copy(SimpleNamespace(iteration=2))
+    assert [a.tobytes() for a in first[0]] == [a.tobytes() for a in again[0]]
+    np.testing.assert_array_equal(first[1], again[1])
+    np.testing.assert_array_equal(again[2], GlobalSampler(24, 8, seed=1).rank_indices(7, 1, 2))
+
+
+@pytest.mark.parametrize("bad", ["small", "corrupt", "missing"])
+def test_bad_image_without_preflight_is_a_one_line_error_naming_it(bad, jpeg_folder, tmp_path):
+    path = jpeg_folder / "id000" / "bad.jpg"
+    if bad == "small":
+        Image.new("RGB", (100, 100)).save(path)
+    elif bad == "corrupt":
+        path.write_bytes(b"\xff\xd8\xff" + bytes(300))
+    else:
+        path.symlink_to(tmp_path / "gone.jpg")
+    cfg = DataConfig(train=str(jpeg_folder), batch_size=25, num_workers=1, preflight=False)
+    info = preflight(cfg)
+    for backend in ("dali", "torch"):
+        cfg.loader = backend
+        with pytest.raises(DataError) as err:
+            next(build_train_loader(cfg, info, 0, 1, "cpu", 0).iterate(0))
+        assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)

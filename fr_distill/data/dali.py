@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .dataset import IMAGE_SIZE, EncodedImages
-from .errors import DataError
+from .decode import decode_rgb
+from .errors import DataError, from_worker
 from .sampler import GlobalSampler
 
 
@@ -73,6 +74,19 @@ def build_pipeline(source: BatchSource, batch_size: int, device: torch.device,
     return pipe
 
 
+def _find_undecodable(images: EncodedImages, sampler: GlobalSampler, steps: range, rank: int,
+                      world_size: int) -> DataError | None:
+    """The error naming the first sample of ``steps`` that the CPU decoder rejects (DALI's own
+    decoder errors do not say which file failed)."""
+    for step in steps:
+        for index in sampler.rank_indices(step, rank, world_size).tolist():
+            try:
+                decode_rgb(images[index], images.name(index))
+            except DataError as err:
+                return err
+    return None
+
+
 def dali_batches(images: EncodedImages, sampler: GlobalSampler, start_step: int, rank: int,
                  world_size: int, device: torch.device, num_workers: int, prefetch: int
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -85,11 +99,20 @@ def dali_batches(images: EncodedImages, sampler: GlobalSampler, start_step: int,
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     try:
         for step in itertools.count():
-            out_images, out_index = pipe.run()
+            try:
+                out_images, out_index = pipe.run()
+            except Exception as err:  # worker/decoder errors arrive as multi-line text
+                failed = start_step + step
+                located = _find_undecodable(images, sampler, range(failed, failed + prefetch + 1),
+                                            rank, world_size)
+                raise located or from_worker(err, f"{images.root}: DALI pipeline failed at step "
+                                                  f"{failed}") from None
             if not out_images.is_dense_tensor() or \
                     tuple(out_images.as_tensor().shape()) != (per_rank, 3, IMAGE_SIZE, IMAGE_SIZE):
-                raise DataError(f"{images.root}: a decoded batch at step {start_step + step} is not "
-                                f"{IMAGE_SIZE}x{IMAGE_SIZE}; enable data.preflight to find the file")
+                failed = start_step + step
+                raise _find_undecodable(images, sampler, range(failed, failed + 1), rank, world_size) \
+                    or DataError(f"{images.root}: a decoded batch at step {failed} is not "
+                                 f"{IMAGE_SIZE}x{IMAGE_SIZE}")
             batch = torch.empty((per_rank, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.float32,
                                 device=device)
             feed_ndarray(out_images.as_tensor(), batch, cuda_stream=stream)

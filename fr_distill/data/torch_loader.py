@@ -6,6 +6,7 @@ runs on the rank's device, so the output matches the DALI path.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Iterator
 
 import numpy as np
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .dataset import EncodedImages
 from .decode import decode_rgb
+from .errors import DataError, from_worker
 from .sampler import GlobalSampler
 
 
@@ -62,5 +64,10 @@ def torch_batches(images: EncodedImages, sampler: GlobalSampler, start_step: int
                         num_workers=num_workers,
                         prefetch_factor=prefetch if num_workers > 0 else None,
                         pin_memory=device.type == "cuda")
-    for pixels, indices in loader:
+    batches = iter(loader)
+    for step in itertools.count(start_step):
+        try:
+            pixels, indices = next(batches)
+        except DataError as err:  # re-raised from a worker with its traceback in the text
+            raise from_worker(err, f"{images.root}: loading step {step} failed") from None
         yield normalize(pixels, device), indices.to(torch.int64)
