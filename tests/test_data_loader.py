@@ -130,7 +130,7 @@ def test_bad_image_without_preflight_is_a_one_line_error_naming_it(bad, jpeg_fol
         path.symlink_to(tmp_path / "gone.jpg")
     cfg = DataConfig(train=str(jpeg_folder), batch_size=25, num_workers=1, preflight=False)
     info = preflight(cfg)
-    for backend in ("dali", "torch"):
+    for backend in ("torch", "dali"):  # fork DataLoader workers before any DALI threads exist
         cfg.loader = backend
         with pytest.raises(DataError) as err:
             next(build_train_loader(cfg, info, 0, 1, "cpu", 0).iterate(0))
