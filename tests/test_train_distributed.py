@@ -158,7 +158,7 @@ def test_killed_worker_restarts_and_ends_bitwise_equal(setup, reference):
     step = random.randint(1, STEPS - 1)
     out = setup["root"] / "killed"
     out.mkdir()
-    _, proc = _run(setup, "killed", torchrun_args=("--max-restarts", "1"),
+    _run(setup, "killed", torchrun_args=("--max-restarts", "1"),
                    worker_args=("--fault", "kill", "--fault-step", str(step), "--fault-rank", "1",
                                 "--marker", str(out / "killed_once")))
     assert (out / "killed_once").read_text() == str(step)

@@ -141,7 +141,7 @@ def test_nonfinite_loss_skips_steps_then_stops_with_one_line(synthetic_data, tea
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("non-finite loss at step 3 (2 steps in a row, limit "
-                              "run.max_nonfinite_steps=2); non-finite terms: ")
+                              "run.max_nonfinite_steps=2); non-finite terms: student embeddings")
     store = checkpoint.CheckpointStore(out / "checkpoints", keep_last=3)
     last = checkpoint.load(store.latest_valid())
     assert last["step"] == 2 and last["faults"] == {"total": 1, "in_a_row": 1}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -39,7 +39,6 @@ class StepStats:
     grad_scale: float
     skipped: bool
     grad_norm: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class Callback:
@@ -152,6 +151,6 @@ class CheckpointCallback(Callback):
         if dist.is_main():
             path = self.store.save_step(payload, run.step)
             log.info("checkpoint %s", path)
-            if run.stop_requested:
+            if run.stop_requested and not run.finished:
                 (run.run_dir / REQUEUE_MARKER).write_text(json.dumps({"step": run.step}) + "\n")
         dist.barrier()

@@ -173,13 +173,14 @@ def train_step(run: Run, batches: Iterator[Batch], stop: StopSignal) -> StepStat
             with autocast(device, amp_dtype):
                 f_s = run.model(images)
             f_s = f_s.float()
-            if all_ranks_finite(f_s, f_t):
+            bad_inputs = nonfinite_embeddings(f_s, f_t)
+            if dist.all_reduce_sum(torch.tensor(float(len(bad_inputs)), device=device)).item() == 0:
                 out = run.objective(f_s, f_t, batch.labels)
                 loss = out.total
                 bad += nonfinite_terms(out)
-            else:  # NaN gradients keep DDP's hooks in step; they are discarded below
+            else:  # on some rank: NaN gradients keep DDP's hooks in step; discarded below
                 out, loss = None, f_s.sum() * 0.0
-                bad.append("embeddings")
+                bad += bad_inputs
             run.scaler.scale(loss / run.accumulation).backward()
         outputs.append((out, f_s.detach(), f_t))
     dist.average_gradients(run.objective.replicated_parameters())
@@ -262,12 +263,12 @@ def no_sync(model: nn.Module):
     return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
-def all_ranks_finite(f_s: torch.Tensor, f_t: torch.Tensor | None) -> bool:
-    """Whether the embeddings are finite on every rank (one all-reduce)."""
-    finite = torch.isfinite(f_s).all()
-    if f_t is not None:
-        finite = finite & torch.isfinite(f_t).all()
-    return dist.all_reduce_sum((~finite).float()).item() == 0
+def nonfinite_embeddings(f_s: torch.Tensor, f_t: torch.Tensor | None) -> list[str]:
+    """Which of this rank's embeddings hold NaN/Inf (one device sync)."""
+    tensors = {"student embeddings": f_s, "teacher embeddings": f_t}
+    present = {name: t for name, t in tensors.items() if t is not None}
+    finite = torch.stack([torch.isfinite(t).all() for t in present.values()]).tolist()
+    return [name for name, ok in zip(present, finite) if not ok]
 
 
 def nonfinite_terms(out) -> list[str]:
