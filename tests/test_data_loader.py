@@ -135,3 +135,16 @@ def test_bad_image_without_preflight_is_a_one_line_error_naming_it(bad, jpeg_fol
         with pytest.raises(DataError) as err:
             next(build_train_loader(cfg, info, 0, 1, "cpu", 0).iterate(0))
         assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
+
+
+def test_dali_with_spawned_workers_matches_forked(monkeypatch, jpeg_folder):
+    """Once CUDA is initialized (always, in training on GPUs) the DALI workers are spawned."""
+    from fr_distill.data import dali
+
+    cfg = DataConfig(train=str(jpeg_folder), batch_size=4, num_workers=1, loader="dali")
+    info = preflight(cfg)
+    forked = batches(cfg, info, start=2)
+    monkeypatch.setattr(dali.torch.cuda, "is_initialized", lambda: True)
+    spawned = batches(cfg, info, start=2)
+    for a, b in zip(forked, spawned):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images)

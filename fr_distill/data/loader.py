@@ -28,6 +28,7 @@ class Batch(NamedTuple):
 
 
 def dali_available() -> bool:
+    """Whether NVIDIA DALI is installed (checked without importing it)."""
     return importlib.util.find_spec("nvidia.dali") is not None
 
 

@@ -266,6 +266,7 @@ class RecordIOReader:
         return int(head.labels[0]), image
 
     def close(self) -> None:
+        """Close this process's file handle (reads reopen it)."""
         if self._fd is not None and self._pid == os.getpid():
             os.close(self._fd)
         self._fd = None

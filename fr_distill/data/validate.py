@@ -28,6 +28,7 @@ class ValidationReport:
 
     @property
     def ok(self) -> bool:
+        """True when nothing is wrong."""
         return not self.problems
 
 
