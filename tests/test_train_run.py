@@ -13,6 +13,7 @@ import torch
 from conftest import REPO
 from fr_distill.config import load_config
 from fr_distill.engine import NonFiniteLossError, checkpoint, train
+from fr_distill.engine.entry import train_main
 from fr_distill.eval import evaluate_bin_sets
 from fr_distill.models import build_student, get_backbone
 
@@ -149,15 +150,15 @@ def test_nonfinite_loss_skips_steps_then_stops_with_one_line(synthetic_data, tea
     assert [r["step"] for r in skipped] == [2]
 
 
-def _launch_main():
+def test_launch_script_is_the_engine_entry_point():
     spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    assert module.train_main is train_main
 
 
-def test_launch_help_dry_run_and_errors(synthetic_data, tmp_path, capsys):
-    main = _launch_main()
+def test_train_command_help_dry_run_and_errors(synthetic_data, tmp_path, capsys):
+    main = train_main
     with pytest.raises(SystemExit) as exit_help:
         main(["--help"])
     assert exit_help.value.code == 0 and "--dry-run" in capsys.readouterr().out

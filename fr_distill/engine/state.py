@@ -2,7 +2,7 @@
 
 :class:`Run` bundles the student, teacher, objective, optimizer, schedule, scaler and loader of
 one rank with the step counter and the metrics. :meth:`Run.state_dict` is the checkpoint of
-the contract in ``/contracts`` (``format``, ``version``, ``step``, ``config``, ``student``,
+the project's checkpoint format (``format``, ``version``, ``step``, ``config``, ``student``,
 ``objective`` with the memory bank, ``optimizer``, ``scheduler``, ``scaler``, ``data``,
 ``rng``, ``metrics``); it is a collective (a class-sharded head and its momentum are
 gathered, every rank's RNG state is collected), so every rank calls it and rank 0 writes it.

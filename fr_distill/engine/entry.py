@@ -1,0 +1,51 @@
+"""Command line of training: ``launch/train.py`` and ``fr-distill train`` (issue 5).
+
+``--config X.yaml [key=value ...]`` trains under torchrun's environment (one process per GPU;
+gloo on CPUs); ``--dry-run`` validates the config, the input paths and the data (fast
+pre-flight) and prints the plan without building models.
+
+Exit status: 0 when training completed, :data:`~fr_distill.engine.faults.REQUEUE_EXIT_CODE`
+(75) when it stopped on SIGTERM/SIGUSR1 after writing a checkpoint, 2 for a configuration or
+data error, 1 for a failed run; errors are printed as one line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fr_distill.config import ConfigError, load_config
+from fr_distill.data import DataError
+from fr_distill.engine.checkpoint import CheckpointError
+from fr_distill.engine.faults import REQUEUE_EXIT_CODE, TrainingError
+
+
+def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Parse ``argv`` and train (or describe the plan); returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Distill a frozen face-recognition teacher into a student "
+                               "(run under torchrun; one process per GPU).")
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate config and data, print the plan, do not train")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted config overrides, e.g. loss.rpsd.weight=20")
+    args = parser.parse_intermixed_args(argv)
+    # Imported after parsing, so that --help answers without loading the models.
+    from fr_distill.engine.plan import dry_run
+    from fr_distill.engine.trainer import train
+    from fr_distill.losses import ObjectiveInputError
+    from fr_distill.models import ModelLoadError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            print(dry_run(cfg))
+            return 0
+        result = train(cfg)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (TrainingError, CheckpointError, ModelLoadError, ObjectiveInputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return REQUEUE_EXIT_CODE if result.status == "preempted" else 0
