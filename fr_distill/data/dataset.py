@@ -30,6 +30,7 @@ LOG = logging.getLogger("fr_distill")
 IMAGE_SIZE = 112
 HEAD_BYTES = 65536  # enough for the JPEG SOF after EXIF/ICC segments
 TAIL_BYTES = 64
+CHECK_CHUNK = 512  # files per pre-flight task
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -131,13 +132,13 @@ def resolve(train: str, fmt: str = "auto") -> tuple[str, Path, Path | None]:
 # --------------------------------------------------------------------------------------
 # Image folders
 # --------------------------------------------------------------------------------------
-def _check_file(path: Path) -> str | None:
+def _check_file(path: str) -> str | None:
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(HEAD_BYTES)
-            f.seek(max(0, size - TAIL_BYTES))
-            tail = f.read(TAIL_BYTES)
+            tail = head[-TAIL_BYTES:] if size <= HEAD_BYTES else os.pread(
+                f.fileno(), TAIL_BYTES, size - TAIL_BYTES)
     except OSError as err:
         return f"unreadable ({err.strerror or err})"
     return image_problem(head, tail, size)
@@ -174,9 +175,13 @@ def _index_folder(root: Path, check: bool) -> tuple[list[str], list[bytes], list
         rel_paths += [f"{name}/{f}".encode() for f in files]
         labels += [label] * len(files)
     if check and rel_paths:
+        def check_chunk(chunk: list[bytes]) -> list[str | None]:
+            return [_check_file(os.path.join(root, p.decode())) for p in chunk]
+
+        # threads hide file-system latency (network storage); chunks keep the overhead low
+        chunks = [rel_paths[i:i + CHECK_CHUNK] for i in range(0, len(rel_paths), CHECK_CHUNK)]
         with ThreadPoolExecutor(max_workers=8) as pool:
-            problems = list(pool.map(lambda p: _check_file(root / p.decode()), rel_paths,
-                                     chunksize=256))
+            problems = [p for chunk in pool.map(check_chunk, chunks) for p in chunk]
         keep = []
         for i, problem in enumerate(problems):
             if problem is None:
