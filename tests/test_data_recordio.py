@@ -131,3 +131,17 @@ def test_synthetic_recordio_matches_its_folder(synthetic_data):
     from_folder = Counter((int(label), (synthetic_data / "train" / path.decode()).read_bytes())
                           for label, path in zip(folder.labels, folder.samples))
     assert from_rec == from_folder
+
+
+def test_index_not_matching_the_insightface_header_or_with_duplicates(tmp_path):
+    with RecordIOWriter(tmp_path / "h.rec", tmp_path / "h.idx", header_label="auto") as w:
+        for label in range(3):
+            w.write(label, b"img")
+    lines = (tmp_path / "h.idx").read_text().splitlines()
+    (tmp_path / "h.idx").write_text("\n".join(lines[:2] + lines[3:]) + "\n")  # drop id 2
+    with pytest.raises(DataError, match=r"h\.idx: InsightFace header says images are ids 1\.\.3 "
+                                         r"but the index lacks some of them"):
+        RecordIOReader(tmp_path / "h.rec", tmp_path / "h.idx")
+    (tmp_path / "h.idx").write_text("\n".join(lines + lines[1:2]) + "\n")
+    with pytest.raises(DataError, match=r"h\.idx: duplicate record keys"):
+        RecordIOReader(tmp_path / "h.rec", tmp_path / "h.idx")

@@ -190,13 +190,14 @@ class RecordIOReader:
             raise DataError(f"{self.rec_path}: RecordIO file missing or not a file")
         self.file_size = self.rec_path.stat().st_size
         all_keys, all_offsets = read_index(self.idx_path, self.rec_path)
-        self._offset_of = dict(zip(all_keys.tolist(), all_offsets.tolist()))
-        if len(self._offset_of) != len(all_keys):
+        order = np.argsort(all_keys, kind="stable")
+        self._sorted_keys, self._sorted_offsets = all_keys[order], all_offsets[order]
+        if len(self._sorted_keys) > 1 and (np.diff(self._sorted_keys) == 0).any():
             raise DataError(f"{self.idx_path}: duplicate record keys in the index")
         self._fd: int | None = None
         self._pid = -1
         self.header: tuple[float, ...] | None = None
-        if 0 in self._offset_of:
+        if self._has_key(0):
             head, _ = self.read_key(0)
             if head.flag > 0:
                 self.header = head.labels
@@ -204,14 +205,18 @@ class RecordIOReader:
             self.keys, self.offsets = all_keys, all_offsets
         else:
             end = int(self.header[0])
-            self.keys = np.arange(1, end, dtype=np.int64)
-            missing = [k for k in (1, end - 1) if k >= 1 and k not in self._offset_of]
-            if end < 1 or missing or len(all_keys) < end - 1:
+            self.keys = np.arange(1, max(end, 1), dtype=np.int64)
+            found = np.searchsorted(self._sorted_keys, self.keys)
+            found = np.minimum(found, len(self._sorted_keys) - 1)
+            if end < 1 or not np.array_equal(self._sorted_keys[found], self.keys):
                 raise DataError(f"{self.idx_path}: InsightFace header says images are ids 1.."
                                 f"{end - 1} but the index lacks some of them (has {len(all_keys)} "
                                 f"keys); .idx and .rec do not match")
-            self.offsets = np.asarray([self._offset_of[k] for k in self.keys.tolist()],
-                                      dtype=np.int64)
+            self.offsets = self._sorted_offsets[found]
+
+    def _has_key(self, key: int) -> bool:
+        pos = int(np.searchsorted(self._sorted_keys, key))
+        return pos < len(self._sorted_keys) and int(self._sorted_keys[pos]) == key
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -253,10 +258,10 @@ class RecordIOReader:
 
     def read_key(self, key: int) -> tuple[IRHeader, bytes]:
         """Header and image bytes of the record with id ``key``."""
-        if key not in self._offset_of:
+        if not self._has_key(key):
             raise DataError(f"{self.idx_path}: no record with id {key} in the index")
-        where = f"{self.rec_path} record {key}"
-        return unpack_payload(self.payload_at(self._offset_of[key], key), where)
+        offset = int(self._sorted_offsets[np.searchsorted(self._sorted_keys, key)])
+        return unpack_payload(self.payload_at(offset, key), f"{self.rec_path} record {key}")
 
     def read(self, i: int) -> tuple[int, bytes]:
         """``(label, image_bytes)`` of the i-th image (0-based over the images)."""
