@@ -8,8 +8,10 @@ non-empty files and class folders; for RecordIO also ``.idx``/``.rec`` agreement
 record's magic and length within the file, and integer labels in range. Anything wrong
 raises one-line :class:`DataError` naming the file/record, or — with ``data.skip_bad`` — is
 left out and counted in ``DatasetInfo.bad`` and the ``fr_distill`` log. Nothing is dropped
-silently. Images that are not 112×112 are errors: training data must be aligned first
-(``tools/align_faces.py``).
+silently (hidden entries, names starting with ``.``, are not data and are ignored). Images that
+are not 112×112 are errors: training data must be aligned first (``tools/align_faces.py``).
+Folder labels are the positions of the non-empty class folders in sorted order; RecordIO
+labels are the records' own, bounded by InsightFace's ``property`` file when present.
 """
 from __future__ import annotations
 
