@@ -34,9 +34,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..config import DataConfig, LossConfig, OptimConfig
+from ..config import Config, DataConfig, LossConfig, OptimConfig
 from ..engine.optim import build_optimizer
-from ..engine.trainer import all_ranks_finite, autocast, nonfinite_terms
+from .. import dist
+from ..engine.trainer import autocast, image_layout, nonfinite_embeddings, nonfinite_terms
 from ..losses import build_objective
 from ..models import FrozenTeacher, get_backbone
 
@@ -58,6 +59,11 @@ def bf16_peak_tflops(device_name: str) -> float | None:
 def detect_peak_tflops(device: torch.device) -> float | None:
     """:func:`bf16_peak_tflops` of ``device`` (None on a CPU)."""
     return bf16_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def layout(device: torch.device) -> torch.memory_format:
+    """The trainer's image/model memory format on ``device`` (channels_last on CUDA)."""
+    return image_layout(Config(), device)
 
 
 @dataclass
@@ -170,13 +176,13 @@ def build_models(args: argparse.Namespace, device: torch.device, compiled: bool)
     """Student (train mode) and frozen teacher (random weights, calibrated BatchNorm)."""
     torch.manual_seed(0)
     student = get_backbone(args.student, args.embedding_dim, width=args.width).to(
-        device, memory_format=torch.channels_last)
+        device, memory_format=layout(device))
     calibration = torch.rand(8, 3, 112, 112, device=device) * 2 - 1
     backbone = get_backbone(args.teacher, args.embedding_dim, width=args.width).to(device)
     teacher = FrozenTeacher(calibrate_batchnorm(backbone, calibration),
                             source=f"random {args.teacher}", backend="torch",
                             embedding_dim=args.embedding_dim).to(
-        device, memory_format=torch.channels_last)
+        device, memory_format=layout(device))
     student.train()
     if compiled:
         return Models(student, teacher, torch.compile(student), torch.compile(teacher))
@@ -191,7 +197,7 @@ def make_step(models: Models, objective: nn.Module, optimizer: torch.optim.Optim
     def step() -> None:
         timer.start()
         images, labels = next(batches)
-        images = images.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=layout(device))
         timer.mark("data")
         f_t = None
         if distill:
@@ -202,8 +208,9 @@ def make_step(models: Models, objective: nn.Module, optimizer: torch.optim.Optim
             f_s = models.student_step(images)
         f_s = f_s.float()
         timer.mark("student_fwd_bwd")
-        if not all_ranks_finite(f_s, f_t):
-            raise RuntimeError("benchmark step produced non-finite embeddings")
+        bad = nonfinite_embeddings(f_s, f_t)
+        if dist.all_reduce_sum(torch.tensor(float(len(bad)), device=device)).item() != 0:
+            raise RuntimeError(f"benchmark step produced non-finite {', '.join(bad)}")
         out = objective(f_s, f_t, labels)
         if nonfinite_terms(out):
             raise RuntimeError(f"benchmark step produced non-finite terms {nonfinite_terms(out)}")
@@ -226,7 +233,7 @@ def count_step_flops(models: Models, args: argparse.Namespace, device: torch.dev
     (teacher forward + student forward/backward + objective), counted on 2 images in fp32.
 
     FLOPs are 2 per multiply-add (the convention of the peak figures)."""
-    images = torch.randn(2, 3, 112, 112, device=device).contiguous(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 112, 112, device=device).contiguous(memory_format=layout(device))
     labels = torch.arange(2, device=device) % args.classes
     objective = build_objective(loss_config(distill), args.classes, args.embedding_dim,
                                 args.embedding_dim, 2, device=device)
