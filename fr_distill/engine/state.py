@@ -80,10 +80,10 @@ class Run:
         return {
             "format": checkpoint.FORMAT, "version": checkpoint.VERSION, "step": self.step,
             "config": to_dict(self.cfg),
-            "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
-            "objective": {k: v.cpu() if torch.is_tensor(v) else v
-                          for k, v in self.objective.state_dict().items()},
-            "optimizer": _gather_sharded_state(self.optimizer, self.objective.sharded_parameters()),
+            "student": _to_cpu(self.student.state_dict()),
+            "objective": _to_cpu(self.objective.state_dict()),
+            "optimizer": _to_cpu(_gather_sharded_state(self.optimizer,
+                                                       self.objective.sharded_parameters())),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "data": {**self.loader.state_dict(), "position": self.step * self.accumulation,
@@ -113,6 +113,17 @@ class Run:
             log.warning("resuming on %d ranks from a checkpoint of %d: random states re-seeded "
                         "(the data order and the memory bank do not depend on them)",
                         self.info.world_size, rng["world_size"])
+
+
+def _to_cpu(value):
+    """Tensors moved to the CPU, through nested dicts, lists and tuples (e.g. a bank's state)."""
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def _param_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:

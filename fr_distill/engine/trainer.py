@@ -107,8 +107,11 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
     if dist.is_dist():
         model = DistributedDataParallel(student, device_ids=[device] if device.type == "cuda"
                                         else None, gradient_as_bucket_view=True)
-    if cfg.model.compile:
+    if cfg.model.compile and device.type == "cuda":
         model = torch.compile(model)
+    elif cfg.model.compile:  # observed here, like channels_last in image_layout
+        log.warning("model.compile is ignored on the CPU: torch 2.14.1's compiled IResNet "
+                    "backward corrupts the heap there (free(): invalid next size)")
     if teacher is not None and cfg.teacher.compile:
         teacher = torch.compile(teacher)
 
