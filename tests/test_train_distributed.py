@@ -156,6 +156,7 @@ def test_resume_on_other_world_size_keeps_global_batch(setup, reference, single_
 
 def test_killed_worker_restarts_and_ends_bitwise_equal(setup, reference):
     step = random.randint(1, STEPS - 1)
+    print(f"SIGKILL to rank 1 after step {step}")  # shown with a failure
     out = setup["root"] / "killed"
     out.mkdir()
     _run(setup, "killed", torchrun_args=("--max-restarts", "1"),
@@ -169,6 +170,7 @@ def test_killed_worker_restarts_and_ends_bitwise_equal(setup, reference):
 
 def test_sigterm_checkpoints_requeues_and_resumes_exactly(setup, reference):
     step = random.randint(1, STEPS - 2)
+    print(f"SIGTERM to rank 1 after step {step}")  # shown with a failure
     out = setup["root"] / "preempted"
     out.mkdir()
     _, proc = _run(setup, "preempted", check=False,
