@@ -17,10 +17,10 @@ from fr_distill.config import ConfigError, check_paths, load_config, schema_refe
 
 def config_reference_markdown() -> str:
     """Markdown table of every config key with its type, default and rule."""
-    lines = ["| key | type | default | allowed |", "|---|---|---|---|"]
-    for key, type_name, default, rule in schema_reference():
+    lines = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+    for key, type_name, default, rule, meaning in schema_reference():
         shown = "`\"\"`" if default == "" else f"`{default}`"
-        lines.append(f"| `{key}` | {type_name} | {shown} | {rule} |")
+        lines.append(f"| `{key}` | {type_name} | {shown} | {rule} | {meaning} |")
     return "\n".join(lines)
 
 

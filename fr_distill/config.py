@@ -298,6 +298,93 @@ RULES: dict[str, tuple] = {
 }
 
 
+# What each key means (the README's configuration reference).
+DESCRIPTIONS: dict[str, str] = {
+    "run.output_dir": "run directory: resolved config, checkpoints, TensorBoard logs; a run resumes from it",
+    "run.seed": "seed of the weights, the sampler (order, flips) and every other random draw",
+    "run.max_nonfinite_steps": "consecutive non-finite losses (steps skipped) before the run stops",
+    "run.deterministic": "deterministic kernels (slower) instead of cuDNN autotuning",
+    "model.name": "student backbone: iresnet18/34/50/100/200, mobilefacenet, timm:<name>",
+    "model.embedding_dim": "student embedding size D",
+    "model.width": "channel multiplier of the backbone; 1.0 is the published layout",
+    "model.dropout": "dropout before the embedding layer",
+    "model.projector": "learn a linear map student D -> teacher D for the distillation terms (needed when they differ)",
+    "model.channels_last": "channels-last memory format (faster convolutions on tensor cores)",
+    "model.compile": "torch.compile the student",
+    "model.freeze_bn": "keep the student BatchNorm layers on its running statistics (batch-statistics-free training)",
+    "teacher.path": "teacher file: InsightFace state dict, fr_distill checkpoint, ONNX or TorchScript; empty = no teacher",
+    "teacher.name": "teacher architecture for a plain state dict",
+    "teacher.embedding_dim": "teacher embedding size for a plain state dict",
+    "teacher.width": "teacher channel multiplier for a plain state dict",
+    "teacher.onnx_backend": "ONNX teacher: auto (onnx2torch when verified, else onnxruntime), torch, onnxruntime",
+    "teacher.compile": "torch.compile the teacher",
+    "data.train": "training set: image folder, train.rec, or a folder holding train.rec/train.idx",
+    "data.format": "training set format (auto: from what data.train holds)",
+    "data.loader": "input pipeline: auto (DALI when installed), dali, torch",
+    "data.batch_size": "images per rank per micro-step (global batch = batch_size x ranks)",
+    "data.num_workers": "reader/decoder worker processes per rank",
+    "data.prefetch": "batches prepared ahead of the step",
+    "data.flip": "random horizontal flip (seeded per sample)",
+    "data.skip_bad": "skip the records the pre-flight check finds bad (counted and logged) instead of stopping",
+    "data.preflight": "check headers and sizes of every record before training",
+    "loss.sphereface2.weight": "weight of the SphereFace2 loss (E1)",
+    "loss.sphereface2.lamb": "SphereFace2 lambda: balance of positive and negative terms (E1)",
+    "loss.sphereface2.r": "SphereFace2 scale r (E1)",
+    "loss.sphereface2.m": "SphereFace2 margin m (E1)",
+    "loss.sphereface2.t": "SphereFace2 similarity adjustment t (E1)",
+    "loss.sphereface2.lw": "SphereFace2 loss weight lw (E1)",
+    "loss.sphereface2.parallel": "replicated head, or classes split across ranks (class_sharded, for millions of identities)",
+    "loss.iled.weight": "lambda_ILED (E2, E5); 0 disables ILED",
+    "loss.iled.r": "ILED steepness r (E2)",
+    "loss.iled.s": "ILED target cosine s (E2)",
+    "loss.iled.b": "ILED bias b (E2)",
+    "loss.iled.distance_weighting": "weight samples by (1 - c_i) / mean over the global batch (E2)",
+    "loss.rpsd.weight": "lambda_RPSD (E4, E5); 0 disables RPSD and the memory bank",
+    "loss.rpsd.r": "RPSD steepness r' (E4)",
+    "loss.rpsd.t": "RPSD tolerance t (E4)",
+    "loss.rpsd.b": "RPSD bias b' (E4)",
+    "loss.rpsd.student_anchor": "student similarities against the student bank or the teacher bank (E4)",
+    "loss.bank.bank_factor": "memory bank rows Q = bank_factor x global batch (E3)",
+    "loss.bank.update": "bank overwrite order: fifo, or random rows (seeded) (E3)",
+    "loss.bank.seed": "seed of the random bank update and of the head initialization",
+    "loss.l2.weight": "weight of raw L2 feature distillation (E6)",
+    "loss.fc.weight": "weight of feature consistency 1 - c_i (E6)",
+    "loss.rkd.weight": "weight of relational KD (E6)",
+    "loss.rkd.distance_weight": "RKD distance-term weight (E6)",
+    "loss.rkd.angle_weight": "RKD angle-term weight (E6)",
+    "optim.name": "optimizer",
+    "optim.lr": "learning rate (at optim.reference_batch when that is set)",
+    "optim.momentum": "SGD momentum",
+    "optim.weight_decay": "weight decay",
+    "optim.no_decay_bn_bias": "no weight decay on BatchNorm parameters and biases",
+    "optim.reference_batch": "> 0: lr scaled by (global batch x accumulation) / reference_batch",
+    "optim.grad_clip": "maximum global gradient norm; 0 disables clipping",
+    "optim.accumulation_steps": "micro-steps per optimizer step (loss divided, schedule stepped per optimizer step)",
+    "optim.fused": "the fused SGD kernel where the device supports it",
+    "schedule.name": "learning-rate schedule",
+    "schedule.total_steps": "optimizer steps of the run",
+    "schedule.warmup_steps": "linear warmup steps",
+    "schedule.milestones": "multistep: steps where lr is multiplied by gamma",
+    "schedule.gamma": "multistep decay factor",
+    "schedule.power": "poly: exponent of the decay",
+    "schedule.min_lr": "cosine/poly: final learning rate",
+    "precision.amp": "autocast dtype of teacher and student (losses always float32); fp16 uses a GradScaler",
+    "checkpoint.every_steps": "checkpoint period in optimizer steps (and one at the end)",
+    "checkpoint.keep_last": "checkpoints kept",
+    "checkpoint.resume": "resume from the newest valid checkpoint of run.output_dir",
+    "eval.bin_sets": ".bin verification sets evaluated during training",
+    "eval.every_steps": "evaluation period; 0 = only at the end",
+    "eval.batch_size": "images per rank per evaluation batch",
+    "eval.best_metric": "metric that selects best.pt, e.g. synth_lfw/accuracy_mean; empty = none",
+    "logging.every_steps": "console/TensorBoard logging period",
+    "logging.tensorboard": "write TensorBoard scalars",
+    "logging.progress_bar": "progress bar: auto (when interactive), on, off",
+    "distributed.backend": "process-group backend: auto (NCCL with CUDA, else gloo)",
+    "distributed.device": "auto (cuda:LOCAL_RANK when CUDA is available), cuda, cpu",
+    "distributed.timeout_s": "collective timeout in seconds",
+}
+
+
 # --------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------
@@ -497,9 +584,9 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': path not found: {p}")
 
 
-def schema_reference() -> list[tuple[str, str, Any, str]]:
-    """``(key, type, default, rule)`` for every leaf key: the README's configuration table."""
-    rows: list[tuple[str, str, Any, str]] = []
+def schema_reference() -> list[tuple[str, str, Any, str, str]]:
+    """``(key, type, default, rule, meaning)`` for every leaf key: the README's configuration table."""
+    rows: list[tuple[str, str, Any, str, str]] = []
 
     def walk(cls, prefix: str) -> None:
         defaults = cls()
@@ -510,7 +597,7 @@ def schema_reference() -> list[tuple[str, str, Any, str]]:
                 continue
             rule = RULES.get(key, (None, ""))[1]
             type_name = getattr(hint, "__name__", str(hint)).replace("typing.", "")
-            rows.append((key, type_name, getattr(defaults, name), rule))
+            rows.append((key, type_name, getattr(defaults, name), rule, DESCRIPTIONS[key]))
 
     walk(Config, "")
     return rows

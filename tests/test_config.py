@@ -138,4 +138,6 @@ def test_schema_reference_lists_every_leaf_key():
                 yield prefix + f.name
 
     assert keys == set(leaves(Config))
-    assert ("loss.rpsd.student_anchor", "str", "student_bank", "one of student_bank, teacher_bank") in schema_reference()
+    assert ("loss.rpsd.student_anchor", "str", "student_bank", "one of student_bank, teacher_bank",
+            "student similarities against the student bank or the teacher bank (E4)") in schema_reference()
+    assert all(row[4] for row in schema_reference())
