@@ -9,7 +9,8 @@ For every batch size × precision (bf16, fp16, fp32) × mode (eager; compiled wi
 Phases (ms per step): data wait, teacher forward, student forward+backward (the backward of
 the whole loss included), objective forward (with the trainer's finiteness checks), bank
 all-gather/enqueue, optimizer (scaler step, zero_grad). On a GPU the phases are timed with
-CUDA events and the step with a synchronize at its end; on a CPU with the wall clock.
+CUDA events and the step with a synchronize at its end; on a CPU with the wall clock. The
+measured steps of the two variants alternate, so a load change hits both alike.
 
 Images/s come from the wall time of the measured steps. The model FLOPs of a step are counted
 with ``torch.utils.flop_counter.FlopCounterMode`` (teacher forward + student forward and
@@ -253,8 +254,10 @@ def count_step_flops(models: Models, args: argparse.Namespace, device: torch.dev
     return counts
 
 
-def run_variant(models: Models, args: argparse.Namespace, device: torch.device, batch: int,
-                amp: str, mode: str, distill: bool, batches: Iterator) -> Result:
+def build_step(models: Models, args: argparse.Namespace, device: torch.device, batch: int,
+               amp: str, distill: bool, batches: Iterator,
+               timer: PhaseTimer) -> Callable[[], None]:
+    """A fresh objective, optimizer and scaler around the shared models: one variant's step."""
     amp_dtype = AMP_DTYPES[amp]
     if amp_dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         amp_dtype = None
@@ -263,30 +266,51 @@ def run_variant(models: Models, args: argparse.Namespace, device: torch.device, 
     params = list(models.student.parameters()) + objective.replicated_parameters()
     optimizer = build_optimizer(params, OptimConfig(), lr=0.01)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    timer = PhaseTimer(device)
-    step = make_step(models, objective, optimizer, scaler, amp_dtype, distill, batches, timer,
+    return make_step(models, objective, optimizer, scaler, amp_dtype, distill, batches, timer,
                      device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-        timer.finish()
-    warmup_s = time.perf_counter() - started
-    totals = dict.fromkeys(PHASES, 0.0)
-    started = time.perf_counter()
+
+
+def measure(models: Models, args: argparse.Namespace, device: torch.device, batch: int,
+            amp: str, mode: str, variants: dict[str, Iterator]) -> list[Result]:
+    """Time the ``variants`` (name ``distill``/``plain`` → batches) of one configuration.
+
+    After each variant's warm-up, the measured steps take turns (plain, distill, plain, …), so
+    a load change on a shared machine hits all alike. Peak memory is per variant (the peak is
+    reset before each step and read after it).
+    """
+    cuda = device.type == "cuda"
+    timers = {name: PhaseTimer(device) for name in variants}
+    steps = {name: build_step(models, args, device, batch, amp, name == "distill", batches,
+                              timers[name]) for name, batches in variants.items()}
+    warmup_s = {}
+    for name, step in steps.items():
+        started = time.perf_counter()
+        for _ in range(args.warmup):
+            step()
+            timers[name].finish()
+        warmup_s[name] = time.perf_counter() - started
+    totals = {name: dict.fromkeys(PHASES, 0.0) for name in variants}
+    wall = dict.fromkeys(variants, 0.0)
+    peak = dict.fromkeys(variants, 0.0)
     for _ in range(args.steps):
-        step()
-        for phase, ms in timer.finish().items():
-            totals[phase] += ms
-    wall = time.perf_counter() - started
-    peak_mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30
-                if device.type == "cuda" else None)
-    return Result(batch=batch, amp=amp, mode=mode, variant="distill" if distill else "plain",
-                  images_per_s=batch * args.steps / wall, step_ms=wall * 1e3 / args.steps,
-                  phases_ms={k: v / args.steps for k, v in totals.items()}, warmup_s=warmup_s,
-                  peak_memory_gib=peak_mem)
+        for name, step in steps.items():
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+            started = time.perf_counter()
+            step()
+            phases = timers[name].finish()  # synchronizes on a GPU
+            wall[name] += time.perf_counter() - started
+            for phase, ms in phases.items():
+                totals[name][phase] += ms
+            if cuda:
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device) / 2 ** 30)
+    return [Result(batch=batch, amp=amp, mode=mode, variant=name,
+                   images_per_s=batch * args.steps / wall[name],
+                   step_ms=wall[name] * 1e3 / args.steps,
+                   phases_ms={k: v / args.steps for k, v in totals[name].items()},
+                   warmup_s=warmup_s[name], peak_memory_gib=peak[name] if cuda else None)
+            for name in variants]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -388,9 +412,9 @@ def main(argv: list[str] | None = None) -> dict:
         for amp, batch in itertools.product(args.amp, args.batch):
             if compiled and amp not in compile_amps:
                 continue
-            for distill in (False, True):
-                batches = synthetic_batches(batch, args.classes, device)
-                result = run_variant(models, args, device, batch, amp, mode, distill, batches)
+            variants = {name: synthetic_batches(batch, args.classes, device)
+                        for name in ("plain", "distill")}
+            for result in measure(models, args, device, batch, amp, mode, variants):
                 result.step_gflop_per_image = flops[result.variant]["step"]
                 if peak:
                     result.peak_share = (result.step_gflop_per_image * 1e9 * result.images_per_s
@@ -398,15 +422,15 @@ def main(argv: list[str] | None = None) -> dict:
                 results.append(result)
                 print(f"  {mode} {amp} batch {batch} {result.variant}: "
                       f"{result.images_per_s:.1f} img/s", flush=True)
-                if args.json:  # after every variant: a run cut short keeps what it measured
-                    report["results"] = [dataclasses.asdict(r) for r in results]
-                    write_report(args.json, report)
+            if args.json:  # after every configuration: a run cut short keeps what it measured
+                report["results"] = [dataclasses.asdict(r) for r in results]
+                write_report(args.json, report)
     loader = None
     if args.data:
         batch = args.batch[0]
         models = build_models(args, device, compiled=False)
-        real = run_variant(models, args, device, batch, args.amp[0], "eager", True,
-                           loader_batches(args.data, batch, device, args.workers))
+        (real,) = measure(models, args, device, batch, args.amp[0], "eager",
+                          {"distill": loader_batches(args.data, batch, device, args.workers)})
         loader = {"batch": batch, "amp": args.amp[0], "images_per_s": real.images_per_s,
                   "data_wait_ms": real.phases_ms["data"], "step_ms": real.step_ms}
     print(format_table(results, peak))
