@@ -6,8 +6,9 @@ objective with its head and memory bank) → optimizer, schedule, scaler, loader
 checkpoint → loop. One optimizer step (:func:`train_step`) is ``accumulation`` micro-steps of
 teacher forward (``no_grad``, autocast) + student forward/backward (autocast; DDP's gradient
 sync only on the last micro-step) + objective, then the replicated head's gradients are
-averaged over ranks, one all-reduce agrees on non-finite losses and stop signals, and the
-optimizer, schedule and memory bank advance. Checkpointing, evaluation and logging are
+averaged over ranks, small all-reduces agree on non-finite embeddings (before the objective,
+whose collectives every rank must then skip together), non-finite losses and stop signals,
+and the optimizer, schedule and memory bank advance. Checkpointing, evaluation and logging are
 callbacks (:mod:`fr_distill.engine.callbacks`, :mod:`fr_distill.engine.logging`).
 
 Nothing here branches on the rank: the collectives of ``dist`` are no-ops on one process,
