@@ -193,7 +193,7 @@ class EvalConfig:
 class LoggingConfig:
     every_steps: int = 50
     tensorboard: bool = True
-    progress_bar: str = "auto"  # auto (when interactive) | on | off
+    progress_bar: str = "auto"  # auto (when interactive) | always | never
 
 
 @dataclass
@@ -290,7 +290,7 @@ RULES: dict[str, tuple] = {
     "eval.every_steps": _NON_NEGATIVE,
     "eval.batch_size": _POSITIVE,
     "logging.every_steps": _POSITIVE,
-    "logging.progress_bar": _one_of("auto", "on", "off"),
+    "logging.progress_bar": _one_of("auto", "always", "never"),
     "distributed.backend": _one_of("auto", "nccl", "gloo"),
     "distributed.device": _one_of("auto", "cuda", "cpu"),
     "distributed.timeout_s": _POSITIVE,
@@ -378,7 +378,7 @@ DESCRIPTIONS: dict[str, str] = {
     "eval.best_metric": "metric that selects best.pt, e.g. synth_lfw/accuracy_mean; empty = none",
     "logging.every_steps": "console/TensorBoard logging period",
     "logging.tensorboard": "write TensorBoard scalars",
-    "logging.progress_bar": "progress bar: auto (when interactive), on, off",
+    "logging.progress_bar": "progress bar: auto (when stderr is a terminal), always, never",
     "distributed.backend": "process-group backend: auto (NCCL with CUDA, else gloo)",
     "distributed.device": "auto (cuda:LOCAL_RANK when CUDA is available), cuda, cpu",
     "distributed.timeout_s": "collective timeout in seconds",

@@ -269,7 +269,7 @@ optim: {{lr: 0.05}}
 schedule: {{total_steps: 4, milestones: [3]}}
 precision: {{amp: fp32}}
 checkpoint: {{every_steps: 100}}
-logging: {{every_steps: 1, tensorboard: false, progress_bar: "off"}}
+logging: {{every_steps: 1, tensorboard: false, progress_bar: never}}
 run: {{seed: 3}}
 """)
     return config

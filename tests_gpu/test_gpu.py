@@ -148,7 +148,7 @@ data: {{train: {root}, loader: dali, batch_size: 16, num_workers: 2}}
 schedule: {{total_steps: 6, milestones: [4]}}
 precision: {{amp: bf16}}
 checkpoint: {{every_steps: 3}}
-logging: {{every_steps: 1, tensorboard: false, progress_bar: "off"}}
+logging: {{every_steps: 1, tensorboard: false, progress_bar: never}}
 distributed: {{backend: nccl, device: cuda}}
 run: {{output_dir: {tmp_path}/run}}
 """)

@@ -103,7 +103,7 @@ class LoggingCallback(Callback):
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(run.run_dir / "tensorboard"), purge_step=run.start_step)
         mode = run.cfg.logging.progress_bar
-        if mode == "on" or (mode == "auto" and sys.stderr.isatty()):
+        if mode == "always" or (mode == "auto" and sys.stderr.isatty()):
             from tqdm import tqdm
             self.bar = tqdm(total=run.total_steps, initial=run.start_step, unit="step",
                             dynamic_ncols=True)
