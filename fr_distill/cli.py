@@ -52,17 +52,10 @@ def _config_command(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"config": _config_command}
-    try:
-        from fr_distill.engine.entry import train_main
-        commands["train"] = train_main
-    except ImportError:
-        pass
-    try:
-        from fr_distill.eval.runner import eval_main
-        commands["eval"] = eval_main
-    except ImportError:
-        pass
+    from fr_distill.engine.entry import train_main
+    from fr_distill.eval.runner import eval_main
+
+    commands = {"config": _config_command, "train": train_main, "eval": eval_main}
     if not argv or argv[0] not in commands:
         print(__doc__.strip())
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2

@@ -10,19 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from fr_distill.eval import EvalDataError
-from fr_distill.eval.runner import run_evaluation
-from fr_distill.models import ModelLoadError
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        run_evaluation(argv)
-    except (EvalDataError, ModelLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
+from fr_distill.eval.runner import eval_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(eval_main())

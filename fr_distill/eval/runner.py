@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fr_distill import dist
 
 from .dali_align import DaliAlignedImages
+from .errors import EvalDataError
 from .extract import SHARD_SIZE, AlignedImages, EncodedImages, extract_features, prepare_cache
 from .ijb import identification, pair_scores, tar_at_far, template_features
 from .ijb_meta import IJBMeta, load_ijb_meta
@@ -217,3 +219,15 @@ def run_evaluation(argv: list[str] | None = None) -> dict:
         return results
     finally:
         dist.shutdown()
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """``launch/eval.py`` / ``fr-distill eval``: exit status 2 with a one-line message for bad input."""
+    from fr_distill.models import ModelLoadError
+
+    try:
+        run_evaluation(argv)
+    except (EvalDataError, ModelLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
