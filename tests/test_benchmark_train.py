@@ -69,9 +69,8 @@ def test_main_reports_phases_ratios_and_json(tmp_path, capsys):
     assert set(rows) == {"plain", "distill"}
     for r in rows.values():
         assert set(r["phases_ms"]) == set(bench.PHASES)
-        assert sum(r["phases_ms"].values()) <= r["step_ms"] * 1.02  # phases lie inside the step
-        assert r["images_per_s"] == 4 * 1000 / r["step_ms"] or \
-            abs(r["images_per_s"] - 4 * 1000 / r["step_ms"]) < 1e-6 * r["images_per_s"]
+        assert all(0 <= ms <= r["step_ms"] for ms in r["phases_ms"].values())  # inside the step
+        assert abs(r["images_per_s"] - 4 * 1000 / r["step_ms"]) < 1e-6 * r["images_per_s"]
         assert abs(r["peak_share"] - r["step_gflop_per_image"] * r["images_per_s"] / 1000) < 1e-12
     assert rows["plain"]["phases_ms"]["teacher"] == 0 and rows["distill"]["phases_ms"]["teacher"] > 0
     assert rows["distill"]["step_gflop_per_image"] > rows["plain"]["step_gflop_per_image"]

@@ -12,12 +12,12 @@ all-gather/enqueue, optimizer (scaler step, zero_grad). On a GPU the phases are 
 CUDA events and the step with a synchronize at its end; on a CPU with the wall clock. The
 measured steps of the two variants alternate, so a load change hits both alike.
 
-Images/s come from the wall time of the measured steps. The model FLOPs of a step are counted
-with ``torch.utils.flop_counter.FlopCounterMode`` (teacher forward + student forward and
-backward + objective, per image); with the card's dense bf16 peak (``--peak-tflops``, or
+Step time and phases are medians over the measured steps; images/s = batch / median step.
+The model FLOPs of a step are counted with ``torch.utils.flop_counter.FlopCounterMode``
+(teacher forward + student forward and backward + objective, per image); with the card's dense bf16 peak (``--peak-tflops``, or
 detected for H100/H200 from the device name) this gives the share of the peak used. Peak GPU
 memory per variant is ``torch.cuda.max_memory_allocated``. ``--data PATH`` also measures the
-data wait of the real loader (``build_train_loader``) feeding the first variant's batch size.
+data wait of the real loader (``build_train_loader``) feeding the first batch size.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -275,8 +276,9 @@ def measure(models: Models, args: argparse.Namespace, device: torch.device, batc
     """Time the ``variants`` (name ``distill``/``plain`` → batches) of one configuration.
 
     After each variant's warm-up, the measured steps take turns (plain, distill, plain, …), so
-    a load change on a shared machine hits all alike. Peak memory is per variant (the peak is
-    reset before each step and read after it).
+    a load change on a shared machine hits all alike; step time and each phase are the median
+    over the measured steps. Peak memory is per variant (the peak is reset before each step and
+    read after it).
     """
     cuda = device.type == "cuda"
     timers = {name: PhaseTimer(device) for name in variants}
@@ -289,8 +291,8 @@ def measure(models: Models, args: argparse.Namespace, device: torch.device, batc
             step()
             timers[name].finish()
         warmup_s[name] = time.perf_counter() - started
-    totals = {name: dict.fromkeys(PHASES, 0.0) for name in variants}
-    wall = dict.fromkeys(variants, 0.0)
+    phase_ms = {name: {phase: [] for phase in PHASES} for name in variants}
+    step_ms = {name: [] for name in variants}
     peak = dict.fromkeys(variants, 0.0)
     for _ in range(args.steps):
         for name, step in steps.items():
@@ -300,15 +302,15 @@ def measure(models: Models, args: argparse.Namespace, device: torch.device, batc
             started = time.perf_counter()
             step()
             phases = timers[name].finish()  # synchronizes on a GPU
-            wall[name] += time.perf_counter() - started
-            for phase, ms in phases.items():
-                totals[name][phase] += ms
+            step_ms[name].append((time.perf_counter() - started) * 1e3)
+            for phase in PHASES:
+                phase_ms[name][phase].append(phases.get(phase, 0.0))
             if cuda:
                 peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device) / 2 ** 30)
     return [Result(batch=batch, amp=amp, mode=mode, variant=name,
-                   images_per_s=batch * args.steps / wall[name],
-                   step_ms=wall[name] * 1e3 / args.steps,
-                   phases_ms={k: v / args.steps for k, v in totals[name].items()},
+                   images_per_s=batch * 1e3 / statistics.median(step_ms[name]),
+                   step_ms=statistics.median(step_ms[name]),
+                   phases_ms={k: statistics.median(v) for k, v in phase_ms[name].items()},
                    warmup_s=warmup_s[name], peak_memory_gib=peak[name] if cuda else None)
             for name in variants]
 
@@ -363,9 +365,9 @@ def format_table(results: list[Result], peak: float | None) -> str:
                      f"{r.step_ms:8.1f} " + " ".join(f"{r.phases_ms[p]:12.2f}" for p in PHASES)
                      + f" {r.step_gflop_per_image:9.2f} {share} {mem} {ratio}")
     lines.append("")
-    lines.append(f"phases in ms/step; %peak: model FLOPs x img/s over the dense bf16 peak "
+    lines.append(f"medians in ms/step; %peak: model FLOPs x img/s over the dense bf16 peak "
                  f"({peak:.0f} TFLOP/s)" if peak else
-                 "phases in ms/step; %peak not reported (unknown device: pass --peak-tflops)")
+                 "medians in ms/step; %peak not reported (unknown device: pass --peak-tflops)")
     for key, base in plain.items():
         dist = next(r for r in results if (r.batch, r.amp, r.mode) == key and r.variant == "distill")
         extra = dist.step_ms - base.step_ms
