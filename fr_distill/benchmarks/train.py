@@ -16,8 +16,9 @@ Step time and phases are medians over the measured steps; images/s = batch / med
 The model FLOPs of a step are counted with ``torch.utils.flop_counter.FlopCounterMode``
 (teacher forward + student forward and backward + objective, per image); with the card's
 dense bf16 peak (``--peak-tflops``, or detected for H100/H200 from the device name) this gives
-the share of the peak used. Peak GPU memory per variant is ``torch.cuda.max_memory_allocated``. ``--data PATH`` also measures the
-data wait of the real loader (``build_train_loader``) feeding the first batch size.
+the share of the peak used. Peak GPU memory per variant is ``torch.cuda.max_memory_allocated``.
+``--data PATH`` also measures the data wait of the real loader (``build_train_loader``)
+feeding the first batch size.
 """
 from __future__ import annotations
 
