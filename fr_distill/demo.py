@@ -52,8 +52,8 @@ class DemoScale:
 
 FULL = DemoScale(identities=300, images=16, bin_pairs=600, ijb_subjects=60,
                  teacher_steps=400, student_steps=250)
-QUICK = DemoScale(identities=40, images=8, bin_pairs=200, ijb_subjects=16,
-                  teacher_steps=30, student_steps=12)
+QUICK = DemoScale(identities=40, images=8, bin_pairs=100, ijb_subjects=10,
+                  teacher_steps=20, student_steps=8)
 
 
 def _say(message: str) -> None:
@@ -75,7 +75,8 @@ def _train(name: str, config: Path, overrides: list[str], run_dir: Path, steps: 
     if _finished(run_dir, steps):
         _say(f"{name}: reusing {_final_checkpoint(run_dir, steps)}")
         return _final_checkpoint(run_dir, steps)
-    overrides = overrides + [f"run.output_dir={run_dir}", f"schedule.total_steps={steps}"]
+    overrides = overrides + [f"run.output_dir={run_dir}", f"schedule.total_steps={steps}",
+                             f"schedule.warmup_steps={steps // 10}"]
     load_config(config, overrides)  # a config error stops here, before any process starts
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
