@@ -50,8 +50,8 @@ class DemoScale:
     student_steps: int
 
 
-FULL = DemoScale(identities=300, images=16, bin_pairs=600, ijb_subjects=60,
-                 teacher_steps=400, student_steps=250)
+FULL = DemoScale(identities=100, images=24, bin_pairs=200, ijb_subjects=20,
+                 teacher_steps=280, student_steps=160)
 QUICK = DemoScale(identities=40, images=8, bin_pairs=100, ijb_subjects=10,
                   teacher_steps=20, student_steps=8)
 
