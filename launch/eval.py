@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from fr_distill.eval.runner import eval_main
+from fr_distill.eval.runner import eval_main as main
 
 if __name__ == "__main__":
-    sys.exit(eval_main())
+    sys.exit(main())
