@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -83,13 +84,14 @@ def _train(name: str, config: Path, overrides: list[str], run_dir: Path, steps: 
            str(REPO / "launch" / "train.py"), "--config", str(config), *overrides]
     _say(f"{name}: training {steps} steps on {nproc} processes -> {run_dir}")
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
-    subprocess.run(cmd, cwd=REPO, env=env, check=True)
+    code = subprocess.run(cmd, cwd=REPO, env=env).returncode
+    if code != 0:
+        raise SystemExit(f"demo: training the {name} failed with exit status {code} (its output "
+                         f"is above); run `make demo` again to resume it")
     return _final_checkpoint(run_dir, steps)
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
