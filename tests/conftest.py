@@ -47,6 +47,17 @@ def torchrun():
     return run_torchrun
 
 
+@pytest.fixture
+def single_thread():
+    """In-process training on one thread, as each torchrun worker has (OMP_NUM_THREADS=1)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_jpeg_folder(root: Path, num_classes: int, per_class: int, seed: int = 0) -> Path:
     """``root/id{c}/{k}.jpg``: left/right-asymmetric random 112×112 JPEGs (flips are visible)."""
     import numpy as np

@@ -32,15 +32,6 @@ WORKER = REPO / "tests" / "workers" / "worker_train_run.py"
 STEPS = 8
 
 
-@pytest.fixture
-def single_thread():
-    """In-process runs use one thread, as each torchrun worker does (OMP_NUM_THREADS=1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, synthetic_data) -> dict:
     root = tmp_path_factory.mktemp("train_dist")

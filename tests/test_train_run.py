@@ -18,15 +18,6 @@ from fr_distill.eval import evaluate_bin_sets
 from fr_distill.models import build_student, get_backbone
 
 
-@pytest.fixture
-def single_thread():
-    """One thread, as each torchrun worker has (OMP_NUM_THREADS=1): faster on 2 shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory) -> Path:
     torch.manual_seed(7)
