@@ -45,44 +45,53 @@ def _lines(path: Path) -> list[str]:
     return _require(path).read_text().splitlines()
 
 
-def _read_face_tid_mid(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    names, tids, mids = [], [], []
-    for number, line in enumerate(_lines(path), 1):
+def _parse_rows(path: Path, lines: list[str], parse, expected: str) -> list:
+    """``parse(fields)`` of every non-empty whitespace-separated line; a line it rejects (by
+    raising ValueError) stops with one line naming the file, the line number and ``expected``."""
+    rows = []
+    for number, line in enumerate(lines, 1):
         parts = line.split()
         if not parts:
             continue
         try:
-            if len(parts) != 3:
-                raise ValueError
-            names.append(parts[0])
-            tids.append(int(parts[1]))
-            mids.append(int(parts[2]))
+            rows.append(parse(parts))
         except ValueError:
-            raise EvalDataError(f"{path}:{number}: expected 'image template_id media_id', "
-                                f"got {line.strip()!r}") from None
-    return names, np.asarray(tids, dtype=np.int64), np.asarray(mids, dtype=np.int64)
+            raise EvalDataError(f"{path}:{number}: expected {expected}, got "
+                                f"{line.strip()[:80]!r}") from None
+    return rows
+
+
+def _fields(parts: list[str], count: int) -> list[str]:
+    if len(parts) != count:
+        raise ValueError
+    return parts
+
+
+def _face_tid_mid_row(parts: list[str]) -> tuple[str, int, int]:
+    name, tid, mid = _fields(parts, 3)
+    return name, int(tid), int(mid)
+
+
+def _landmarks_row(parts: list[str]) -> tuple[str, list[float]]:
+    values = [float(v) for v in _fields(parts, 12)[1:]]
+    if not np.all(np.isfinite(values)):
+        raise ValueError
+    return parts[0], values
+
+
+def _read_face_tid_mid(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    rows = _parse_rows(path, _lines(path), _face_tid_mid_row, "'image template_id media_id'")
+    names = [row[0] for row in rows]
+    table = np.asarray([row[1:] for row in rows], dtype=np.int64).reshape(-1, 2)
+    return names, table[:, 0].copy(), table[:, 1].copy()
 
 
 def _read_landmarks(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    names, points, scores = [], [], []
-    for number, line in enumerate(_lines(path), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        try:
-            if len(parts) != 12:
-                raise ValueError
-            values = [float(v) for v in parts[1:]]
-            if not np.all(np.isfinite(values)):
-                raise ValueError
-        except ValueError:
-            raise EvalDataError(f"{path}:{number}: expected 'image x1 y1 ... x5 y5 faceness' "
-                                f"(12 fields), got {line.strip()[:80]!r}") from None
-        names.append(parts[0])
-        points.append(values[:10])
-        scores.append(values[10])
-    return (names, np.asarray(points, dtype=np.float32).reshape(-1, 5, 2),
-            np.asarray(scores, dtype=np.float32))
+    rows = _parse_rows(path, _lines(path), _landmarks_row,
+                       "'image x1 y1 ... x5 y5 faceness' (12 fields)")
+    values = np.asarray([row[1] for row in rows], dtype=np.float32).reshape(-1, 11)
+    return ([row[0] for row in rows], np.ascontiguousarray(values[:, :10]).reshape(-1, 5, 2),
+            values[:, 10].copy())
 
 
 def read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -98,18 +107,8 @@ def read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if values.size == 3 * line_count:  # otherwise some line is malformed: find it line by line
         table = values.reshape(-1, 3)
         return table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy()
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        try:
-            if len(parts) != 3:
-                raise ValueError
-            rows.append([int(p) for p in parts])
-        except ValueError:
-            raise EvalDataError(f"{path}:{number}: expected 't1 t2 label', got "
-                                f"{line.strip()[:80]!r}") from None
+    rows = _parse_rows(path, text.splitlines(), lambda parts: [int(p) for p in _fields(parts, 3)],
+                       "'t1 t2 label'")
     table = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
     return table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy()
 

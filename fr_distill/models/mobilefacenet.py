@@ -17,32 +17,15 @@ from fr_distill.models.layers import body_autocast, float32_head, scaled_channel
 STAGE_BLOCKS = (4, 6, 2)  # residual blocks at 28, 14 and 7 pixels
 
 
-class ConvBNPReLU(nn.Module):
-    """Conv (no bias) → BatchNorm2d → PReLU."""
+class ConvBlock(nn.Module):
+    """Conv (no bias) → BatchNorm2d → PReLU; without the PReLU (``prelu=False``) a "linear" block."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int = 1, stride: int = 1,
-                 padding: int = 0, groups: int = 1) -> None:
+                 padding: int = 0, groups: int = 1, prelu: bool = True) -> None:
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, kernel, stride, padding, groups=groups, bias=False),
-            nn.BatchNorm2d(out_ch),
-            nn.PReLU(out_ch),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
-
-
-class ConvBN(nn.Module):
-    """Conv (no bias) → BatchNorm2d, no non-linearity (a "linear" block)."""
-
-    def __init__(self, in_ch: int, out_ch: int, kernel: int = 1, stride: int = 1,
-                 padding: int = 0, groups: int = 1) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, kernel, stride, padding, groups=groups, bias=False),
-            nn.BatchNorm2d(out_ch),
-        )
+        layers = [nn.Conv2d(in_ch, out_ch, kernel, stride, padding, groups=groups, bias=False),
+                  nn.BatchNorm2d(out_ch)]
+        self.layers = nn.Sequential(*layers, *([nn.PReLU(out_ch)] if prelu else []))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -57,9 +40,9 @@ class InvertedResidual(nn.Module):
         super().__init__()
         self.residual = residual
         self.layers = nn.Sequential(
-            ConvBNPReLU(in_ch, expanded),
-            ConvBNPReLU(expanded, expanded, kernel=3, stride=stride, padding=1, groups=expanded),
-            ConvBN(expanded, out_ch),
+            ConvBlock(in_ch, expanded),
+            ConvBlock(expanded, expanded, kernel=3, stride=stride, padding=1, groups=expanded),
+            ConvBlock(expanded, out_ch, prelu=False),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +68,7 @@ class GDCHead(nn.Module):
     def __init__(self, channels: int, embedding_dim: int) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            ConvBN(channels, channels, kernel=7, groups=channels),
+            ConvBlock(channels, channels, kernel=7, groups=channels, prelu=False),
             nn.Flatten(),
             nn.Linear(channels, embedding_dim, bias=False),
             nn.BatchNorm1d(embedding_dim),
@@ -104,8 +87,8 @@ class MobileFaceNet(nn.Module):
         self.embedding_dim = embedding_dim
         c1, c2, c3 = (scaled_channels(c, width) for c in (128, 256, 512))
         self.layers = nn.ModuleList([
-            ConvBNPReLU(3, c1, kernel=3, stride=2, padding=1),
-            ConvBNPReLU(c1, c1, kernel=3, padding=1, groups=c1 // 2),
+            ConvBlock(3, c1, kernel=3, stride=2, padding=1),
+            ConvBlock(c1, c1, kernel=3, padding=1, groups=c1 // 2),
             InvertedResidual(c1, c1, expanded=c1, stride=2, residual=False),
             ResidualStage(c1, STAGE_BLOCKS[0], expanded=c1),
             InvertedResidual(c1, c2, expanded=c2, stride=2, residual=False),
@@ -113,7 +96,7 @@ class MobileFaceNet(nn.Module):
             InvertedResidual(c2, c2, expanded=c3, stride=2, residual=False),
             ResidualStage(c2, STAGE_BLOCKS[2], expanded=c2),
         ])
-        self.conv_sep = ConvBNPReLU(c2, c3)
+        self.conv_sep = ConvBlock(c2, c3)
         self.features = GDCHead(c3, embedding_dim)
         self._init_weights()
 
