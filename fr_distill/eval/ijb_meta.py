@@ -107,8 +107,8 @@ def read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if values.size == 3 * line_count:  # otherwise some line is malformed: find it line by line
         table = values.reshape(-1, 3)
         return table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy()
-    rows = _parse_rows(path, text.splitlines(), lambda parts: [int(p) for p in _fields(parts, 3)],
-                       "'t1 t2 label'")
+    rows = _parse_rows(path, text.splitlines(),
+                       lambda parts: [int(p) for p in _fields(parts, 3)], "'t1 t2 label'")
     table = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
     return table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy()
 
