@@ -18,7 +18,7 @@ STAGE_BLOCKS = (4, 6, 2)  # residual blocks at 28, 14 and 7 pixels
 
 
 class ConvBlock(nn.Module):
-    """Conv (no bias) → BatchNorm2d → PReLU; with ``prelu=False`` a "linear" block (no PReLU)."""
+    """Conv (no bias) → BatchNorm2d → PReLU; ``prelu=False`` makes it a "linear" block."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int = 1, stride: int = 1,
                  padding: int = 0, groups: int = 1, prelu: bool = True) -> None:
