@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -194,6 +195,7 @@ class LoggingConfig:
     every_steps: int = 50
     tensorboard: bool = True
     progress_bar: str = "auto"  # auto (when interactive) | always | never
+    diagnostics: bool = True  # per-term gradient norms and shares on logging steps
 
 
 @dataclass
@@ -379,6 +381,7 @@ DESCRIPTIONS: dict[str, str] = {
     "logging.every_steps": "console/TensorBoard logging period",
     "logging.tensorboard": "write TensorBoard scalars",
     "logging.progress_bar": "progress bar: auto (when stderr is a terminal), always, never",
+    "logging.diagnostics": "on logging steps, each term's gradient norm and share on the student embeddings, and ILED/RPSD mining fractions (METHOD D1)",
     "distributed.backend": "process-group backend: auto (NCCL with CUDA, else gloo)",
     "distributed.device": "auto (cuda:LOCAL_RANK when CUDA is available), cuda, cpu",
     "distributed.timeout_s": "collective timeout in seconds",
@@ -433,6 +436,14 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             raise bad
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                raise bad from None
+            if not math.isfinite(number):
+                raise bad
+            return number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)

@@ -39,6 +39,7 @@ class StepStats:
     grad_scale: float
     skipped: bool
     grad_norm: torch.Tensor | None = None
+    diagnostics: dict[str, torch.Tensor] | None = None  # METHOD D1, on logging steps
 
 
 class Callback:

@@ -124,7 +124,7 @@ class LoggingCallback(Callback):
                 self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
         if self.bar is not None:
             self.bar.update(1)
-        if run.step % run.cfg.logging.every_steps == 0 or run.finished or run.stop_requested:
+        if run.logs_step(run.step) or run.stop_requested:
             self._emit(run, stats)
             self._reset_window()
 
@@ -143,6 +143,9 @@ class LoggingCallback(Callback):
                   "nonfinite_total": run.guard.total}
         if stats.grad_norm is not None:
             record["grad_norm"] = float(stats.grad_norm)
+        if stats.diagnostics:
+            names = list(stats.diagnostics)
+            record.update(zip(names, torch.stack(list(stats.diagnostics.values())).tolist()))
         eta = (run.total_steps - run.step) * wall / max(self.steps, 1)
         terms = " ".join(f"{k} {record[k]:.4f}" for k in keys if k not in ("total", "cosine"))
         line = (f"step {run.step}/{run.total_steps} | {terms} | total {record.get('total', math.nan):.4f}"
@@ -153,13 +156,17 @@ class LoggingCallback(Callback):
             line += f" | cos {record['cosine']:.4f}"
         if self.skipped:
             line += f" | skipped {self.skipped} non-finite"
+        shares = [f"{k.split('/', 1)[1]} {record[k]:.2f}" for k in record if k.startswith("grad_share/")]
+        if len(shares) > 1:
+            line += " | grad share " + " ".join(shares)
         self._print(line)
         with open(run.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step":
-                    self.writer.add_scalar(f"train/{key}", value, run.step)
+                    prefix = "diagnostics" if "/" in key else "train"
+                    self.writer.add_scalar(f"{prefix}/{key}", value, run.step)
 
     def _print(self, line: str) -> None:
         if self.bar is not None:

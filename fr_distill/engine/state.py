@@ -66,6 +66,11 @@ class Run:
     def finished(self) -> bool:
         return self.step >= self.total_steps
 
+    def logs_step(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (1-based) ends a logging window: every
+        ``logging.every_steps`` and the last step."""
+        return step % self.cfg.logging.every_steps == 0 or step >= self.total_steps
+
     def set_train_mode(self) -> None:
         """Student in training mode; with ``model.freeze_bn`` its BatchNorm layers stay in eval."""
         self.student.train()

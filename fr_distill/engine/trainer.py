@@ -164,7 +164,8 @@ def train_step(run: Run, batches: Iterator[Batch], stop: StopSignal) -> StepStat
     device, amp_dtype = run.info.device, run.amp_dtype
     memory_format = image_layout(run.cfg, device)
     lr = run.optimizer.param_groups[0]["lr"]
-    outputs, bad = [], []
+    outputs, bad, diagnostics = [], [], None
+    diagnose = run.cfg.logging.diagnostics and run.logs_step(run.step + 1)
     for micro in range(run.accumulation):
         t = time.perf_counter()
         batch = next(batches)
@@ -182,6 +183,8 @@ def train_step(run: Run, batches: Iterator[Batch], stop: StopSignal) -> StepStat
                 out = run.objective(f_s, f_t, batch.labels)
                 loss = out.total
                 bad += nonfinite_terms(out)
+                if diagnose and last:  # METHOD D1, on the graph the backward then reuses
+                    diagnostics = run.objective.diagnostics(out, f_s)
             else:  # on some rank: NaN gradients keep DDP's hooks in step; discarded below
                 out, loss = None, f_s.sum() * 0.0
                 bad += bad_inputs
@@ -227,7 +230,7 @@ def train_step(run: Run, batches: Iterator[Batch], stop: StopSignal) -> StepStat
         images=run.global_batch * run.accumulation, data_wait_s=waited,
         step_time_s=time.perf_counter() - started,
         grad_scale=run.scaler.get_scale() if run.scaler.is_enabled() else 1.0,
-        skipped=any_bad, grad_norm=grad_norm)
+        skipped=any_bad, grad_norm=grad_norm, diagnostics=None if any_bad else diagnostics)
 
 
 # ----------------------------------------------------------------------------------------------

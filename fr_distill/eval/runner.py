@@ -38,8 +38,11 @@ def _set_name(path: str) -> str:
 def evaluate_bin_sets(model: torch.nn.Module, paths: list[str], device, batch_size: int = 128,
                       amp_dtype: torch.dtype | None = None, cache_root: str | Path | None = None,
                       cache_key: dict | None = None, progress: bool = False,
-                      shard_size: int = SHARD_SIZE) -> dict[str, dict]:
+                      shard_size: int = SHARD_SIZE, outcomes: dict | None = None) -> dict[str, dict]:
     """V1 metrics of ``model`` on each `.bin` in ``paths``: ``{set name: metrics}`` on every rank.
+
+    With ``outcomes``, ``outcomes[set name]`` receives the per-pair verdicts of
+    :func:`~fr_distill.eval.verification.evaluate` (``{"correct": bool [N]}``).
 
     With ``cache_root`` the features of each set are cached per shard under
     ``cache_root/<set>`` (keyed by ``cache_key``), so an interrupted run resumes. A DDP
@@ -58,7 +61,9 @@ def evaluate_bin_sets(model: torch.nn.Module, paths: list[str], device, batch_si
                 Path(cache_root) / _set_name(path), {**(cache_key or {}), "set": str(path)})
             feats = extract_features(model, EncodedImages(payloads, path), device, batch_size,
                                      amp_dtype, cache, shard_size, progress, _set_name(path))
-            results[_set_name(path)] = evaluate(torch.nn.functional.normalize(feats, dim=1), issame)
+            pairs = outcomes.setdefault(_set_name(path), {}) if outcomes is not None else None
+            results[_set_name(path)] = evaluate(torch.nn.functional.normalize(feats, dim=1), issame,
+                                                outcomes=pairs)
     finally:
         model.train(was_training)
     return results
@@ -69,8 +74,12 @@ def _score_device(device: torch.device) -> torch.device:
 
 
 def score_ijb(meta: IJBMeta, feats: torch.Tensor, device: torch.device,
-              use_faceness: bool = True) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+              use_faceness: bool = True, outcomes: dict | None = None
+              ) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
     """V2 and V3 results of image features ``feats`` on one IJB set; also the ROC ``(fpr, tpr)``.
+
+    With ``outcomes``, ``outcomes["scores"]``/``["labels"]`` receive the template pairs' scores
+    and labels (numpy), the per-pair data of V2.
 
     1:N protocol: rank-1/5/10 search the mixed probe templates in the combined gallery
     (G1+G2, or S1+S2), where every probe has its mate, as InsightFace's ``ijb_1n.py`` does.
@@ -82,6 +91,10 @@ def score_ijb(meta: IJBMeta, feats: torch.Tensor, device: torch.device,
     ids, tfeats = template_features(feats.to(_score_device(device)), meta.templates, meta.medias,
                                     meta.faceness if use_faceness else None)
     scores = pair_scores(ids, tfeats, meta.t1, meta.t2)
+    if outcomes is not None:
+        outcomes["scores"] = scores.detach().cpu().numpy() if isinstance(scores, torch.Tensor) \
+            else np.asarray(scores)
+        outcomes["labels"] = np.asarray(meta.labels).astype(bool)
     fpr, tpr, _ = roc_curve(scores, meta.labels)
     verification = tar_at_far(scores, meta.labels)
     verification["auc"] = float(np.trapezoid(tpr, fpr))
@@ -128,21 +141,24 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
                    batch_size: int = 128, amp_dtype: torch.dtype | None = None,
                    use_faceness: bool = True, cache_key: dict | None = None, writer=None,
                    step: int = 0, shard_size: int = SHARD_SIZE, aligner: str = "auto",
-                   roc_curves: dict | None = None) -> dict:
+                   roc_curves: dict | None = None, outcomes: dict | None = None) -> dict:
     """Evaluate ``model`` on `.bin` sets and IJB sets ``[(root, name)]`` (SPEC V1–V3).
 
     With ``out_dir``: per-shard feature caches under ``out_dir/features``, ``results.json``
     and ``roc_<name>.png`` per IJB set (rank 0). With a TensorBoard ``writer``: scalars at
     ``step`` (rank 0). With ``roc_curves``, rank 0 stores each IJB set's ROC ``(fpr, tpr)``
-    there under the set's name (to draw several models on one figure). Returns the results
-    on every rank.
+    there under the set's name (to draw several models on one figure). With ``outcomes``,
+    rank 0 stores the per-unit data a bootstrap resamples: ``outcomes["bin"][set]`` as in
+    :func:`evaluate_bin_sets`, ``outcomes["ijb"][name]`` the template-pair ``scores`` and
+    ``labels`` of V2. Returns the results on every rank.
     """
     device = torch.device(device)
     out = Path(out_dir) if out_dir is not None else None
     features_root = out / "features" if out is not None else None
+    bin_outcomes = outcomes.setdefault("bin", {}) if outcomes is not None else None
     results: dict = {"bin": evaluate_bin_sets(model, list(bin_paths), device, batch_size,
                                               amp_dtype, features_root, cache_key, True,
-                                              shard_size)}
+                                              shard_size, bin_outcomes)}
     if ijb_sets:
         results["ijb"] = {}
     model.eval()
@@ -155,7 +171,9 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
                                  batch_size, amp_dtype, cache, shard_size, desc=name)
         scored = None
         if dist.is_main():
-            scored = score_ijb(meta, feats, device, use_faceness)
+            pairs = outcomes.setdefault("ijb", {}).setdefault(name, {}) \
+                if outcomes is not None else None
+            scored = score_ijb(meta, feats, device, use_faceness, pairs)
             if roc_curves is not None:
                 roc_curves[name] = scored[1]
             if out is not None:

@@ -108,20 +108,27 @@ def _pair_distances(embeddings, issame) -> tuple[np.ndarray, np.ndarray]:
     return ((emb[0::2] - emb[1::2]) ** 2).sum(axis=1), same
 
 
-def evaluate(embeddings, issame, nrof_folds: int = 10) -> dict[str, float]:
+def evaluate(embeddings, issame, nrof_folds: int = 10,
+             outcomes: dict | None = None) -> dict[str, float]:
     """Verification metrics of pairs ``(2k, 2k+1)`` of ``embeddings`` (SPEC V1; see module doc).
 
     ``embeddings``: ``[2N, D]`` numpy or torch, flip-fused and L2-normalized.
-    ``issame``: ``N`` booleans.
+    ``issame``: ``N`` booleans. With ``outcomes``, ``outcomes["correct"]`` receives the
+    10-fold protocol's verdict on each pair (bool ``[N]``: the held-out fold's threshold
+    classified it correctly), the per-pair data a paired bootstrap resamples.
     """
     dist, same = _pair_distances(embeddings, issame)
     fold_acc, fold_val = [], []
+    correct = np.zeros(len(dist), dtype=bool)
     for train, test in kfold_splits(len(dist), nrof_folds):
         best = int(np.argmax(_accuracies(ACCURACY_THRESHOLDS, dist[train], same[train])))
-        fold_acc.append(_accuracies(ACCURACY_THRESHOLDS[best:best + 1], dist[test], same[test])[0])
+        correct[test] = (dist[test] < ACCURACY_THRESHOLDS[best]) == same[test]
+        fold_acc.append(float(correct[test].mean()))
         threshold = _val_threshold(dist[train], same[train], VAL_FAR_TARGET)
         genuine = same[test]
         fold_val.append(float((dist[test][genuine] < threshold).mean()) if genuine.any() else 0.0)
+    if outcomes is not None:
+        outcomes["correct"] = correct
     fpr, tpr, _ = roc_curve(-dist, same)
     positives, negatives = int(same.sum()), int((~same).sum())
     best_acc = float(np.max(tpr * positives + (1.0 - fpr) * negatives) / len(same))

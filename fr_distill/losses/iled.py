@@ -54,6 +54,13 @@ class ILED(nn.Module):
     def extra_repr(self) -> str:
         return f"r={self.r} s={self.s} b={self.b} distance_weighting={self.distance_weighting}"
 
+    @torch.no_grad()
+    def statistics(self, inputs: KDInputs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Mining statistics of METHOD D1 as ``(sum, count)`` on this rank: samples with
+        ``c_i < s``, the ones the rescaled softplus still pulls at full strength."""
+        below = (inputs.cosine < self.s).float()
+        return {"iled/below_target": (below.sum(), torch.ones_like(below).sum())}
+
     def forward(self, inputs: KDInputs) -> torch.Tensor:
         per_sample = iled_per_sample(inputs.cosine, self.r, self.s, self.b)
         if self.distance_weighting:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from fr_distill import dist
 from fr_distill.config import LossConfig
 from fr_distill.losses.baselines import FeatureConsistency, L2Distillation, RelationalKD
+from fr_distill.losses.diagnostics import term_diagnostics
 from fr_distill.losses.errors import ObjectiveInputError, shape_of
 from fr_distill.losses.iled import ILED
 from fr_distill.losses.kd_inputs import KDInputs
@@ -42,11 +43,15 @@ from fr_distill.losses.sphereface2 import SphereFace2Head
 @dataclass
 class ObjectiveOutput:
     """``total`` to backward; ``terms``: unweighted, detached values of the enabled terms;
-    ``cosine``: detached mean student–teacher cosine of this batch (None without teacher)."""
+    ``cosine``: detached mean student–teacher cosine of this batch (None without teacher);
+    ``weighted``: ``λ_k·L_k`` of each term, with its graph, and ``inputs``: the distillation
+    terms' inputs (None without them), both kept for :meth:`Objective.diagnostics`."""
 
     total: torch.Tensor
     terms: dict[str, torch.Tensor]
     cosine: torch.Tensor | None
+    weighted: dict[str, torch.Tensor]
+    inputs: KDInputs | None
 
 
 class Objective(nn.Module):
@@ -156,21 +161,32 @@ class Objective(nn.Module):
         with torch.autocast(device_type=f_s.device.type, enabled=False):
             f_s = f_s.float()
             values: dict[str, torch.Tensor] = {}
-            weighted: list[torch.Tensor] = []
+            weighted: dict[str, torch.Tensor] = {}
             if self.head is not None:
                 values["sphereface2"] = self.head(f_s, labels)
-                weighted.append(self.head_weight * values["sphereface2"])
-            cosine = None
+                weighted["sphereface2"] = self.head_weight * values["sphereface2"]
+            cosine, inputs = None, None
             if f_t is not None and (self.projector is not None
                                     or self.student_dim == self.teacher_dim):
                 inputs = self._kd_inputs(f_s, f_t.float())
                 cosine = inputs.cosine.detach().mean()
                 for name, term in self.kd_terms.items():
                     values[name] = term(inputs)
-                    weighted.append(self.kd_weights[name] * values[name])
-            total = torch.stack(weighted).sum()
+                    weighted[name] = self.kd_weights[name] * values[name]
+            total = torch.stack(list(weighted.values())).sum()
         return ObjectiveOutput(total=total, terms={k: v.detach() for k, v in values.items()},
-                               cosine=cosine)
+                               cosine=cosine, weighted=weighted, inputs=inputs)
+
+    def diagnostics(self, out: ObjectiveOutput, f_s: torch.Tensor) -> dict[str, torch.Tensor]:
+        """METHOD D1 of ``out`` (this objective's output for the embeddings ``f_s``, before
+        its backward): per-term gradient norms and shares, loss shares and the mining
+        statistics of ILED and RPSD, on the global batch. A collective; no host sync."""
+        statistics = {}
+        if out.inputs is not None:
+            for term in self.kd_terms.values():
+                if hasattr(term, "statistics"):
+                    statistics.update(term.statistics(out.inputs))
+        return term_diagnostics(out.weighted, f_s, statistics)
 
     @torch.no_grad()
     def update_bank(self, f_s: torch.Tensor, f_t: torch.Tensor | None) -> None:

@@ -51,8 +51,23 @@ class RPSD(nn.Module):
     def extra_repr(self) -> str:
         return f"r={self.r} t={self.t} b={self.b} student_anchor={self.student_anchor}"
 
-    def forward(self, inputs: KDInputs) -> torch.Tensor:
+    def _anchors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(student anchor, teacher anchor)`` rows of the bank for S^s and S^t."""
         bank_teacher, bank_student = self.bank.filled_rows()
         anchor = bank_student if self.student_anchor == "student_bank" else bank_teacher
-        return rpsd_loss(inputs.student_hat, inputs.teacher_hat, anchor, bank_teacher,
+        return anchor, bank_teacher
+
+    def forward(self, inputs: KDInputs) -> torch.Tensor:
+        student_anchor, teacher_anchor = self._anchors()
+        return rpsd_loss(inputs.student_hat, inputs.teacher_hat, student_anchor, teacher_anchor,
                          self.r, self.t, self.b)
+
+    @torch.no_grad()
+    def statistics(self, inputs: KDInputs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Mining statistics of METHOD D1 as ``(sum, count)`` on this rank: relation pairs
+        whose gap ``|Δ_ij|`` is still above the tolerance ``t``, and the gaps themselves."""
+        student_anchor, teacher_anchor = self._anchors()
+        gap = (inputs.student_hat @ student_anchor.t() - inputs.teacher_hat @ teacher_anchor.t()).abs()
+        pairs = torch.full((), float(gap.numel()), device=gap.device)
+        return {"rpsd/above_tolerance": ((gap > self.t).float().sum(), pairs),
+                "rpsd/mean_gap": (gap.sum(), pairs)}

@@ -14,7 +14,8 @@ average_gradients(objective.replicated_parameters()), sharded rows left alone. R
 Every run enables all terms (SphereFace2, ILED, RPSD, l2, fc, RKD) and a projector (student
 dim != teacher dim). The worker writes the relative differences to OUT/result.json (per
 quantity and step; the first step starts from identical states, later ones carry the float32
-drift of the SGD updates) and, from rank 0, the final class-sharded state to
+drift of the SGD updates; the per-term diagnostics of METHOD D1 are global values, compared
+as they are) and, from rank 0, the final class-sharded state to
 OUT/sharded_state.pt and the reference's to OUT/reference_state.pt; the test asserts on them.
 """
 from __future__ import annotations
@@ -83,6 +84,8 @@ def train(objective, student, batches, rows: slice) -> dict:
         f_s = student(x)
         f_s.retain_grad()
         out = objective(f_s, f_t, labels)
+        for name, value in objective.diagnostics(out, f_s).items():  # global values (D1)
+            keep("diag/" + name, value)
         optimizer.zero_grad()
         out.total.backward()
         dist.average_gradients(student.parameters())  # what DDP does for the student

@@ -1,0 +1,103 @@
+"""Uncertainty of a study's numbers (METHOD S1): spread over seeds and paired bootstrap intervals.
+
+A study evaluates every model on the same evaluation units (verification pairs, template
+pairs), and every variant with the same seeds (the same initialization and data order), so a
+variant and the baseline are compared **paired**: by seed and by unit. The 95 % interval of
+the difference ``mean_seeds[M(variant, s) − M(baseline, s)]`` comes from a bootstrap that, in
+each replicate, draws the seeds with replacement and, independently, the units with
+replacement (one draw of the units shared by every model of the replicate), and recomputes
+the metric ``M`` of every model on the drawn units. The interval is the replicates' 2.5th
+and 97.5th percentiles. Resampling the seeds captures training noise, resampling the units
+the finite evaluation set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+Metric = Callable[[dict[str, np.ndarray], np.ndarray | None], float]
+"""``metric(arrays, units)``: a model's metric on the units ``units`` (indices, with
+repetition) of its per-unit ``arrays``; ``units=None`` means all units."""
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A paired difference ``value`` (on all units and seeds) and its 95 % interval."""
+
+    value: float
+    low: float
+    high: float
+
+    def as_dict(self) -> dict:
+        return {"diff": self.value, "ci95": [self.low, self.high]}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof=1``; 0 for a single value)."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def paired_bootstrap(variant: Sequence[dict[str, np.ndarray]],
+                     baseline: Sequence[dict[str, np.ndarray]], metric: Metric,
+                     replicates: int = 2000, seed: int = 0) -> Interval:
+    """The paired difference of ``metric`` between ``variant[s]`` and ``baseline[s]`` (the
+    per-unit arrays of each seed ``s``, seeds in the same order) with its bootstrap interval.
+
+    A single model may stand for every seed of one side (``[teacher] * S``): its seed draws
+    then only change the other side. Every model's arrays must hold the same units.
+    """
+    if len(variant) != len(baseline) or not variant:
+        raise ValueError(f"paired_bootstrap: {len(variant)} variant and {len(baseline)} "
+                         f"baseline models; need the same non-zero number")
+    counts = {len(next(iter(arrays.values()))) for arrays in (*variant, *baseline)}
+    if len(counts) != 1:
+        raise ValueError(f"paired_bootstrap: models hold different numbers of units {sorted(counts)}")
+    units = counts.pop()
+    seeds = len(variant)
+    observed = np.mean([metric(v, None) - metric(b, None) for v, b in zip(variant, baseline)])
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(replicates)
+    for r in range(replicates):
+        drawn_units = rng.integers(0, units, size=units)
+        drawn_seeds = rng.integers(0, seeds, size=seeds)
+        per_seed = {s: metric(variant[s], drawn_units) - metric(baseline[s], drawn_units)
+                    for s in set(drawn_seeds.tolist())}
+        diffs[r] = np.mean([per_seed[s] for s in drawn_seeds.tolist()])
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return Interval(float(observed), float(low), float(high))
+
+
+def accuracy_metric(set_names: Sequence[str]) -> Metric:
+    """Pooled verification accuracy (%) over the pairs of ``set_names`` (arrays
+    ``"<set>/correct"``): for sets of equal size, the mean of their 10-fold accuracies."""
+    keys = [f"{name}/correct" for name in set_names]
+
+    def metric(arrays: dict[str, np.ndarray], units: np.ndarray | None) -> float:
+        correct = np.concatenate([arrays[k] for k in keys]) if len(keys) > 1 else arrays[keys[0]]
+        return 100.0 * float((correct if units is None else correct[units]).mean())
+
+    return metric
+
+
+def tar_at_far_metric(set_name: str, far: float) -> Metric:
+    """TAR (%) at FAR ``far`` on the template pairs of ``set_name`` (arrays ``"<set>/scores"``,
+    ``"<set>/labels"``): the share of genuine pairs scoring strictly above the
+    ``(⌊far · n⌋ + 1)``-th highest of the ``n`` impostor scores, a threshold that at most
+    ``far · n`` impostors pass."""
+
+    def metric(arrays: dict[str, np.ndarray], units: np.ndarray | None) -> float:
+        scores, labels = arrays[f"{set_name}/scores"], arrays[f"{set_name}/labels"]
+        if units is not None:
+            scores, labels = scores[units], labels[units]
+        impostors = np.sort(scores[~labels])[::-1]
+        genuine = scores[labels]
+        if len(impostors) == 0 or len(genuine) == 0:
+            return float("nan")
+        allowed = int(np.floor(far * len(impostors)))
+        threshold = impostors[min(allowed, len(impostors) - 1)]
+        return 100.0 * float((genuine > threshold).mean())
+
+    return metric
