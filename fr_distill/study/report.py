@@ -25,8 +25,8 @@ import numpy as np  # noqa: E402
 from fr_distill.eval.report import to_jsonable  # noqa: E402
 from fr_distill.study.runner import TEACHER, StudyRun  # noqa: E402
 from fr_distill.study.spec import StudySpec  # noqa: E402
-from fr_distill.study.stats import (accuracy_metric, mean_std, paired_bootstrap,  # noqa: E402
-                                    tar_at_far_metric)
+from fr_distill.study.stats import (accuracy_metric, bootstrap_interval,  # noqa: E402
+                                    mean_std, paired_bootstrap, tar_at_far_metric)
 
 TAR_FARS = (1e-3, 1e-2)
 
@@ -136,8 +136,11 @@ def differences(spec: StudySpec, teacher: StudyRun, by_variant: dict[str, dict[i
     return out
 
 
-def summarize(teacher: StudyRun, by_variant: dict[str, dict[int, StudyRun]]) -> dict[str, dict]:
-    """``{model: {metric: {mean, std, n}}}``, the end-of-training cosine included."""
+def summarize(teacher: StudyRun, by_variant: dict[str, dict[int, StudyRun]],
+              replicates: int) -> dict[str, dict]:
+    """``{model: {metric: {mean, std, n}}}``, the end-of-training cosine included; the pooled
+    accuracy (``mean acc``, or the one set's) also with its 95 % bootstrap interval over seeds
+    and pairs (``ci95``)."""
     summary: dict[str, dict] = {}
     for name, runs in [(TEACHER, {0: teacher} if teacher.ok else {}), *by_variant.items()]:
         if not runs:
@@ -149,6 +152,11 @@ def summarize(teacher: StudyRun, by_variant: dict[str, dict[int, StudyRun]]) -> 
             metrics["cosine"] = [c[max(c)] for c in cosines]
         summary[name] = {key: dict(zip(("mean", "std"), mean_std(values)), n=len(values))
                          for key, values in metrics.items()}
+        label, (metric, group) = next((k, v) for k, v in bootstrap_metrics(
+            next(iter(runs.values()))).items() if k == "mean acc" or not k.startswith("mean"))
+        interval = bootstrap_interval([_subset(_unit_arrays(r), group) for r in runs.values()],
+                                      metric, replicates)
+        summary[name][label]["ci95"] = [interval.low, interval.high]
     return summary
 
 
@@ -210,9 +218,10 @@ def _machine() -> str:
 def _cell(entry: dict | None) -> str:
     if entry is None:
         return "—"
-    if entry["n"] == 1:
-        return f"{entry['mean']:.2f}"
-    return f"{entry['mean']:.2f} ± {entry['std']:.2f}"
+    cell = f"{entry['mean']:.2f}" if entry["n"] == 1 else f"{entry['mean']:.2f} ± {entry['std']:.2f}"
+    if "ci95" in entry:
+        cell += f" [{entry['ci95'][0]:.2f}, {entry['ci95'][1]:.2f}]"
+    return cell
 
 
 def _diff_cell(entry: dict | None) -> str:
@@ -236,7 +245,8 @@ def markdown(spec: StudySpec, out: Path, summary: dict, diffs: dict, failed: lis
              f"bootstrap replicates: {spec.bootstrap}", "",
              "## Results", "",
              "Mean ± sample standard deviation over the seeds that finished (the teacher is one "
-             "run). Accuracy: 10-fold verification accuracy (V1). TAR: nearest ROC point (V2). "
+             "run); in brackets, the 95 % bootstrap interval over seeds and pairs (METHOD S1). "
+             "Accuracy: 10-fold verification accuracy (V1). TAR: nearest ROC point (V2). "
              "rank-1: 1:N identification (V3). cosine: mean student–teacher cosine over the "
              "last logging window. All in % except the cosine.", "",
              "| model | seeds | " + " | ".join(metrics) + " |",
@@ -273,7 +283,7 @@ def write_report(spec: StudySpec, out: Path, teacher: StudyRun, students: list[S
     for run in students:
         if run.ok:
             by_variant[run.variant][run.seed] = run
-    summary = summarize(teacher, by_variant)
+    summary = summarize(teacher, by_variant, spec.bootstrap)
     diffs = differences(spec, teacher, by_variant)
     failed = [r for r in [teacher, *students] if r.status == "failed"]
     figures = plot_curves(by_variant, out)

@@ -55,19 +55,35 @@ def paired_bootstrap(variant: Sequence[dict[str, np.ndarray]],
     counts = {len(next(iter(arrays.values()))) for arrays in (*variant, *baseline)}
     if len(counts) != 1:
         raise ValueError(f"paired_bootstrap: models hold different numbers of units {sorted(counts)}")
-    units = counts.pop()
-    seeds = len(variant)
-    observed = np.mean([metric(v, None) - metric(b, None) for v, b in zip(variant, baseline)])
+    return _bootstrap(len(variant), counts.pop(), lambda s, units: metric(variant[s], units)
+                      - metric(baseline[s], units), replicates, seed)
+
+
+def bootstrap_interval(models: Sequence[dict[str, np.ndarray]], metric: Metric,
+                       replicates: int = 2000, seed: int = 0) -> Interval:
+    """``metric`` of one variant (mean over its seeds' ``models``) with its 95 % bootstrap
+    interval, resampling seeds and units as :func:`paired_bootstrap` does."""
+    if not models:
+        raise ValueError("bootstrap_interval: no model")
+    units = len(next(iter(models[0].values())))
+    return _bootstrap(len(models), units, lambda s, drawn: metric(models[s], drawn),
+                      replicates, seed)
+
+
+def _bootstrap(seeds: int, units: int, value: Callable[[int, np.ndarray | None], float],
+               replicates: int, seed: int) -> Interval:
+    """``mean_s value(s, all units)`` and the percentile interval of its replicates, each
+    drawing the seeds and the units with replacement."""
+    observed = float(np.mean([value(s, None) for s in range(seeds)]))
     rng = np.random.default_rng(seed)
-    diffs = np.empty(replicates)
+    estimates = np.empty(replicates)
     for r in range(replicates):
         drawn_units = rng.integers(0, units, size=units)
-        drawn_seeds = rng.integers(0, seeds, size=seeds)
-        per_seed = {s: metric(variant[s], drawn_units) - metric(baseline[s], drawn_units)
-                    for s in set(drawn_seeds.tolist())}
-        diffs[r] = np.mean([per_seed[s] for s in drawn_seeds.tolist()])
-    low, high = np.percentile(diffs, [2.5, 97.5])
-    return Interval(float(observed), float(low), float(high))
+        drawn_seeds = rng.integers(0, seeds, size=seeds).tolist()
+        per_seed = {s: value(s, drawn_units) for s in set(drawn_seeds)}
+        estimates[r] = np.mean([per_seed[s] for s in drawn_seeds])
+    low, high = np.percentile(estimates, [2.5, 97.5])
+    return Interval(observed, float(low), float(high))
 
 
 def accuracy_metric(set_names: Sequence[str]) -> Metric:
