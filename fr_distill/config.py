@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
-    """The student backbone (SPEC §3)."""
+    """The student backbone (METHOD §3)."""
 
     name: str = "iresnet18"  # iresnet18..iresnet200, mobilefacenet, timm:<name>
     embedding_dim: int = 512
@@ -58,7 +58,7 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    """Training data (SPEC §4)."""
+    """Training data (METHOD §4)."""
 
     train: str = ""  # image folder, a train.rec, or a folder holding train.rec/train.idx
     format: str = "auto"  # auto | folder | recordio
@@ -73,7 +73,7 @@ class DataConfig:
 
 @dataclass
 class SphereFace2Config:
-    """SPEC (E1). ``lamb`` is SphereFace2's λ (positive/negative balance)."""
+    """METHOD (E1). ``lamb`` is SphereFace2's λ (positive/negative balance)."""
 
     weight: float = 1.0
     lamb: float = 0.7
@@ -86,7 +86,7 @@ class SphereFace2Config:
 
 @dataclass
 class ILEDConfig:
-    """SPEC (E2)."""
+    """METHOD (E2)."""
 
     weight: float = 1.0
     r: float = 40.0
@@ -97,7 +97,7 @@ class ILEDConfig:
 
 @dataclass
 class RPSDConfig:
-    """SPEC (E4)."""
+    """METHOD (E4)."""
 
     weight: float = 40.0
     r: float = 60.0
@@ -108,7 +108,7 @@ class RPSDConfig:
 
 @dataclass
 class BankConfig:
-    """SPEC (E3)."""
+    """METHOD (E3)."""
 
     bank_factor: int = 3  # Q = bank_factor * global batch
     update: str = "fifo"  # fifo | random
@@ -117,14 +117,14 @@ class BankConfig:
 
 @dataclass
 class WeightedTerm:
-    """A baseline KD term of SPEC (E6): enabled when ``weight`` > 0."""
+    """A baseline KD term of METHOD (E6): enabled when ``weight`` > 0."""
 
     weight: float = 0.0
 
 
 @dataclass
 class RKDConfig:
-    """Relational KD (SPEC E6): distance and angle terms."""
+    """Relational KD (METHOD E6): distance and angle terms."""
 
     weight: float = 0.0
     distance_weight: float = 1.0
@@ -133,7 +133,7 @@ class RKDConfig:
 
 @dataclass
 class LossConfig:
-    """The unified objective, SPEC (E5): a weighted sum of terms; weight 0 disables a term."""
+    """The unified objective, METHOD (E5): a weighted sum of terms; weight 0 disables a term."""
 
     sphereface2: SphereFace2Config = field(default_factory=SphereFace2Config)
     iled: ILEDConfig = field(default_factory=ILEDConfig)

@@ -1,4 +1,4 @@
-"""Evaluate a face model on verification `.bin` sets (SPEC V1) and IJB-B/IJB-C (V2, V3).
+"""Evaluate a face model on verification `.bin` sets (METHOD V1) and IJB-B/IJB-C (V2, V3).
 
 ``torchrun --nproc_per_node N launch/eval.py --model M [--arch iresnet100] --bin a.bin b.bin
 --ijb DIR --ijb-name IJBC --out OUT [--batch-size 128]`` — images are sharded over the N ranks;

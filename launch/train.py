@@ -1,4 +1,4 @@
-"""Train a student by distillation (issue 5):
+"""Train a student by distillation:
 
     torchrun --nproc_per_node N launch/train.py --config X.yaml [key=value ...]
     python launch/train.py --config X.yaml --dry-run      # validate and print the plan

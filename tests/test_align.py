@@ -1,4 +1,4 @@
-"""Five-point similarity alignment (SPEC V2): estimator, warp and end-to-end alignment."""
+"""Five-point similarity alignment (METHOD V2): estimator, warp and end-to-end alignment."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""SLURM → torchrun launch (issue 5 item 8): host lists, the generated rendezvous line, the
+"""SLURM → torchrun launch: host lists, the generated rendezvous line, the
 batch script run against fake ``srun``/``scontrol``, and two torchrun agents on this machine
 meeting through the generated c10d rendezvous (exit codes and preemption forwarding)."""
 from __future__ import annotations

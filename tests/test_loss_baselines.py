@@ -1,4 +1,4 @@
-"""Baseline KD terms, SPEC (E6): l2, fc and RKD against float64 references written in the
+"""Baseline KD terms, METHOD (E6): l2, fc and RKD against float64 references written in the
 test (RKD in Park et al.'s explicit difference-vector form), and gradcheck."""
 from __future__ import annotations
 

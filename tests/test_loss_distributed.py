@@ -1,6 +1,6 @@
 """The objective under torchrun --nproc_per_node 2 (gloo, CPU) against the 1-rank computation
 on the same global batches: every term, every gradient under the trainer's gradient contract,
-the shared bank, and class-sharded checkpoints resumed in one process (SPEC E1–E6)."""
+the shared bank, and class-sharded checkpoints resumed in one process (METHOD E1–E6)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""ILED, SPEC (E2): value against a float64 evaluation written out in the test, gradcheck,
+"""ILED, METHOD (E2): value against a float64 evaluation written out in the test, gradcheck,
 hard-sample gradient ordering, the ω ≡ 1 guard and the near-zero floor at student == teacher."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Memory bank, SPEC (E3): FIFO order and wrap-around, seeded random updates, state round
+"""Memory bank, METHOD (E3): FIFO order and wrap-around, seeded random updates, state round
 trip through a weights-only checkpoint, and resize keeping the newest rows."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Unified objective, SPEC (E5): weighted sum of separately reported terms, float32 under
+"""Unified objective, METHOD (E5): weighted sum of separately reported terms, float32 under
 autocast, projector, one-line errors for bad input, bank update and state, configs."""
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from fr_distill.losses import ObjectiveInputError, build_objective
 from fr_distill.losses.baselines import RelationalKD
 from fr_distill.losses.iled import ILED
 from fr_distill.losses.kd_inputs import KDInputs
+from fr_distill.study import load_spec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 C, DS, DT, B = 11, 6, 6, 4
@@ -165,8 +166,10 @@ def enabled_kd_terms(cfg) -> set[str]:
 
 
 def test_every_config_file_loads_and_builds_its_objective():
-    files = sorted(CONFIGS.rglob("*.yaml"))
+    files = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name != "study.yaml")
     assert len(files) >= 8
+    for spec in CONFIGS.rglob("study.yaml"):  # study specs: they name configs, and load them
+        assert load_spec(spec).variants, spec
     for path in files:
         cfg = load_config(path)
         enabled = enabled_kd_terms(cfg)

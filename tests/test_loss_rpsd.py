@@ -1,4 +1,4 @@
-"""RPSD, SPEC (E4): zero on an empty bank, the b'-floor at student == teacher, value against
+"""RPSD, METHOD (E4): zero on an empty bank, the b'-floor at student == teacher, value against
 a float64 double loop for both anchor modes, gradcheck."""
 from __future__ import annotations
 

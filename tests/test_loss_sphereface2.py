@@ -1,4 +1,4 @@
-"""SphereFace2-C head, SPEC (E1): bias initialization, loss and gradients against a literal
+"""SphereFace2-C head, METHOD (E1): bias initialization, loss and gradients against a literal
 float64 evaluation of the formula, gradcheck, in-place row normalization, class split."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ LABELS = torch.tensor([0, 3, 2])
 
 
 def literal_e1(features, weight_hat, bias, labels, lamb, r, m, t, lw):
-    """E1 exactly as SPEC writes it: one-hot y, g with the margin, stop-gradient offset,
+    """E1 exactly as METHOD writes it: one-hot y, g with the margin, stop-gradient offset,
     per-entry weights, weighted BCE-with-logits averaged over all B·C entries (the reduction
     OpenSphere's SphereFace2-C uses), cross-checked against log(1 + e^x) − y·x."""
     num_classes = weight_hat.shape[0]

@@ -100,7 +100,7 @@ def test_every_make_target_exists():
 
 def test_the_dry_run_command_runs_as_written(synthetic_data, tmp_path):
     """The README's dry run, with demo_out/ standing for a prepared synthetic data set."""
-    (command,) = [c for c in COMMANDS if "--dry-run" in c]
+    (command,) = [c for c in COMMANDS if "--dry-run" in c and "launch/train.py" in c]
     demo = tmp_path / "demo_out"
     demo.mkdir()
     (demo / "data").symlink_to(synthetic_data)
@@ -125,3 +125,15 @@ def test_config_tool_commands_run():
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: config key 'data.train' is empty: name an image folder "
                                    "or train.rec")
+
+
+def test_the_study_commands_run_as_written():
+    """The study's dry run for real; the full study is the same command without it."""
+    commands = [c for c in COMMANDS if c[:2] == ["fr-distill", "study"]]
+    assert {"--dry-run", "--out"} <= {t for c in commands for t in c}
+    for command in commands:
+        if "--dry-run" in command:
+            proc = subprocess.run([sys.executable, "-m", "fr_distill.cli", *command[1:]], cwd=REPO,
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, proc.stderr
+            assert "OK, 28 runs: teacher, none/seed1," in proc.stdout

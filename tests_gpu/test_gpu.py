@@ -55,7 +55,7 @@ def test_dali_warp_affine_matches_the_project_alignment():
     Image.fromarray(image).save(buffer, format="JPEG", quality=95, subsampling=0)
     encoded = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
     decoded_on_cpu = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
-    reference = align_face(decoded_on_cpu, landmarks)  # the project's CPU path (SPEC V2)
+    reference = align_face(decoded_on_cpu, landmarks)  # the project's CPU path (METHOD V2)
     matrix = alignment_matrix(landmarks, 112).astype(np.float32).reshape(-1).tolist()
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=0)

@@ -6,7 +6,7 @@
 
 The landmarks file has one line per image: ``img x1 y1 x2 y2 x3 y3 x4 y4 x5 y5 [faceness]``
 (left eye, right eye, nose tip, left and right mouth corners; ``img`` relative to --images).
-Each image is warped by the least-squares similarity onto the template (SPEC V2) and written
+Each image is warped by the least-squares similarity onto the template (METHOD V2) and written
 under the same relative name in --out.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check of fr_distill on one CUDA machine with PyTorch preinstalled and no network
-# (issue 7): about 8 minutes on one H100.
+# GPU check of fr_distill on one CUDA machine with PyTorch preinstalled and no network:
+# about 8 minutes on one H100.
 #
 #   tools/gpu_check.sh [WHEEL_DIR]
 #

@@ -3,7 +3,7 @@
 In one run, at the same batch, on the same device, timed in interleaved rounds (a load change
 on a shared machine hits all alike), forward + backward of:
   * ``student``     — IResNet-18 (the paper's student), input ``[B, 3, 112, 112]``;
-  * ``objective``   — the full objective of SPEC (E5) with the paper's weights: SphereFace2
+  * ``objective``   — the full objective of METHOD (E5) with the paper's weights: SphereFace2
                       over ``C`` classes (8,631 = VGGFace2) + ILED + RPSD against a full memory
                       bank (``Q = 3·B``), input checks and the bank update included;
   * ``sphereface2``, ``iled``, ``rpsd`` — each term alone, for the breakdown.

@@ -1,4 +1,4 @@
-"""One distillation training step, timed phase by phase, against plain training (issue 5).
+"""One distillation training step, timed phase by phase, against plain training.
 
 For every batch size × precision (bf16, fp16, fp32) × mode (eager; compiled with
 ``--compile``), in one run, two variants of the trainer's step on the same in-memory batches:

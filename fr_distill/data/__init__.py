@@ -1,4 +1,4 @@
-"""Training data (SPEC §4): RecordIO/folder indexing, pre-flight checks, the world-size-invariant
+"""Training data (METHOD §4): RecordIO/folder indexing, pre-flight checks, the world-size-invariant
 sampler, and the DALI and PyTorch loaders behind one ``build_train_loader``."""
 from __future__ import annotations
 

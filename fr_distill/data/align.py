@@ -1,4 +1,4 @@
-"""Five-point face alignment onto the ArcFace template (SPEC V2).
+"""Five-point face alignment onto the ArcFace template (METHOD V2).
 
 A face is aligned by the least-squares similarity transform (rotation, uniform scale,
 translation; Umeyama 1991, the estimator of scikit-image's ``SimilarityTransform`` and of
@@ -28,7 +28,7 @@ ARCFACE_TEMPLATE = np.array(
      [56.0252, 71.7366],
      [41.5493, 92.3655],
      [70.7299, 92.2041]], dtype=np.float32)
-"""The five ArcFace landmark positions in a 112×112 crop (SPEC V2), ``[x, y]`` rows."""
+"""The five ArcFace landmark positions in a 112×112 crop (METHOD V2), ``[x, y]`` rows."""
 
 
 def _as_points(points: np.ndarray, name: str) -> np.ndarray:
@@ -132,7 +132,7 @@ def align_face(image_hwc_uint8: np.ndarray, landmarks: np.ndarray, size: int = 1
     """Align a face: warp ``image_hwc_uint8`` so its 5 ``landmarks`` land on the template.
 
     ``landmarks`` is 5×2 ``(x, y)`` in source pixels (left eye, right eye, nose, left mouth,
-    right mouth). Returns a ``size × size × 3`` uint8 crop (SPEC V2).
+    right mouth). Returns a ``size × size × 3`` uint8 crop (METHOD V2).
     """
     image = np.asarray(image_hwc_uint8)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:

@@ -1,4 +1,4 @@
-"""Training-set indexing and the pre-flight check (SPEC §4).
+"""Training-set indexing and the pre-flight check (METHOD §4).
 
 A training set is an image folder (one sub-folder per identity, aligned 112×112 JPEG/PNG
 images; labels are the sorted folder positions) or an InsightFace RecordIO pair. :func:`preflight`

@@ -1,4 +1,4 @@
-"""MXNet/InsightFace RecordIO (``train.rec`` + ``train.idx``): an indexed writer and reader (SPEC §4).
+"""MXNet/InsightFace RecordIO (``train.rec`` + ``train.idx``): an indexed writer and reader (METHOD §4).
 
 Framing (dmlc-core ``recordio``): every frame is ``magic 0xced7230a`` (uint32 LE), a length
 word ``lrec`` whose low 29 bits are the frame's data length and whose upper 3 bits are the

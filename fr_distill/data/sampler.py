@@ -1,4 +1,4 @@
-"""World-size-invariant, resumable sampling: every random choice of the input pipeline (SPEC §4).
+"""World-size-invariant, resumable sampling: every random choice of the input pipeline (METHOD §4).
 
 The order of epoch ``e`` is a permutation of the data set drawn from ``(seed, e)``; global step
 ``k`` is batch ``k % steps_per_epoch`` of epoch ``k // steps_per_epoch`` (the last partial

@@ -1,4 +1,4 @@
-"""The training engine (issue 5): the loop (:mod:`.trainer`), checkpoints, schedules,
+"""The training engine: the loop (:mod:`.trainer`), checkpoints, schedules,
 optimizer, fault handling and logging. Entry point: :func:`train`."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Features of the training loop as objects: checkpointing and periodic evaluation (issue 5).
+"""Features of the training loop as objects: checkpointing and periodic evaluation.
 
 The loop calls every callback at the same points on every rank (``on_train_start``,
 ``on_step_end`` after each optimizer step, ``on_train_end``); callbacks that write files do
@@ -87,7 +87,7 @@ def lower_is_better(metric: str) -> bool:
 
 
 class EvalCallback(Callback):
-    """Verification on ``eval.bin_sets`` every ``eval.every_steps`` and at the end (SPEC V1),
+    """Verification on ``eval.bin_sets`` every ``eval.every_steps`` and at the end (METHOD V1),
     sharded across all ranks; keeps ``best.pt`` by ``eval.best_metric``.
 
     Runs before :class:`CheckpointCallback` so the step's checkpoint carries its results.

@@ -1,4 +1,4 @@
-"""Atomic, checksummed training checkpoints with keep-last-K and auto-resume (issue 5).
+"""Atomic, checksummed training checkpoints with keep-last-K and auto-resume.
 
 Layout of a run directory's ``checkpoints/``::
 

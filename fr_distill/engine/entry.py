@@ -1,4 +1,4 @@
-"""Command line of training: ``launch/train.py`` and ``fr-distill train`` (issue 5).
+"""Command line of training: ``launch/train.py`` and ``fr-distill train``.
 
 ``--config X.yaml [key=value ...]`` trains under torchrun's environment (one process per GPU;
 gloo on CPUs); ``--dry-run`` validates the config, the input paths and the data (fast

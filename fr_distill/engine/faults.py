@@ -1,4 +1,4 @@
-"""Fault handling of a training run: preemption signals and non-finite losses (issue 5).
+"""Fault handling of a training run: preemption signals and non-finite losses.
 
 * **Preemption** (SLURM sends SIGTERM, or SIGUSR1 with ``--signal``): :class:`StopSignal`
   records the signal; the loop agrees on it across ranks with one all-reduce per step, so

@@ -1,4 +1,4 @@
-"""Run records, console lines, TensorBoard scalars and the progress bar (issue 5).
+"""Run records, console lines, TensorBoard scalars and the progress bar.
 
 At the start rank 0 writes the resolved config (``config.yaml``) and ``run_info.json``
 (versions, devices, world size, batch sizes). Every ``logging.every_steps`` the loss terms,

@@ -1,5 +1,4 @@
-"""SGD for the student and the objective's head, learning-rate scaling, gradient clipping
-(issue 5).
+"""SGD for the student and the objective's head, learning-rate scaling, gradient clipping.
 
 SGD with momentum 0.9 and weight decay 5e-4 is the setting of SphereFace2 and InsightFace.
 With ``optim.no_decay_bn_bias`` every parameter of at most one dimension (BatchNorm affine

@@ -1,4 +1,4 @@
-"""The plan of a training run, worked out before any model is built (issue 5).
+"""The plan of a training run, worked out before any model is built.
 
 Batch sizes (per rank, global, effective with accumulation), the scaled learning rate,
 steps per epoch and the checkpoint to resume from. A resumed run keeps the checkpoint's

@@ -1,5 +1,5 @@
 """Learning-rate schedules in optimizer steps: multistep, cosine and polynomial, each with an
-optional linear warmup (issue 5).
+optional linear warmup.
 
 The paper's setting (SphereFace2 on VGGFace2) is ``multistep``: lr 0.1, ×0.1 at 40k, 60k and
 70k iterations of a 512-image global batch. The schedule is a torch ``LambdaLR`` over a

@@ -1,4 +1,4 @@
-"""The state of a training run: its components, and what a checkpoint holds of them (issue 5).
+"""The state of a training run: its components, and what a checkpoint holds of them.
 
 :class:`Run` bundles the student, teacher, objective, optimizer, schedule, scaler and loader of
 one rank with the step counter and the metrics. :meth:`Run.state_dict` is the checkpoint of

@@ -1,4 +1,4 @@
-"""The training loop: distill a frozen teacher into a student under torchrun DDP (issue 5).
+"""The training loop: distill a frozen teacher into a student under torchrun DDP.
 
 ``train(cfg)`` reads top to bottom: process group → pre-flight (config paths, data, resume
 checkpoint, batch plan) → models (student under DDP, frozen teacher run on the fly, the

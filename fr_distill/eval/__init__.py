@@ -1,4 +1,4 @@
-"""Evaluation (SPEC §5): verification `.bin` sets (V1), IJB-B/IJB-C 1:1 (V2) and 1:N (V3).
+"""Evaluation (METHOD §5): verification `.bin` sets (V1), IJB-B/IJB-C 1:1 (V2) and 1:N (V3).
 
 ``verification`` (load_bin, evaluate), ``ijb`` (template_features, pair_scores, tar_at_far,
 identification), ``ijb_meta`` (reading a release), ``extract`` (sharded, cached, flip-fused

@@ -1,4 +1,4 @@
-"""Loose-crop decoding and five-point alignment with NVIDIA DALI (SPEC V2), GPU or CPU.
+"""Loose-crop decoding and five-point alignment with NVIDIA DALI (METHOD V2), GPU or CPU.
 
 The same similarity transform as :func:`fr_distill.data.align.alignment_matrix`, applied by
 DALI's ``warp_affine`` (bilinear, black outside the image) after ``decoders.image`` — on the

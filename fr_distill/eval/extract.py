@@ -1,4 +1,4 @@
-"""Sharded, resumable, flip-fused feature extraction (SPEC V1, V2).
+"""Sharded, resumable, flip-fused feature extraction (METHOD V1, V2).
 
 The images of a set are cut into fixed-size shards; rank ``r`` of ``W`` extracts the
 contiguous run of shards ``[r·S/W, (r+1)·S/W)``. Each image's feature is
@@ -66,7 +66,7 @@ class EncodedImages:
 
 
 class AlignedImages:
-    """Loose face crops aligned onto the ArcFace template from their five landmarks (SPEC V2)."""
+    """Loose face crops aligned onto the ArcFace template from their five landmarks (METHOD V2)."""
 
     def __init__(self, paths: Sequence[str], landmarks: np.ndarray, size: int = 112):
         self.paths, self.landmarks, self.size = paths, landmarks, size

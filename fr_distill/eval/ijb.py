@@ -1,4 +1,4 @@
-"""IJB-B / IJB-C scoring: template pooling, pair scores, TAR@FAR (SPEC V2) and 1:N search (V3).
+"""IJB-B / IJB-C scoring: template pooling, pair scores, TAR@FAR (METHOD V2) and 1:N search (V3).
 
 Template pooling follows InsightFace's ``eval_ijbc.py``: the (flip-fused, optionally
 faceness-weighted) image features of one media of a template are averaged, the media means
@@ -49,7 +49,7 @@ def unique_inverse(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def template_features(img_feats, templates, medias, faceness=None,
                       device=None) -> tuple[np.ndarray, torch.Tensor]:
-    """Pool image features into L2-normalized template features (SPEC V2).
+    """Pool image features into L2-normalized template features (METHOD V2).
 
     ``img_feats`` ``[N, D]`` (numpy or torch, float32 flip-fused features), ``templates`` and
     ``medias`` ``[N]`` integer ids, ``faceness`` optional ``[N]`` weights multiplied in first.
@@ -156,7 +156,7 @@ def tar_at_far(scores, labels, fars=DEFAULT_FARS) -> dict[str, dict[float, float
 
 def identification(gallery_feats, gallery_ids, probe_feats, probe_ids, ranks=(1, 5, 10),
                    fpirs=(1e-2, 1e-1), chunk_size: int = 4096) -> dict:
-    """Open-set 1:N search of probe templates against gallery templates (SPEC V3).
+    """Open-set 1:N search of probe templates against gallery templates (METHOD V3).
 
     Features are L2-normalized template features (``[G, D]``, ``[P, D]``), ids are subject ids.
     Returns ``{"rank1": …, "rank5": …, "rank10": …, "tpir_at_fpir": {fpir: tpir},

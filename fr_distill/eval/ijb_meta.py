@@ -1,4 +1,4 @@
-"""Reading an IJB-B / IJB-C release (SPEC V2, V3), with one-line errors naming file and line.
+"""Reading an IJB-B / IJB-C release (METHOD V2, V3), with one-line errors naming file and line.
 
 Layout (InsightFace's): ``<root>/loose_crop/<images>`` and ``<root>/meta/`` holding
 ``<name>_face_tid_mid.txt`` (``img tid mid``), ``<name>_name_5pts_score.txt``

@@ -1,4 +1,4 @@
-"""ROC curve figures for IJB 1:1 verification (SPEC V2), drawn with matplotlib's Agg backend."""
+"""ROC curve figures for IJB 1:1 verification (METHOD V2), drawn with matplotlib's Agg backend."""
 from __future__ import annotations
 
 from pathlib import Path

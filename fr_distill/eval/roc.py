@@ -9,7 +9,7 @@ counts, as scikit-learn does, so TAR values read off the curve are bit-identical
 torch, on the GPU when the scores are there, and on millions of scores is several times
 faster than scikit-learn (one ``torch.sort`` instead of a stable mergesort plus copies).
 
-``tar_nearest`` and ``tar_interpolated`` read TAR at a FAR off such a curve (SPEC V2).
+``tar_nearest`` and ``tar_interpolated`` read TAR at a FAR off such a curve (METHOD V2).
 """
 from __future__ import annotations
 

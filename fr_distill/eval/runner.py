@@ -142,7 +142,7 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
                    use_faceness: bool = True, cache_key: dict | None = None, writer=None,
                    step: int = 0, shard_size: int = SHARD_SIZE, aligner: str = "auto",
                    roc_curves: dict | None = None, outcomes: dict | None = None) -> dict:
-    """Evaluate ``model`` on `.bin` sets and IJB sets ``[(root, name)]`` (SPEC V1–V3).
+    """Evaluate ``model`` on `.bin` sets and IJB sets ``[(root, name)]`` (METHOD V1–V3).
 
     With ``out_dir``: per-shard feature caches under ``out_dir/features``, ``results.json``
     and ``roc_<name>.png`` per IJB set (rank 0). With a TensorBoard ``writer``: scalars at

@@ -1,4 +1,4 @@
-"""Restricted unpickling of verification `.bin` files (SPEC V1).
+"""Restricted unpickling of verification `.bin` files (METHOD V1).
 
 A `.bin` file is a pickle of ``(bins, issame_list)``. Unpickling an untrusted pickle with the
 standard unpickler can run arbitrary code (any callable reachable by ``GLOBAL`` / ``REDUCE``),

@@ -1,4 +1,4 @@
-"""Verification `.bin` sets: safe loading and the InsightFace 10-fold protocol (SPEC V1).
+"""Verification `.bin` sets: safe loading and the InsightFace 10-fold protocol (METHOD V1).
 
 ``load_bin`` reads an InsightFace `.bin` (a pickle of ``(bins, issame_list)``) with the
 restricted unpickler of :mod:`fr_distill.eval.safe_pickle` and decodes the images.
@@ -110,7 +110,7 @@ def _pair_distances(embeddings, issame) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate(embeddings, issame, nrof_folds: int = 10,
              outcomes: dict | None = None) -> dict[str, float]:
-    """Verification metrics of pairs ``(2k, 2k+1)`` of ``embeddings`` (SPEC V1; see module doc).
+    """Verification metrics of pairs ``(2k, 2k+1)`` of ``embeddings`` (METHOD V1; see module doc).
 
     ``embeddings``: ``[2N, D]`` numpy or torch, flip-fused and L2-normalized.
     ``issame``: ``N`` booleans. With ``outcomes``, ``outcomes["correct"]`` receives the

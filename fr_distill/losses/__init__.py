@@ -1,4 +1,4 @@
-"""The distillation objective of SPEC §2: SphereFace2 (E1), ILED (E2), the shared memory bank
+"""The distillation objective of METHOD §2: SphereFace2 (E1), ILED (E2), the shared memory bank
 (E3), RPSD (E4), the unified weighted sum (E5) and the baseline terms (E6)."""
 from __future__ import annotations
 

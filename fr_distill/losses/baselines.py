@@ -1,4 +1,4 @@
-"""Baseline distillation terms the paper compares against: SPEC (E6).
+"""Baseline distillation terms the paper compares against: METHOD (E6).
 
 * ``l2``  — ``mean_i ‖f^s_i − f^t_i‖²`` on the unnormalized embeddings.
 * ``fc``  — feature consistency ``mean_i (1 − c_i)``.
@@ -19,14 +19,14 @@ DISTANCE_EPS = 1e-12  # squared distances are clamped here before the square roo
 
 
 class L2Distillation(nn.Module):
-    """SPEC (E6) ``l2``: mean squared L2 distance between raw student and teacher embeddings."""
+    """METHOD (E6) ``l2``: mean squared L2 distance between raw student and teacher embeddings."""
 
     def forward(self, inputs: KDInputs) -> torch.Tensor:
         return (inputs.student - inputs.teacher).pow(2).sum(dim=1).mean()
 
 
 class FeatureConsistency(nn.Module):
-    """SPEC (E6) ``fc``: ``mean_i (1 − c_i)``."""
+    """METHOD (E6) ``fc``: ``mean_i (1 − c_i)``."""
 
     def forward(self, inputs: KDInputs) -> torch.Tensor:
         return (1.0 - inputs.cosine).mean()
@@ -77,7 +77,7 @@ def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 class RelationalKD(nn.Module):
-    """SPEC (E6) ``rkd``: ``distance_weight·distance + angle_weight·angle`` over the global batch.
+    """METHOD (E6) ``rkd``: ``distance_weight·distance + angle_weight·angle`` over the global batch.
 
     The student embeddings are all-gathered with gradient, the teacher's without; every rank
     computes the same value, and the gather's backward (a sum over ranks) followed by DDP's

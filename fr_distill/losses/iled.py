@@ -1,4 +1,4 @@
-"""ILED, Instance-Level Embedding Distillation: SPEC (E2).
+"""ILED, Instance-Level Embedding Distillation: METHOD (E2).
 
 Each sample is pulled towards its teacher embedding through a rescaled softplus of
 ``s − c_i``: samples already closer than the target cosine ``s`` contribute almost nothing,
@@ -19,7 +19,7 @@ MIN_MEAN_DISTANCE = 1e-12  # below this mean_G(1 − c) the student equals the t
 
 
 def distance_weights(cosine: torch.Tensor) -> torch.Tensor:
-    """``ω_i = sg[(1 − c_i) / mean_G(1 − c)]`` of SPEC (E2); ``ω ≡ 1`` when the mean is ~0.
+    """``ω_i = sg[(1 − c_i) / mean_G(1 − c)]`` of METHOD (E2); ``ω ≡ 1`` when the mean is ~0.
 
     ``mean_G`` is over the global batch: one all-reduce of (sum, count). No host sync.
     """
@@ -34,12 +34,12 @@ def distance_weights(cosine: torch.Tensor) -> torch.Tensor:
 
 
 def iled_per_sample(cosine: torch.Tensor, r: float, s: float, b: float) -> torch.Tensor:
-    """``softplus_r(s − c_i + b/r) = (1/r)·log(1 + exp(r(s − c_i) + b))`` of SPEC (E2)."""
+    """``softplus_r(s − c_i + b/r) = (1/r)·log(1 + exp(r(s − c_i) + b))`` of METHOD (E2)."""
     return F.softplus(r * (s - cosine) + b) / r
 
 
 class ILED(nn.Module):
-    """SPEC (E2): ``L_ILED = mean_i ω_i · softplus_r(s − c_i + b/r)`` over this rank's batch.
+    """METHOD (E2): ``L_ILED = mean_i ω_i · softplus_r(s − c_i + b/r)`` over this rank's batch.
 
     The mean over ranks of this value is the 1-rank value on the global batch (``ω`` uses
     the global normalizer), and under DDP's gradient averaging so are the gradients.

@@ -11,7 +11,7 @@ class KDInputs:
     """Embeddings of this rank's mini-batch, float32.
 
     ``student`` is the (projected) student embedding with gradient, ``teacher`` the teacher's;
-    ``student_hat``/``teacher_hat`` are their L2-normalized forms (SPEC §1 ``x̂``) and
+    ``student_hat``/``teacher_hat`` are their L2-normalized forms (METHOD §1 ``x̂``) and
     ``cosine`` the per-sample student–teacher cosine ``c_i``.
     """
 

@@ -1,4 +1,4 @@
-"""The globally shared memory bank of past embeddings: SPEC (E3).
+"""The globally shared memory bank of past embeddings: METHOD (E3).
 
 Two ring buffers ``M^t, M^s`` of ``Q = bank_factor · G`` normalized, detached embeddings;
 row ``j`` of both holds the teacher and the student embedding of the same past sample.
@@ -29,7 +29,7 @@ UPDATE_MODES = ("fifo", "random")
 
 
 class MemoryBank(nn.Module):
-    """SPEC (E3): teacher and student FIFO (or seeded random) ring buffers of ``capacity`` rows."""
+    """METHOD (E3): teacher and student FIFO (or seeded random) ring buffers of ``capacity`` rows."""
 
     def __init__(self, capacity: int, dim: int, update: str = "fifo", seed: int = 0,
                  device: torch.device | str = "cpu") -> None:

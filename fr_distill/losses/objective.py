@@ -1,4 +1,4 @@
-"""The unified distillation objective: SPEC (E5), a weighted sum of terms built from config.
+"""The unified distillation objective: METHOD (E5), a weighted sum of terms built from config.
 
 ``L = λ_FR·L_FR + λ_ILED·L_ILED + λ_RPSD·L_RPSD + Σ_k λ_k·L_k`` over the terms whose weight
 is > 0 (an ablation or a baseline is a config, not a code path). Every term is computed in
@@ -55,7 +55,7 @@ class ObjectiveOutput:
 
 
 class Objective(nn.Module):
-    """SPEC (E5): the SphereFace2 head (E1), the distillation terms (E2, E4, E6), the shared
+    """METHOD (E5): the SphereFace2 head (E1), the distillation terms (E2, E4, E6), the shared
     memory bank (E3) and the optional linear student→teacher projector."""
 
     def __init__(self, num_classes: int, student_dim: int, teacher_dim: int,
@@ -155,7 +155,7 @@ class Objective(nn.Module):
 
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor | None,
                 labels: torch.Tensor) -> ObjectiveOutput:
-        """SPEC (E5) for student embeddings ``f_s`` [B, Ds] (with gradient), teacher embeddings
+        """METHOD (E5) for student embeddings ``f_s`` [B, Ds] (with gradient), teacher embeddings
         ``f_t`` [B, Dt] (or None without a teacher) and int64 ``labels`` [B]."""
         self._check_inputs(f_s, f_t, labels)
         with torch.autocast(device_type=f_s.device.type, enabled=False):
@@ -190,7 +190,7 @@ class Objective(nn.Module):
 
     @torch.no_grad()
     def update_bank(self, f_s: torch.Tensor, f_t: torch.Tensor | None) -> None:
-        """Enqueue this step's global batch into the memory bank (SPEC E3): all ranks
+        """Enqueue this step's global batch into the memory bank (METHOD E3): all ranks
         all-gather their normalized (projected) student and teacher embeddings in rank order,
         so the bank stays identical everywhere. Call after the step; no-op without RPSD.
 
@@ -211,7 +211,7 @@ class Objective(nn.Module):
 def build_objective(loss_cfg: LossConfig, num_classes: int, student_dim: int, teacher_dim: int,
                     global_batch: int, projector: bool = False,
                     device: torch.device | str = "cpu") -> Objective:
-    """The objective of SPEC (E5) for ``loss_cfg``: terms with weight 0 are left out.
+    """The objective of METHOD (E5) for ``loss_cfg``: terms with weight 0 are left out.
 
     ``global_batch`` sizes the memory bank (``Q = bank_factor · G``); ``projector`` adds a
     linear map ``student_dim → teacher_dim`` in front of the distillation terms, required

@@ -1,4 +1,4 @@
-"""RPSD, Relation-Based Pairwise Similarity Distillation: SPEC (E4).
+"""RPSD, Relation-Based Pairwise Similarity Distillation: METHOD (E4).
 
 The student's similarities to the past samples in the memory bank are matched to the
 teacher's, with a soft tolerance ``t``: relation pairs already within ``t`` are mined out.
@@ -18,7 +18,7 @@ ANCHORS = ("student_bank", "teacher_bank")
 
 def rpsd_loss(student_hat: torch.Tensor, teacher_hat: torch.Tensor, student_anchor: torch.Tensor,
               teacher_anchor: torch.Tensor, r: float, t: float, b: float) -> torch.Tensor:
-    """``mean_ij (1/r')·log(1 + exp(r'(|S^s_ij − S^t_ij| − t) + b'))`` of SPEC (E4).
+    """``mean_ij (1/r')·log(1 + exp(r'(|S^s_ij − S^t_ij| − t) + b'))`` of METHOD (E4).
 
     ``S^s = f̂^s · student_anchorᵀ``, ``S^t = f̂^t · teacher_anchorᵀ``; with no anchor rows the
     loss is exactly 0 (kept in the graph, so the total always has a gradient).
@@ -32,7 +32,7 @@ def rpsd_loss(student_hat: torch.Tensor, teacher_hat: torch.Tensor, student_anch
 
 
 class RPSD(nn.Module):
-    """SPEC (E4) against the filled rows of the shared :class:`MemoryBank` (E3).
+    """METHOD (E4) against the filled rows of the shared :class:`MemoryBank` (E3).
 
     ``student_anchor``: ``student_bank`` compares the student with its own past embeddings
     ``M^s``; ``teacher_bank`` uses ``M^t`` for both relations (never stale).

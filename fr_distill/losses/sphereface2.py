@@ -1,4 +1,4 @@
-"""SphereFace2-C, the face-recognition loss of SPEC (E1), replicated or class-sharded.
+"""SphereFace2-C, the face-recognition loss of METHOD (E1), replicated or class-sharded.
 
 SphereFace2 scores every (sample, class) pair as an independent binary problem, so the loss
 is a plain sum over classes and the classifier can be split by class across ranks with no
@@ -40,7 +40,7 @@ INIT_BLOCK_ROWS = 65536  # the initial matrix is drawn in blocks of this many ro
 
 
 def initial_bias(num_classes: int, lamb: float, r: float, m: float, t: float) -> float:
-    """Closed-form bias initialization of SPEC (E1) (SphereFace2-C)."""
+    """Closed-form bias initialization of METHOD (E1) (SphereFace2-C)."""
     z = lamb / ((1.0 - lamb) * (num_classes - 1.0))
     a_y = r * (2.0 * 0.5 ** t - 1.0 - m)
     a_i = r * (2.0 * 0.5 ** t - 1.0 + m)
@@ -78,7 +78,7 @@ def initial_weight_rows(num_classes: int, dim: int, start: int, end: int,
 
 def margin_offsets(cos: torch.Tensor, target_col: torch.Tensor, m: float,
                    t: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sg[g − cos]`` of SPEC (E1) for every entry as a negative, and for each row's target.
+    """``sg[g − cos]`` of METHOD (E1) for every entry as a negative, and for each row's target.
 
     ``g = 2((cos+1)/2)^t − 1 − m(2y − 1)``; negatives use ``y = 0`` (``+m``), the target entry
     ``y = 1`` (``−m``). ``target_col`` is the column of each row's label in ``cos``
@@ -98,7 +98,7 @@ def margin_offsets(cos: torch.Tensor, target_col: torch.Tensor, m: float,
 def sphereface2_sum(cos: torch.Tensor, target_col: torch.Tensor, bias: torch.Tensor,
                     offsets: tuple[torch.Tensor, torch.Tensor], *, num_classes: int, lamb: float,
                     r: float, lw: float) -> torch.Tensor:
-    """``Σ_ij w_ij · BCEWithLogits(logit_ij, y_ij)`` of SPEC (E1) over a block of ``cos``.
+    """``Σ_ij w_ij · BCEWithLogits(logit_ij, y_ij)`` of METHOD (E1) over a block of ``cos``.
 
     ``logit_ij = r(cos_ij + sg[g_ij − cos_ij]) + b`` with the offsets of
     :func:`margin_offsets`. Computed as: every entry as a negative, plus for each row whose
@@ -135,7 +135,7 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 class SphereFace2Head(nn.Module):
-    """SPEC (E1): the SphereFace2-C classifier ``W`` (rows L2-normalized in place at every
+    """METHOD (E1): the SphereFace2-C classifier ``W`` (rows L2-normalized in place at every
     forward), the learnable bias ``b`` and the loss; ``class_sharded`` splits ``W`` by class
     across ranks (see the module docstring for the gradient scaling).
     """

@@ -1,4 +1,4 @@
-"""Backbones (IResNet, MobileFaceNet, timm) and frozen-teacher loading (SPEC §3)."""
+"""Backbones (IResNet, MobileFaceNet, timm) and frozen-teacher loading (METHOD §3)."""
 from __future__ import annotations
 
 from fr_distill.models.errors import ModelLoadError

@@ -1,4 +1,4 @@
-"""IResNet-18/34/50/100/200 in the InsightFace arcface_torch layout (SPEC §3).
+"""IResNet-18/34/50/100/200 in the InsightFace arcface_torch layout (METHOD §3).
 
 Module names, parameter/buffer names and tensor shapes equal those of arcface_torch's
 ``backbones/iresnet.py``, so a published InsightFace ``backbone.pth`` loads with

@@ -1,7 +1,7 @@
 """Small building blocks shared by the backbones: channel scaling and the float32 head.
 
 Both backbone families end in an embedding head (``Linear`` → ``BatchNorm1d``) that must run
-in float32 even when the body runs under ``torch.autocast`` (SPEC §3: "the final FC in
+in float32 even when the body runs under ``torch.autocast`` (METHOD §3: "the final FC in
 float32"), and both accept a ``width`` multiplier so tests and demos can build tiny members
 of the same family.
 """

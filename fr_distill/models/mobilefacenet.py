@@ -1,4 +1,4 @@
-"""MobileFaceNet, the second student family (SPEC §3), in the InsightFace arcface_torch layout.
+"""MobileFaceNet, the second student family (METHOD §3), in the InsightFace arcface_torch layout.
 
 The layout is arcface_torch's ``mbf`` (``backbones/mobilefacenet.py``, blocks (1, 4, 6, 2),
 scale 2): a strided 3x3 stem, inverted-residual depthwise stages at 56/28/14/7 pixels, a 1x1

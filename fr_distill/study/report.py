@@ -22,7 +22,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 import numpy as np  # noqa: E402
 
+from fr_distill.eval.plots import plot_roc  # noqa: E402
 from fr_distill.eval.report import to_jsonable  # noqa: E402
+from fr_distill.eval.roc import roc_curve  # noqa: E402
 from fr_distill.study.runner import TEACHER, StudyRun  # noqa: E402
 from fr_distill.study.spec import StudySpec  # noqa: E402
 from fr_distill.study.stats import (accuracy_metric, bootstrap_interval,  # noqa: E402
@@ -163,6 +165,22 @@ def summarize(teacher: StudyRun, by_variant: dict[str, dict[int, StudyRun]],
 # ----------------------------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------------------------
+def plot_rocs(teacher: StudyRun, by_variant: dict[str, dict[int, StudyRun]], out: Path) -> list[Path]:
+    """One ROC figure per IJB set: the teacher and each variant's first finished seed."""
+    models = ([(TEACHER, teacher)] if teacher.ok else []) + [
+        (variant, runs[min(runs)]) for variant, runs in by_variant.items() if runs]
+    names = sorted({name for _, run in models for name in run.outcomes.get("ijb", {})})
+    written = []
+    for name in names:
+        curves = {}
+        for label, run in models:
+            pairs = run.outcomes["ijb"][name]
+            fpr, tpr, _ = roc_curve(pairs["scores"], pairs["labels"])
+            curves[label] = (fpr, tpr)
+        written.append(plot_roc(curves, out / f"roc_{name}.png", title=f"1:1 ROC on {name}"))
+    return written
+
+
 def plot_curves(by_variant: dict[str, dict[int, StudyRun]], out: Path) -> list[Path]:
     """Training curves averaged over seeds: loss terms, cosine, distillation gradient share."""
     curves = {v: mean_curves(list(runs.values())) for v, runs in by_variant.items() if runs}
@@ -271,7 +289,9 @@ def markdown(spec: StudySpec, out: Path, summary: dict, diffs: dict, failed: lis
         lines += ["", "## Failed runs", "", "| run | error | log |", "|---|---|---|"]
         lines += [f"| {r.name} | {r.error} | `{r.log}` |" for r in failed]
     if figures:
-        lines += ["", "## Training curves (mean over seeds)", ""]
+        lines += ["", "## Figures", "",
+                  "ROC: the teacher and each variant's first seed. Training curves: mean over seeds.",
+                  ""]
         lines += [f"![{p.stem}]({p.name})" for p in figures]
     return "\n".join(lines) + "\n"
 
@@ -286,7 +306,7 @@ def write_report(spec: StudySpec, out: Path, teacher: StudyRun, students: list[S
     summary = summarize(teacher, by_variant, spec.bootstrap)
     diffs = differences(spec, teacher, by_variant)
     failed = [r for r in [teacher, *students] if r.status == "failed"]
-    figures = plot_curves(by_variant, out)
+    figures = plot_rocs(teacher, by_variant, out) + plot_curves(by_variant, out)
     command = " ".join(["fr-distill", "study", *sys.argv[2:]]) if sys.argv[1:2] == ["study"] \
         else " ".join(sys.argv)
     report = {"spec": str(spec.path), "machine": _machine(), "wall_s": wall_s,

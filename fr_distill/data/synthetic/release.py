@@ -1,5 +1,5 @@
 """Writers of the synthetic data set's files: the training folder and RecordIO pair, the
-verification ``.bin`` sets (SPEC V1) and the IJB-style release (SPEC V2, V3).
+verification ``.bin`` sets (METHOD V1) and the IJB-style release (METHOD V2, V3).
 
 Every image is produced by a :class:`RenderJob` (a batch of identity latents, conditions and
 output transforms plus the seed of its noise), rendered and JPEG-encoded by
