@@ -169,3 +169,31 @@ def test_train_command_help_dry_run_and_errors(synthetic_data, tmp_path, capsys)
     assert err.count("\n") == 0 and "unknown config key 'loss.rpsd.wieght'" in err
     assert main(args + ["--dry-run", "loss.iled.weight=1"]) == 2
     assert "teacher.path" in capsys.readouterr().err
+
+
+def test_diagnostics_are_logged_on_logging_steps_and_leave_training_unchanged(
+        synthetic_data, teacher_file, tmp_path, single_thread):
+    """METHOD (D1) in the trainer: per-term records every ``logging.every_steps`` (and at the
+    last step), and a run with them ends bitwise equal to the same run without them."""
+    states = {}
+    for diagnostics in (True, False):
+        out = tmp_path / f"diagnostics_{diagnostics}"
+        cfg = load_config(None, _overrides(synthetic_data, out, teacher_file) + [
+            "data.batch_size=8", "schedule.total_steps=5", "checkpoint.every_steps=5",
+            "logging.every_steps=2", f"logging.diagnostics={str(diagnostics).lower()}",
+            "loss.fc.weight=1.0"])
+        train(cfg)
+        states[diagnostics] = checkpoint.load(out / "checkpoints" / "step_00000005.pt")
+        records = _records(out)
+        assert [r["step"] for r in records] == [2, 4, 5]
+        with_grad = [r for r in records if "grad_norm/iled" in r]
+        assert len(with_grad) == (3 if diagnostics else 0)
+    for record in with_grad:
+        terms = ("sphereface2", "iled", "rpsd", "fc")
+        assert sum(record[f"grad_share/{t}"] for t in terms) == pytest.approx(1.0, abs=1e-5)
+        assert sum(record[f"loss_share/{t}"] for t in terms) == pytest.approx(1.0, abs=1e-5)
+        assert all(record[f"grad_norm/{t}"] > 0 for t in ("sphereface2", "iled", "fc"))
+        assert 0.0 <= record["iled/below_target"] <= 1.0
+        assert 0.0 <= record["rpsd/above_tolerance"] <= 1.0 and record["rpsd/mean_gap"] > 0
+    _assert_identical(states[True]["student"], states[False]["student"], "student")
+    _assert_identical(states[True]["objective"], states[False]["objective"], "objective")

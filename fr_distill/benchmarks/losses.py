@@ -6,6 +6,8 @@ on a shared machine hits all alike), forward + backward of:
   * ``objective``   — the full objective of METHOD (E5) with the paper's weights: SphereFace2
                       over ``C`` classes (8,631 = VGGFace2) + ILED + RPSD against a full memory
                       bank (``Q = 3·B``), input checks and the bank update included;
+  * ``objective+diagnostics`` — the same on a logging step: the per-term diagnostics of
+                      METHOD (D1) before the backward (their cost is the difference);
   * ``sphereface2``, ``iled``, ``rpsd`` — each term alone, for the breakdown.
 Prints the median milliseconds per variant and each one's ratio to the student step (the
 target is < 2 % for the objective at batch 64 on a GPU); ``--json PATH`` writes them.
@@ -32,9 +34,10 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _objective_step(cfg: LossConfig, classes: int, dim: int, batch: int,
-                    device: torch.device) -> Callable[[], None]:
+                    device: torch.device, diagnose: bool = False) -> Callable[[], None]:
     """Forward + backward of the objective built from ``cfg`` on fixed random embeddings, then
-    the memory-bank update (a no-op without RPSD)."""
+    the memory-bank update (a no-op without RPSD); with ``diagnose``, METHOD (D1) as on a
+    logging step."""
     objective = build_objective(cfg, classes, dim, dim, global_batch=batch, device=device)
     g = torch.Generator(device=device).manual_seed(0)
     f_s = torch.randn(batch, dim, device=device, generator=g, requires_grad=True)
@@ -46,7 +49,10 @@ def _objective_step(cfg: LossConfig, classes: int, dim: int, batch: int,
                                   torch.randn(batch, dim, device=device, generator=g))
 
     def step() -> None:
-        objective(f_s, f_t, labels).total.backward()
+        out = objective(f_s, f_t, labels)
+        if diagnose:
+            torch.stack(list(objective.diagnostics(out, f_s).values())).tolist()
+        out.total.backward()
         objective.update_bank(f_s.detach(), f_t)
         f_s.grad = None
         objective.zero_grad(set_to_none=True)
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants: dict[str, Callable[[], None]] = {
         "student": _student_step(args.batch, args.dim, device, amp),
         "objective": _objective_step(LossConfig(), *sizes),
+        "objective+diagnostics": _objective_step(LossConfig(), *sizes, diagnose=True),
         "sphereface2": _objective_step(_loss_config(0, 0, 1), *sizes),
         "iled": _objective_step(_loss_config(1, 0, 0), *sizes),
         "rpsd": _objective_step(_loss_config(0, 40, 0), *sizes),
@@ -116,10 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
               "median_ms": median_ms, "ratio_to_student": ratios}
     print(f"objective vs student step ({device}, batch {args.batch}, C={args.classes}, "
           f"D={args.dim}, student {amp}; median of {args.repeats} rounds)")
-    print(f"{'variant':<14}{'fwd+bwd ms':>12}{'/ student':>12}")
+    print(f"{'variant':<24}{'fwd+bwd ms':>12}{'/ student':>12}")
     for name, ms in median_ms.items():
         ratio = "" if name == "student" else f"{100 * ratios[name]:>11.2f}%"
-        print(f"{name:<14}{ms:>12.2f}{ratio:>12}")
+        print(f"{name:<24}{ms:>12.2f}{ratio:>12}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result
