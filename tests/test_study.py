@@ -230,3 +230,11 @@ def test_reduced_study_reuses_resumes_and_reports(tmp_path):
     assert third.stdout.count(") reusing ") == 5 and trained == {"broken/seed1", "broken/seed2"}, \
         third.stdout
     assert table_rows((out / "study.md").read_text(), "| model | seeds |") == results
+
+    # a run directory written with another config is refused, not silently reused
+    student = tmp_path / "student.yaml"
+    student.write_text(student.read_text() + "optim: {lr: 0.05}\n")
+    proc = subprocess.run(study_command(spec, out), cwd=REPO, env=torchrun_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "holds a run with another config than the study's 'none/seed1'" in proc.stderr

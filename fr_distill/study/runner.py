@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from fr_distill.config import Config, ConfigError, load_config, to_dict
 from fr_distill.engine.checkpoint import CheckpointStore
@@ -111,9 +110,17 @@ def prepare_data(spec: StudySpec, out: Path) -> StudyData:
 
 
 def _check_config_unchanged(run: StudyRun) -> None:
-    """A run directory holds the run of exactly this config, or nothing yet."""
+    """A run directory holds the run of exactly this config, or nothing yet. The saved config
+    is read through the current schema, so keys added since (at their defaults) do not count
+    as a change."""
     saved = run.run_dir / "config.yaml"
-    if saved.is_file() and yaml.safe_load(saved.read_text()) != to_dict(run.config):
+    if not saved.is_file():
+        return
+    try:
+        same = to_dict(load_config(saved)) == to_dict(run.config)
+    except ConfigError:
+        same = False
+    if not same:
         raise StudyError(f"{run.run_dir} holds a run with another config than the study's "
                          f"'{run.name}' (see its config.yaml); remove that directory or choose "
                          f"another --out")
