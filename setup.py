@@ -1,5 +1,22 @@
 """fr_distill: distributed knowledge distillation for deep face recognition."""
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithConfigs(build_py):
+    """Copy ``configs/`` into the built package (``fr_distill/configs``): the commands of an
+    installed package find the demo and study specs there (``fr_distill.resources``). An
+    editable install reads the checkout's ``configs/`` directly."""
+
+    def run(self):
+        super().run()
+        if not getattr(self, "editable_mode", False):
+            shutil.copytree("configs", Path(self.build_lib) / "fr_distill" / "configs",
+                            dirs_exist_ok=True)
+
 
 EXTRAS = {
     "dali": ["nvidia-dali-cuda130"],
@@ -33,4 +50,5 @@ setup(
     ],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["fr-distill=fr_distill.cli:main"]},
+    cmdclass={"build_py": BuildPyWithConfigs},
 )

@@ -5,6 +5,7 @@
 ``fr-distill config reference``                       the table of every key (README section)
 ``fr-distill train ...`` / ``fr-distill eval ...``    the same as ``launch/train.py`` / ``launch/eval.py``
 ``fr-distill study SPEC [--out DIR] [--dry-run]``     variants x seeds with uncertainty (docs/STUDY.md)
+``fr-distill demo [--quick] [--out DIR]``             the end-to-end demo on synthetic faces (make demo)
 """
 from __future__ import annotations
 
@@ -55,10 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from fr_distill.engine.entry import train_main
     from fr_distill.eval.runner import eval_main
+    from fr_distill.demo import demo_main
     from fr_distill.study import study_main
 
     commands = {"config": _config_command, "train": train_main, "eval": eval_main,
-                "study": study_main}
+                "study": study_main, "demo": demo_main}
     if not argv or argv[0] not in commands:
         print(__doc__.strip())
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2

@@ -16,15 +16,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fr_distill.resources import configs_dir
 from fr_distill.study import StudyError, load_spec
 from fr_distill.study.runner import run_study, say
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 
 
 def demo_spec(quick: bool = False) -> Path:
-    """The study spec of the demo (full or quick form)."""
-    return CONFIGS / "quick" / "study.yaml" if quick else CONFIGS / "study.yaml"
+    """The study spec of the demo (full or quick form), from the shipped configs."""
+    demo = configs_dir() / "demo"
+    return demo / "quick" / "study.yaml" if quick else demo / "study.yaml"
 
 
 def run_demo(out_dir: str | os.PathLike = "demo_out", quick: bool = False, nproc: int = 2) -> Path:
@@ -40,3 +41,29 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", quick: bool = False, nproc
     print("\n" + "\n".join(line for line in tables if not line.startswith("## Fig")) + "\n")
     say(f"report: {report}")
     return report
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    """``fr-distill demo [--out DIR] [--quick] [--nproc N] [--dry-run]`` (``make demo``)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="fr-distill demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="demo_out", help="output directory (reused by a second run)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small data set and a few steps per model (the form CI runs)")
+    parser.add_argument("--nproc", type=int, default=2, help="processes per training run")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the demo's spec and list its runs, train nothing")
+    args = parser.parse_args(argv)
+    try:
+        if args.dry_run:
+            spec = load_spec(demo_spec(args.quick))
+            print(f"{spec.path}: OK, runs: teacher, "
+                  + ", ".join(f"{v}/seed{s}" for s in spec.seeds for v in spec.variants))
+            return 0
+        run_demo(args.out, quick=args.quick, nproc=args.nproc)
+    except StudyError as err:
+        print(f"demo: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -26,6 +26,7 @@ import torch
 from ..config import LossConfig
 from ..losses import build_objective
 from ..models import get_backbone
+from ..precision import amp_dtype, autocast
 
 
 def _synchronize(device: torch.device) -> None:
@@ -64,10 +65,10 @@ def _student_step(batch: int, dim: int, device: torch.device, amp: str) -> Calla
     """Forward + backward of IResNet-18 on a fixed random image batch."""
     model = get_backbone("iresnet18", embedding_dim=dim).to(device).train()
     images = torch.randn(batch, 3, 112, 112, device=device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    dtype = amp_dtype(amp, device)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(device, dtype):
             embedding = model(images)
         embedding.float().square().mean().backward()
         model.zero_grad(set_to_none=True)

@@ -40,9 +40,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..config import Config, DataConfig, LossConfig, OptimConfig
 from ..engine.optim import build_optimizer
 from .. import dist
-from ..engine.trainer import autocast, image_layout, nonfinite_embeddings, nonfinite_terms
+from ..engine.trainer import image_layout, nonfinite_embeddings, nonfinite_terms
 from ..losses import build_objective
 from ..models import FrozenTeacher, get_backbone
+from ..precision import amp_dtype as resolve_amp, autocast
 
 PHASES = ("data", "teacher", "student_fwd_bwd", "objective", "bank", "optimizer")
 
@@ -51,7 +52,7 @@ PHASES = ("data", "teacher", "student_fwd_bwd", "objective", "bank", "optimizer"
 BF16_DENSE_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0),
                           ("H100", 989.0), ("H200", 989.0))
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+AMPS = ("bf16", "fp16", "fp32")
 
 
 def bf16_peak_tflops(device_name: str) -> float | None:
@@ -260,9 +261,7 @@ def build_step(models: Models, args: argparse.Namespace, device: torch.device, b
                amp: str, distill: bool, batches: Iterator,
                timer: PhaseTimer) -> Callable[[], None]:
     """A fresh objective, optimizer and scaler around the shared models: one variant's step."""
-    amp_dtype = AMP_DTYPES[amp]
-    if amp_dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        amp_dtype = None
+    amp_dtype = resolve_amp(amp, device)
     objective = build_objective(loss_config(distill), args.classes, args.embedding_dim,
                                 args.embedding_dim, batch, device=device)
     params = list(models.student.parameters()) + objective.replicated_parameters()
@@ -324,8 +323,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--embedding-dim", type=int, default=512)
     parser.add_argument("--classes", type=int, default=8631, help="SphereFace2 head (VGGFace2: 8631)")
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 128, 256])
-    parser.add_argument("--amp", nargs="+", choices=sorted(AMP_DTYPES), default=["bf16", "fp16"])
-    parser.add_argument("--compile", nargs="*", choices=sorted(AMP_DTYPES), default=None,
+    parser.add_argument("--amp", nargs="+", choices=AMPS, default=["bf16", "fp16"])
+    parser.add_argument("--compile", nargs="*", choices=AMPS, default=None,
                         help="also run compiled variants (for the precisions named, default all)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps per variant")
     parser.add_argument("--warmup", type=int, default=5, help="unmeasured steps per variant")

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fr_distill import dist
+from fr_distill import dist, precision
+from fr_distill.precision import autocast
 from fr_distill.config import Config, check_paths
 from fr_distill.data import Batch, build_train_loader, preflight
 from fr_distill.engine import checkpoint
@@ -90,7 +91,7 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
     if resume_path is not None:
         log.info("resuming from %s (step %d)", resume_path, plan.resume_step)
     configure_determinism(cfg.run.deterministic)
-    amp_dtype = autocast_dtype(cfg.precision.amp, device)
+    amp_dtype = precision.amp_dtype(cfg.precision.amp, device)
 
     # -- models: identical initialization on every rank ----------------------------------------
     seed_everything(cfg.run.seed)
@@ -236,11 +237,6 @@ def train_step(run: Run, batches: Iterator[Batch], stop: StopSignal) -> StepStat
 # ----------------------------------------------------------------------------------------------
 # Helpers of the loop
 # ----------------------------------------------------------------------------------------------
-def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
-    """Autocast to ``dtype`` on ``device``'s type; disabled for ``None`` (fp32)."""
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
 def image_layout(cfg: Config, device: torch.device) -> torch.memory_format:
     """channels_last (``model.channels_last``) on CUDA, where its convolutions are faster.
 
@@ -250,19 +246,6 @@ def image_layout(cfg: Config, device: torch.device) -> torch.memory_format:
     if cfg.model.channels_last and device.type == "cuda":
         return torch.channels_last
     return torch.contiguous_format
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """``precision.amp`` → the autocast dtype: bf16 where the device supports it, else fp32."""
-    if amp == "fp32":
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        log.warning("precision.amp=bf16 is not supported on %s; training in fp32",
-                    torch.cuda.get_device_name(device))
-        return None
-    return torch.bfloat16
 
 
 def no_sync(model: nn.Module):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from fr_distill import dist
 from fr_distill.data.align import align_face
+from fr_distill.precision import autocast
 
 from .errors import EvalDataError
 from .imageio import decode_image
@@ -100,13 +100,12 @@ def rank_shards(shards: list, rank: int, world_size: int) -> list:
 @torch.no_grad()
 def embed_flip_fused(model: torch.nn.Module, images: np.ndarray, device: torch.device,
                      amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``e(x) + e(flip(x))`` for a uint8 ``[B, 3, H, W]`` batch, float32 on ``device``."""
+    """``e(x) + e(flip(x))`` for a uint8 ``[B, 3, H, W]`` batch, float32 on ``device``; the
+    forward runs under autocast to ``amp_dtype``, or in float32 when it is ``None``."""
     batch = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
     batch = batch.float().div_(255).sub_(0.5).div_(0.5)
     both = torch.cat([batch, batch.flip(3)])
-    autocast = torch.autocast("cuda", dtype=amp_dtype or torch.float16) \
-        if device.type == "cuda" else nullcontext()
-    with autocast:
+    with autocast(device, amp_dtype):  # amp_dtype None: float32, autocast off
         out = model(both)
     out = out.float()
     return out[: len(batch)] + out[len(batch):]

@@ -19,6 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from fr_distill import dist
+from fr_distill.precision import AMP_CHOICES, amp_dtype
 
 from .dali_align import DaliAlignedImages
 from .errors import EvalDataError
@@ -203,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--shard-size", type=int, default=SHARD_SIZE,
                         help="images per cached feature shard")
-    parser.add_argument("--amp", choices=("fp16", "bf16", "off"), default="fp16",
-                        help="autocast dtype on GPUs")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="fp16",
+                        help="autocast dtype on GPUs; fp32 (or off): float32, no autocast")
     parser.add_argument("--no-faceness", action="store_true", help="do not weight by faceness")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     parser.add_argument("--aligner", default="auto", choices=("auto", "dali", "numpy"),
@@ -223,12 +224,12 @@ def run_evaluation(argv: list[str] | None = None) -> dict:
     try:
         model = load_teacher(args.model, name=args.arch, embedding_dim=args.embedding_dim,
                              width=args.width, device=info.device)
-        amp = {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[args.amp]
+        amp = amp_dtype(args.amp, info.device) if info.device.type == "cuda" else None
         stat = Path(args.model).stat()
         digest = hashlib.sha1(f"{Path(args.model).resolve()}:{stat.st_size}:{stat.st_mtime_ns}:"
-                              f"{args.arch}:{args.width}:{args.amp}".encode()).hexdigest()
+                              f"{args.arch}:{args.width}:{amp}".encode()).hexdigest()
         results = evaluate_model(model, info.device, args.bin, list(zip(args.ijb, args.ijb_name)),
-                                 args.out, args.batch_size, amp if info.device.type == "cuda" else None,
+                                 args.out, args.batch_size, amp,
                                  not args.no_faceness, cache_key={"model": digest},
                                  shard_size=args.shard_size, aligner=args.aligner)
         if info.is_main:
