@@ -7,6 +7,11 @@ Every error is a :class:`ConfigError` whose one-line message names the key (and 
 unknown keys come with the closest valid ones, wrong types and out-of-range values with
 the offending value. :func:`check_paths` verifies that input files exist; the trainer calls
 it before it builds any model.
+
+Each key is declared once, as a dataclass field made by :func:`setting`: its type (a
+``Literal`` for a fixed set of choices), default, help text and range rule. The rule table
+(:func:`rules`), the README's reference table (:func:`schema_reference`) and the hints for
+unknown keys are all read from these fields.
 """
 from __future__ import annotations
 
@@ -16,9 +21,10 @@ import math
 import os
 import types
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import yaml
 
@@ -28,107 +34,172 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------
+# Declaring a key: default, help text and range rule on the dataclass field
+# --------------------------------------------------------------------------------------
+class Rule(NamedTuple):
+    """A range rule: ``check(value)`` holds for allowed values; ``text`` says which (``> 0``)."""
+
+    check: Callable[[Any], bool]
+    text: str
+
+
+POSITIVE = Rule(lambda v: v > 0, "> 0")
+NON_NEGATIVE = Rule(lambda v: v >= 0, ">= 0")
+OPEN_UNIT = Rule(lambda v: 0 < v < 1, "in (0, 1)")
+FRACTION = Rule(lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def setting(default: Any, help: str, rule: Rule | None = None,
+            aliases: dict[str, str] | None = None) -> Any:
+    """A leaf config key: its default, its help text (the README's "meaning") and its rule.
+
+    Keys with a fixed set of values declare them as a ``Literal`` type instead of a rule.
+    ``aliases`` maps an accepted spelling to the value stored, so the rest of the system
+    sees only the canonical one. A list default is copied for every instance.
+    """
+    metadata = {"help": help, "rule": rule, "aliases": aliases or {}}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# --------------------------------------------------------------------------------------
 # Schema
 # --------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
     """The student backbone (METHOD §3)."""
 
-    name: str = "iresnet18"  # iresnet18..iresnet200, mobilefacenet, timm:<name>
-    embedding_dim: int = 512
-    width: float = 1.0  # channel multiplier; 1.0 is the published layout
-    dropout: float = 0.0
-    projector: bool = False  # linear map student dim -> teacher dim (needed when they differ)
-    channels_last: bool = True
-    compile: bool = False  # torch.compile the student
-    freeze_bn: bool = False  # BatchNorm normalizes with its running statistics, never updated
+    name: str = setting("iresnet18", "student backbone: iresnet18/34/50/100/200, mobilefacenet, "
+                                     "timm:<name>")
+    embedding_dim: int = setting(512, "student embedding size D", POSITIVE)
+    width: float = setting(1.0, "channel multiplier of the backbone; 1.0 is the published layout",
+                           POSITIVE)
+    dropout: float = setting(0.0, "dropout before the embedding layer", FRACTION)
+    projector: bool = setting(False, "learn a linear map student D -> teacher D for the "
+                                     "distillation terms (needed when they differ)")
+    channels_last: bool = setting(True, "channels-last memory format (faster convolutions on "
+                                        "tensor cores)")
+    compile: bool = setting(False, "torch.compile the student")
+    freeze_bn: bool = setting(False, "keep the student BatchNorm layers on its running statistics "
+                                     "(batch-statistics-free training)")
 
 
 @dataclass
 class TeacherConfig:
     """The frozen teacher. ``path`` empty means no teacher (plain training)."""
 
-    path: str = ""  # InsightFace .pth, fr_distill checkpoint, .onnx, TorchScript
-    name: str = "iresnet100"  # architecture for state-dict files
-    embedding_dim: int = 512
-    width: float = 1.0
-    onnx_backend: str = "auto"  # auto | torch | onnxruntime
-    compile: bool = False
+    path: str = setting("", "teacher file: InsightFace state dict, fr_distill checkpoint, ONNX or "
+                            "TorchScript; empty = no teacher")
+    name: str = setting("iresnet100", "teacher architecture for a plain state dict")
+    embedding_dim: int = setting(512, "teacher embedding size for a plain state dict", POSITIVE)
+    width: float = setting(1.0, "teacher channel multiplier for a plain state dict", POSITIVE)
+    onnx_backend: Literal["auto", "torch", "onnxruntime"] = setting(
+        "auto", "ONNX teacher: auto (onnx2torch when verified, else onnxruntime), torch, "
+                "onnxruntime")
+    compile: bool = setting(False, "torch.compile the teacher")
 
 
 @dataclass
 class DataConfig:
     """Training data (METHOD §4)."""
 
-    train: str = ""  # image folder, a train.rec, or a folder holding train.rec/train.idx
-    format: str = "auto"  # auto | folder | recordio
-    loader: str = "auto"  # auto (DALI if installed) | dali | torch
-    batch_size: int = 64  # per rank
-    num_workers: int = 2
-    prefetch: int = 2
-    flip: bool = True
-    skip_bad: bool = False  # skip records the pre-flight check lists as bad (counted, logged)
-    preflight: bool = True  # headers-and-sizes check of every record before training
+    train: str = setting("", "training set: image folder, train.rec, or a folder holding "
+                             "train.rec/train.idx")
+    format: Literal["auto", "folder", "recordio"] = setting(
+        "auto", "training set format (auto: from what data.train holds)")
+    loader: Literal["auto", "dali", "torch"] = setting(
+        "auto", "input pipeline: auto (DALI when installed), dali, torch")
+    batch_size: int = setting(64, "images per rank per micro-step (global batch = batch_size x "
+                                  "ranks)", POSITIVE)
+    num_workers: int = setting(2, "reader/decoder worker processes per rank", NON_NEGATIVE)
+    prefetch: int = setting(2, "batches prepared ahead of the step", POSITIVE)
+    flip: bool = setting(True, "random horizontal flip (seeded per sample)")
+    skip_bad: bool = setting(False, "skip the records the pre-flight check finds bad (counted and "
+                                    "logged) instead of stopping")
+    preflight: bool = setting(True, "check headers and sizes of every record before training")
 
 
 @dataclass
 class SphereFace2Config:
     """METHOD (E1). ``lamb`` is SphereFace2's λ (positive/negative balance)."""
 
-    weight: float = 1.0
-    lamb: float = 0.7
-    r: float = 40.0
-    m: float = 0.4
-    t: float = 3.0
-    lw: float = 10.0
-    parallel: str = "replicated"  # replicated | class_sharded
+    weight: float = setting(1.0, "weight of the SphereFace2 loss (E1)", NON_NEGATIVE)
+    lamb: float = setting(0.7, "SphereFace2 lambda: balance of positive and negative terms (E1)",
+                          OPEN_UNIT)
+    r: float = setting(40.0, "SphereFace2 scale r (E1)", POSITIVE)
+    m: float = setting(0.4, "SphereFace2 margin m (E1)", NON_NEGATIVE)
+    t: float = setting(3.0, "SphereFace2 similarity adjustment t (E1)", POSITIVE)
+    lw: float = setting(10.0, "SphereFace2 loss weight lw (E1)", POSITIVE)
+    parallel: Literal["replicated", "class_sharded"] = setting(
+        "replicated", "replicated head, or classes split across ranks (class_sharded, for "
+                      "millions of identities)")
 
 
 @dataclass
 class ILEDConfig:
     """METHOD (E2)."""
 
-    weight: float = 1.0
-    r: float = 40.0
-    s: float = 0.9
-    b: float = 0.1
-    distance_weighting: bool = True
+    weight: float = setting(1.0, "lambda_ILED (E2, E5); 0 disables ILED", NON_NEGATIVE)
+    r: float = setting(40.0, "ILED steepness r (E2)", POSITIVE)
+    s: float = setting(0.9, "ILED target cosine s (E2)", Rule(lambda v: -1 <= v <= 1, "in [-1, 1]"))
+    b: float = setting(0.1, "ILED bias b (E2)")
+    distance_weighting: bool = setting(True, "weight samples by (1 - c_i) / mean over the global "
+                                             "batch (E2)")
 
 
 @dataclass
 class RPSDConfig:
     """METHOD (E4)."""
 
-    weight: float = 40.0
-    r: float = 60.0
-    t: float = 0.05
-    b: float = 1.0
-    student_anchor: str = "student_bank"  # student_bank | teacher_bank
+    weight: float = setting(40.0, "lambda_RPSD (E4, E5); 0 disables RPSD and the memory bank",
+                            NON_NEGATIVE)
+    r: float = setting(60.0, "RPSD steepness r' (E4)", POSITIVE)
+    t: float = setting(0.05, "RPSD tolerance t (E4)", Rule(lambda v: 0 <= v <= 2, "in [0, 2]"))
+    b: float = setting(1.0, "RPSD bias b' (E4)")
+    student_anchor: Literal["student_bank", "teacher_bank"] = setting(
+        "student_bank", "student similarities against the student bank or the teacher bank (E4)")
 
 
 @dataclass
 class BankConfig:
     """METHOD (E3)."""
 
-    bank_factor: int = 3  # Q = bank_factor * global batch
-    update: str = "fifo"  # fifo | random
-    seed: int = 0
+    bank_factor: int = setting(3, "memory bank rows Q = bank_factor x global batch (E3)", POSITIVE)
+    update: Literal["fifo", "random"] = setting(
+        "fifo", "bank overwrite order: fifo, or random rows (seeded) (E3)")
+    seed: int = setting(0, "seed of the random bank update (loss.bank.update: random); the "
+                           "SphereFace2 head is initialized from run.seed")
 
 
 @dataclass
 class WeightedTerm:
     """A baseline KD term of METHOD (E6): enabled when ``weight`` > 0."""
 
-    weight: float = 0.0
+    weight: float = setting(0.0, "weight of the term (E6); 0 disables it", NON_NEGATIVE)
+
+
+@dataclass
+class L2Config(WeightedTerm):
+    """Raw L2 feature distillation (METHOD E6)."""
+
+    weight: float = setting(0.0, "weight of raw L2 feature distillation (E6)", NON_NEGATIVE)
+
+
+@dataclass
+class FCConfig(WeightedTerm):
+    """Feature consistency ``1 - c_i`` (METHOD E6)."""
+
+    weight: float = setting(0.0, "weight of feature consistency 1 - c_i (E6)", NON_NEGATIVE)
 
 
 @dataclass
 class RKDConfig:
     """Relational KD (METHOD E6): distance and angle terms."""
 
-    weight: float = 0.0
-    distance_weight: float = 1.0
-    angle_weight: float = 2.0
+    weight: float = setting(0.0, "weight of relational KD (E6)", NON_NEGATIVE)
+    distance_weight: float = setting(1.0, "RKD distance-term weight (E6)", NON_NEGATIVE)
+    angle_weight: float = setting(2.0, "RKD angle-term weight (E6)", NON_NEGATIVE)
 
 
 @dataclass
@@ -139,78 +210,103 @@ class LossConfig:
     iled: ILEDConfig = field(default_factory=ILEDConfig)
     rpsd: RPSDConfig = field(default_factory=RPSDConfig)
     bank: BankConfig = field(default_factory=BankConfig)
-    l2: WeightedTerm = field(default_factory=WeightedTerm)
-    fc: WeightedTerm = field(default_factory=WeightedTerm)
+    l2: L2Config = field(default_factory=L2Config)
+    fc: FCConfig = field(default_factory=FCConfig)
     rkd: RKDConfig = field(default_factory=RKDConfig)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    no_decay_bn_bias: bool = False
-    reference_batch: int = 0  # >0: lr scaled by global_batch / reference_batch
-    grad_clip: float = 0.0  # max global grad norm; 0 disables
-    accumulation_steps: int = 1
-    fused: bool = True  # torch's fused SGD where the device supports it
+    """SGD and its learning rate (see ``fr_distill/engine/optim.py``)."""
+
+    name: Literal["sgd"] = setting("sgd", "optimizer")
+    lr: float = setting(0.1, "base learning rate: used as is when optim.reference_batch is 0, "
+                             "else multiplied by (global batch x optim.accumulation_steps) / "
+                             "optim.reference_batch", POSITIVE)
+    momentum: float = setting(0.9, "SGD momentum", FRACTION)
+    weight_decay: float = setting(5e-4, "weight decay", NON_NEGATIVE)
+    no_decay_bn_bias: bool = setting(False, "no weight decay on BatchNorm parameters and biases")
+    reference_batch: int = setting(0, "batch at which optim.lr holds: > 0 multiplies optim.lr by "
+                                      "(global batch x optim.accumulation_steps) / "
+                                      "reference_batch; 0 = no scaling", NON_NEGATIVE)
+    grad_clip: float = setting(0.0, "maximum global gradient norm; 0 disables clipping",
+                               NON_NEGATIVE)
+    accumulation_steps: int = setting(1, "micro-steps per optimizer step (loss divided, schedule "
+                                         "stepped per optimizer step)", POSITIVE)
+    fused: bool = setting(True, "the fused SGD kernel where the device supports it")
 
 
 @dataclass
 class ScheduleConfig:
     """Learning-rate schedule, in optimizer steps."""
 
-    name: str = "multistep"  # multistep | cosine | poly
-    total_steps: int = 80000
-    warmup_steps: int = 0
-    milestones: list[int] = field(default_factory=lambda: [40000, 60000, 70000])
-    gamma: float = 0.1
-    power: float = 2.0
-    min_lr: float = 0.0
+    name: Literal["multistep", "cosine", "poly"] = setting("multistep", "learning-rate schedule")
+    total_steps: int = setting(80000, "optimizer steps of the run", POSITIVE)
+    warmup_steps: int = setting(0, "linear warmup steps", NON_NEGATIVE)
+    milestones: list[int] = setting([40000, 60000, 70000],
+                                    "multistep: steps where lr is multiplied by gamma")
+    gamma: float = setting(0.1, "multistep decay factor", POSITIVE)
+    power: float = setting(2.0, "poly: exponent of the decay", POSITIVE)
+    min_lr: float = setting(0.0, "cosine/poly: final learning rate", NON_NEGATIVE)
 
 
 @dataclass
 class PrecisionConfig:
-    amp: str = "bf16"  # bf16 | fp16 | fp32 (bf16 falls back to fp32 where unsupported)
+    """Mixed precision of the forward passes."""
+
+    amp: Literal["bf16", "fp16", "fp32", "off"] = setting(
+        "bf16", "autocast dtype of teacher and student (losses always float32): bf16 (fp32 on GPUs "
+                "without bf16), fp16 with a GradScaler, fp32, or off (read as fp32)",
+        aliases={"off": "fp32"})
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 2000
-    keep_last: int = 3
-    resume: bool = True  # auto-resume from the newest valid checkpoint in the run directory
+    every_steps: int = setting(2000, "checkpoint period in optimizer steps (and one at the end)",
+                               POSITIVE)
+    keep_last: int = setting(3, "checkpoints kept", POSITIVE)
+    resume: bool = setting(True, "resume from the newest valid checkpoint of run.output_dir")
 
 
 @dataclass
 class EvalConfig:
-    bin_sets: list[str] = field(default_factory=list)  # .bin files evaluated periodically
-    every_steps: int = 0  # 0: only at the end
-    batch_size: int = 128
-    best_metric: str = ""  # e.g. "lfw/accuracy_mean"; empty: no best checkpoint
+    bin_sets: list[str] = setting([], ".bin verification sets evaluated during training")
+    every_steps: int = setting(0, "evaluation period; 0 = only at the end", NON_NEGATIVE)
+    batch_size: int = setting(128, "images per rank per evaluation batch", POSITIVE)
+    best_metric: str = setting("", "metric that selects best.pt, e.g. synth_lfw/accuracy_mean; "
+                                   "empty = none")
 
 
 @dataclass
 class LoggingConfig:
-    every_steps: int = 50
-    tensorboard: bool = True
-    progress_bar: str = "auto"  # auto (when interactive) | always | never
-    diagnostics: bool = True  # per-term gradient norms and shares on logging steps
+    every_steps: int = setting(50, "console/TensorBoard logging period", POSITIVE)
+    tensorboard: bool = setting(True, "write TensorBoard scalars")
+    progress_bar: Literal["auto", "always", "never"] = setting(
+        "auto", "progress bar: auto (when stderr is a terminal), always, never")
+    diagnostics: bool = setting(True, "on logging steps, each term's gradient norm and share on "
+                                      "the student embeddings, and ILED/RPSD mining fractions "
+                                      "(METHOD D1)")
 
 
 @dataclass
 class DistributedConfig:
-    backend: str = "auto"  # auto | nccl | gloo
-    device: str = "auto"  # auto | cuda | cpu
-    timeout_s: float = 1800.0
+    backend: Literal["auto", "nccl", "gloo"] = setting(
+        "auto", "process-group backend: auto (NCCL with CUDA, else gloo)")
+    device: Literal["auto", "cuda", "cpu"] = setting(
+        "auto", "auto (cuda:LOCAL_RANK when CUDA is available), cuda, cpu")
+    timeout_s: float = setting(1800.0, "collective timeout in seconds", POSITIVE)
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/default"
-    seed: int = 0
-    max_nonfinite_steps: int = 5  # consecutive non-finite losses before stopping
-    deterministic: bool = False
+    output_dir: str = setting("runs/default", "run directory: resolved config, checkpoints, "
+                                              "TensorBoard logs; a run resumes from it")
+    seed: int = setting(0, "seed of the weights (student and SphereFace2 head), the sampler "
+                           "(order, flips) and every other random draw but the bank update")
+    max_nonfinite_steps: int = setting(5, "consecutive non-finite losses (steps skipped) before "
+                                          "the run stops", POSITIVE)
+    deterministic: bool = setting(False, "deterministic kernels (slower) instead of cuDNN "
+                                         "autotuning")
 
 
 @dataclass
@@ -230,166 +326,7 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------
-# Validation rules: (key, predicate, what it must be)
-# --------------------------------------------------------------------------------------
-def _one_of(*choices):
-    return (lambda v: v in choices), "one of " + ", ".join(choices)
-
-
-_POSITIVE = (lambda v: v > 0), "> 0"
-_NON_NEGATIVE = (lambda v: v >= 0), ">= 0"
-_PROBABILITY_OPEN = (lambda v: 0 < v < 1), "in (0, 1)"
-
-RULES: dict[str, tuple] = {
-    "model.embedding_dim": _POSITIVE,
-    "model.width": _POSITIVE,
-    "model.dropout": ((lambda v: 0 <= v < 1), "in [0, 1)"),
-    "teacher.embedding_dim": _POSITIVE,
-    "teacher.width": _POSITIVE,
-    "teacher.onnx_backend": _one_of("auto", "torch", "onnxruntime"),
-    "data.format": _one_of("auto", "folder", "recordio"),
-    "data.loader": _one_of("auto", "dali", "torch"),
-    "data.batch_size": _POSITIVE,
-    "data.num_workers": _NON_NEGATIVE,
-    "data.prefetch": _POSITIVE,
-    "loss.sphereface2.weight": _NON_NEGATIVE,
-    "loss.sphereface2.lamb": _PROBABILITY_OPEN,
-    "loss.sphereface2.r": _POSITIVE,
-    "loss.sphereface2.m": _NON_NEGATIVE,
-    "loss.sphereface2.t": _POSITIVE,
-    "loss.sphereface2.lw": _POSITIVE,
-    "loss.sphereface2.parallel": _one_of("replicated", "class_sharded"),
-    "loss.iled.weight": _NON_NEGATIVE,
-    "loss.iled.r": _POSITIVE,
-    "loss.iled.s": ((lambda v: -1 <= v <= 1), "in [-1, 1]"),
-    "loss.rpsd.weight": _NON_NEGATIVE,
-    "loss.rpsd.r": _POSITIVE,
-    "loss.rpsd.t": ((lambda v: 0 <= v <= 2), "in [0, 2]"),
-    "loss.rpsd.student_anchor": _one_of("student_bank", "teacher_bank"),
-    "loss.bank.bank_factor": _POSITIVE,
-    "loss.bank.update": _one_of("fifo", "random"),
-    "loss.l2.weight": _NON_NEGATIVE,
-    "loss.fc.weight": _NON_NEGATIVE,
-    "loss.rkd.weight": _NON_NEGATIVE,
-    "loss.rkd.distance_weight": _NON_NEGATIVE,
-    "loss.rkd.angle_weight": _NON_NEGATIVE,
-    "optim.name": _one_of("sgd"),
-    "optim.lr": _POSITIVE,
-    "optim.momentum": ((lambda v: 0 <= v < 1), "in [0, 1)"),
-    "optim.weight_decay": _NON_NEGATIVE,
-    "optim.reference_batch": _NON_NEGATIVE,
-    "optim.grad_clip": _NON_NEGATIVE,
-    "optim.accumulation_steps": _POSITIVE,
-    "schedule.name": _one_of("multistep", "cosine", "poly"),
-    "schedule.total_steps": _POSITIVE,
-    "schedule.warmup_steps": _NON_NEGATIVE,
-    "schedule.gamma": _POSITIVE,
-    "schedule.power": _POSITIVE,
-    "schedule.min_lr": _NON_NEGATIVE,
-    "precision.amp": _one_of("bf16", "fp16", "fp32"),
-    "checkpoint.every_steps": _POSITIVE,
-    "checkpoint.keep_last": _POSITIVE,
-    "eval.every_steps": _NON_NEGATIVE,
-    "eval.batch_size": _POSITIVE,
-    "logging.every_steps": _POSITIVE,
-    "logging.progress_bar": _one_of("auto", "always", "never"),
-    "distributed.backend": _one_of("auto", "nccl", "gloo"),
-    "distributed.device": _one_of("auto", "cuda", "cpu"),
-    "distributed.timeout_s": _POSITIVE,
-    "run.max_nonfinite_steps": _POSITIVE,
-}
-
-
-# What each key means (the README's configuration reference).
-DESCRIPTIONS: dict[str, str] = {
-    "run.output_dir": "run directory: resolved config, checkpoints, TensorBoard logs; a run resumes from it",
-    "run.seed": "seed of the weights, the sampler (order, flips) and every other random draw",
-    "run.max_nonfinite_steps": "consecutive non-finite losses (steps skipped) before the run stops",
-    "run.deterministic": "deterministic kernels (slower) instead of cuDNN autotuning",
-    "model.name": "student backbone: iresnet18/34/50/100/200, mobilefacenet, timm:<name>",
-    "model.embedding_dim": "student embedding size D",
-    "model.width": "channel multiplier of the backbone; 1.0 is the published layout",
-    "model.dropout": "dropout before the embedding layer",
-    "model.projector": "learn a linear map student D -> teacher D for the distillation terms (needed when they differ)",
-    "model.channels_last": "channels-last memory format (faster convolutions on tensor cores)",
-    "model.compile": "torch.compile the student",
-    "model.freeze_bn": "keep the student BatchNorm layers on its running statistics (batch-statistics-free training)",
-    "teacher.path": "teacher file: InsightFace state dict, fr_distill checkpoint, ONNX or TorchScript; empty = no teacher",
-    "teacher.name": "teacher architecture for a plain state dict",
-    "teacher.embedding_dim": "teacher embedding size for a plain state dict",
-    "teacher.width": "teacher channel multiplier for a plain state dict",
-    "teacher.onnx_backend": "ONNX teacher: auto (onnx2torch when verified, else onnxruntime), torch, onnxruntime",
-    "teacher.compile": "torch.compile the teacher",
-    "data.train": "training set: image folder, train.rec, or a folder holding train.rec/train.idx",
-    "data.format": "training set format (auto: from what data.train holds)",
-    "data.loader": "input pipeline: auto (DALI when installed), dali, torch",
-    "data.batch_size": "images per rank per micro-step (global batch = batch_size x ranks)",
-    "data.num_workers": "reader/decoder worker processes per rank",
-    "data.prefetch": "batches prepared ahead of the step",
-    "data.flip": "random horizontal flip (seeded per sample)",
-    "data.skip_bad": "skip the records the pre-flight check finds bad (counted and logged) instead of stopping",
-    "data.preflight": "check headers and sizes of every record before training",
-    "loss.sphereface2.weight": "weight of the SphereFace2 loss (E1)",
-    "loss.sphereface2.lamb": "SphereFace2 lambda: balance of positive and negative terms (E1)",
-    "loss.sphereface2.r": "SphereFace2 scale r (E1)",
-    "loss.sphereface2.m": "SphereFace2 margin m (E1)",
-    "loss.sphereface2.t": "SphereFace2 similarity adjustment t (E1)",
-    "loss.sphereface2.lw": "SphereFace2 loss weight lw (E1)",
-    "loss.sphereface2.parallel": "replicated head, or classes split across ranks (class_sharded, for millions of identities)",
-    "loss.iled.weight": "lambda_ILED (E2, E5); 0 disables ILED",
-    "loss.iled.r": "ILED steepness r (E2)",
-    "loss.iled.s": "ILED target cosine s (E2)",
-    "loss.iled.b": "ILED bias b (E2)",
-    "loss.iled.distance_weighting": "weight samples by (1 - c_i) / mean over the global batch (E2)",
-    "loss.rpsd.weight": "lambda_RPSD (E4, E5); 0 disables RPSD and the memory bank",
-    "loss.rpsd.r": "RPSD steepness r' (E4)",
-    "loss.rpsd.t": "RPSD tolerance t (E4)",
-    "loss.rpsd.b": "RPSD bias b' (E4)",
-    "loss.rpsd.student_anchor": "student similarities against the student bank or the teacher bank (E4)",
-    "loss.bank.bank_factor": "memory bank rows Q = bank_factor x global batch (E3)",
-    "loss.bank.update": "bank overwrite order: fifo, or random rows (seeded) (E3)",
-    "loss.bank.seed": "seed of the random bank update and of the head initialization",
-    "loss.l2.weight": "weight of raw L2 feature distillation (E6)",
-    "loss.fc.weight": "weight of feature consistency 1 - c_i (E6)",
-    "loss.rkd.weight": "weight of relational KD (E6)",
-    "loss.rkd.distance_weight": "RKD distance-term weight (E6)",
-    "loss.rkd.angle_weight": "RKD angle-term weight (E6)",
-    "optim.name": "optimizer",
-    "optim.lr": "learning rate (at optim.reference_batch when that is set)",
-    "optim.momentum": "SGD momentum",
-    "optim.weight_decay": "weight decay",
-    "optim.no_decay_bn_bias": "no weight decay on BatchNorm parameters and biases",
-    "optim.reference_batch": "> 0: lr scaled by (global batch x accumulation) / reference_batch",
-    "optim.grad_clip": "maximum global gradient norm; 0 disables clipping",
-    "optim.accumulation_steps": "micro-steps per optimizer step (loss divided, schedule stepped per optimizer step)",
-    "optim.fused": "the fused SGD kernel where the device supports it",
-    "schedule.name": "learning-rate schedule",
-    "schedule.total_steps": "optimizer steps of the run",
-    "schedule.warmup_steps": "linear warmup steps",
-    "schedule.milestones": "multistep: steps where lr is multiplied by gamma",
-    "schedule.gamma": "multistep decay factor",
-    "schedule.power": "poly: exponent of the decay",
-    "schedule.min_lr": "cosine/poly: final learning rate",
-    "precision.amp": "autocast dtype of teacher and student (losses always float32); fp16 uses a GradScaler",
-    "checkpoint.every_steps": "checkpoint period in optimizer steps (and one at the end)",
-    "checkpoint.keep_last": "checkpoints kept",
-    "checkpoint.resume": "resume from the newest valid checkpoint of run.output_dir",
-    "eval.bin_sets": ".bin verification sets evaluated during training",
-    "eval.every_steps": "evaluation period; 0 = only at the end",
-    "eval.batch_size": "images per rank per evaluation batch",
-    "eval.best_metric": "metric that selects best.pt, e.g. synth_lfw/accuracy_mean; empty = none",
-    "logging.every_steps": "console/TensorBoard logging period",
-    "logging.tensorboard": "write TensorBoard scalars",
-    "logging.progress_bar": "progress bar: auto (when stderr is a terminal), always, never",
-    "logging.diagnostics": "on logging steps, each term's gradient norm and share on the student embeddings, and ILED/RPSD mining fractions (METHOD D1)",
-    "distributed.backend": "process-group backend: auto (NCCL with CUDA, else gloo)",
-    "distributed.device": "auto (cuda:LOCAL_RANK when CUDA is available), cuda, cpu",
-    "distributed.timeout_s": "collective timeout in seconds",
-}
-
-
-# --------------------------------------------------------------------------------------
-# Loading
+# Views of the schema: leaf keys, rules, reference table
 # --------------------------------------------------------------------------------------
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -399,6 +336,59 @@ def _fields_of(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+def _leaves(cls=Config, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """``(key, field, type)`` of every leaf key under ``cls``, in declaration order."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from _leaves(hint, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f, hint
+
+
+def _choices(hint: Any) -> tuple | None:
+    """The allowed values of a ``Literal`` type, else None."""
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def _one_of(choices: tuple) -> Rule:
+    return Rule(lambda v: v in choices, "one of " + ", ".join(choices))
+
+
+def _rule_of(f: dataclasses.Field, hint: Any) -> Rule | None:
+    """A key's rule: the one its field declares, or membership in its ``Literal`` choices."""
+    choices = _choices(hint)
+    return _one_of(choices) if choices else f.metadata["rule"]
+
+
+def rules() -> dict[str, Rule]:
+    """Every key that has a rule, with its rule (what :func:`validate` checks)."""
+    return {key: rule for key, f, hint in _leaves() if (rule := _rule_of(f, hint))}
+
+
+def _type_name(hint: Any) -> str:
+    """``int``, ``float``, ``list``...; a ``Literal`` is named by the type of its choices."""
+    choices = _choices(hint)
+    if choices:
+        return type(choices[0]).__name__
+    return getattr(hint, "__name__", str(hint)).replace("typing.", "")
+
+
+def schema_reference() -> list[tuple[str, str, Any, str, str]]:
+    """``(key, type, default, rule, meaning)`` for every leaf key: the README's configuration table."""
+    defaults = Config()
+    rows = []
+    for key, f, hint in _leaves():
+        rule = _rule_of(f, hint)
+        rows.append((key, _type_name(hint), get_key(defaults, key), rule.text if rule else "",
+                     f.metadata["help"]))
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
 def _unknown_key(key: str, cls, source: str) -> ConfigError:
     section, _, leaf = key.rpartition(".")
     close = difflib.get_close_matches(leaf, _fields_of(cls), n=3, cutoff=0.5)
@@ -406,6 +396,9 @@ def _unknown_key(key: str, cls, source: str) -> ConfigError:
     hint = ("; did you mean " + " or ".join(prefix + c for c in close) + "?") if close else (
         "; valid keys: " + ", ".join(prefix + c for c in _fields_of(cls)))
     return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+
+
+_YAML_SWITCH = {False: "off", True: "on"}
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
@@ -416,6 +409,13 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], key, source)
+    if origin is Literal:
+        rule = _one_of(typing.get_args(hint))
+        if isinstance(value, bool) and rule.check(_YAML_SWITCH[value]):
+            value = _YAML_SWITCH[value]  # YAML 1.1 reads an unquoted off/on as a bool
+        if not rule.check(value):
+            raise ConfigError(f"{source}: config key '{key}' must be {rule.text}, got {value!r}")
+        return value
     if origin is list:
         (item,) = typing.get_args(hint)
         if isinstance(value, tuple):
@@ -460,6 +460,7 @@ def _merge(node: Any, cls, data: dict, prefix: str, source: str) -> None:
         raise ConfigError(f"{source}: config section '{prefix.rstrip('.') or '<root>'}' "
                           f"must be a mapping, got {data!r}")
     hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for name, value in data.items():
         key = prefix + str(name)
         if name not in hints:
@@ -468,7 +469,9 @@ def _merge(node: Any, cls, data: dict, prefix: str, source: str) -> None:
         if dataclasses.is_dataclass(hint):
             _merge(getattr(node, name), hint, value, key + ".", source)
         else:
-            setattr(node, name, _coerce(value, hint, key, source))
+            value = _coerce(value, hint, key, source)
+            aliases = fields[name].metadata["aliases"]
+            setattr(node, name, aliases.get(value, value) if aliases else value)
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
@@ -517,10 +520,10 @@ def _nest(key: str, value: Any) -> dict:
 
 def validate(cfg: Config) -> Config:
     """Range and consistency checks; raises :class:`ConfigError` naming the key."""
-    for key, (ok, what) in RULES.items():
+    for key, rule in rules().items():
         value = get_key(cfg, key)
-        if not ok(value):
-            raise ConfigError(f"config key '{key}' must be {what}, got {value!r}")
+        if not rule.check(value):
+            raise ConfigError(f"config key '{key}' must be {rule.text}, got {value!r}")
     if sorted(cfg.schedule.milestones) != list(cfg.schedule.milestones):
         raise ConfigError(f"config key 'schedule.milestones' must be increasing, "
                           f"got {cfg.schedule.milestones!r}")
@@ -595,24 +598,5 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': path not found: {p}")
 
 
-def schema_reference() -> list[tuple[str, str, Any, str, str]]:
-    """``(key, type, default, rule, meaning)`` for every leaf key: the README's configuration table."""
-    rows: list[tuple[str, str, Any, str, str]] = []
-
-    def walk(cls, prefix: str) -> None:
-        defaults = cls()
-        for name, hint in _hints(cls).items():
-            key = prefix + name
-            if dataclasses.is_dataclass(hint):
-                walk(hint, key + ".")
-                continue
-            rule = RULES.get(key, (None, ""))[1]
-            type_name = getattr(hint, "__name__", str(hint)).replace("typing.", "")
-            rows.append((key, type_name, getattr(defaults, name), rule, DESCRIPTIONS[key]))
-
-    walk(Config, "")
-    return rows
-
-
 __all__ = ["Config", "ConfigError", "load_config", "validate", "check_paths", "save_config",
-           "to_dict", "from_dict", "get_key", "parse_override", "schema_reference"]
+           "to_dict", "from_dict", "get_key", "parse_override", "rules", "schema_reference"]

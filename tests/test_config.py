@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 import yaml
 
-from fr_distill.config import (Config, ConfigError, check_paths, from_dict, load_config,
-                               save_config, schema_reference, to_dict)
+from fr_distill.config import (Config, ConfigError, check_paths, from_dict, load_config, rules,
+                               save_config, schema_reference, to_dict, validate)
 
 
 def write(tmp_path, name, text):
@@ -63,7 +63,7 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
     ("schedule.milestones=5", "config key 'schedule.milestones' must be a list, got 5"),
     ("optim.lr=-1", "config key 'optim.lr' must be > 0, got -1.0"),
     ("loss.sphereface2.lamb=1.5", "config key 'loss.sphereface2.lamb' must be in (0, 1), got 1.5"),
-    ("precision.amp=fp8", "config key 'precision.amp' must be one of bf16, fp16, fp32, got 'fp8'"),
+    ("precision.amp=fp8", "config key 'precision.amp' must be one of bf16, fp16, fp32, off, got 'fp8'"),
     ("schedule.milestones=[3, 1]", "config key 'schedule.milestones' must be increasing, got [3, 1]"),
     ("schedule.warmup_steps=100000", "config key 'schedule.warmup_steps' must be < schedule.total_steps"),
 ])
@@ -126,18 +126,111 @@ def test_save_and_reload_round_trip(tmp_path):
     assert from_dict(to_dict(cfg)) == cfg
 
 
+def leaf_fields(cls=Config, prefix=""):
+    """``(key, field)`` of every leaf of the schema, found without the module's own helpers."""
+    for f in dataclasses.fields(cls):
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(sub):
+            yield from leaf_fields(type(sub), prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f
+
+
 def test_schema_reference_lists_every_leaf_key():
     keys = {row[0] for row in schema_reference()}
-
-    def leaves(cls, prefix=""):
-        for f in dataclasses.fields(cls):
-            sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-            if dataclasses.is_dataclass(sub):
-                yield from leaves(type(sub), prefix + f.name + ".")
-            else:
-                yield prefix + f.name
-
-    assert keys == set(leaves(Config))
+    assert keys == {key for key, _ in leaf_fields()}
     assert ("loss.rpsd.student_anchor", "str", "student_bank", "one of student_bank, teacher_bank",
             "student similarities against the student bank or the teacher bank (E4)") in schema_reference()
     assert all(row[4] for row in schema_reference())
+
+
+# Every key with a range rule, and the rule's text (the README table's 'allowed' column).
+RULED_KEYS = {
+    "model.embedding_dim": "> 0", "model.width": "> 0", "model.dropout": "in [0, 1)",
+    "teacher.embedding_dim": "> 0", "teacher.width": "> 0",
+    "teacher.onnx_backend": "one of auto, torch, onnxruntime",
+    "data.format": "one of auto, folder, recordio", "data.loader": "one of auto, dali, torch",
+    "data.batch_size": "> 0", "data.num_workers": ">= 0", "data.prefetch": "> 0",
+    "loss.sphereface2.weight": ">= 0", "loss.sphereface2.lamb": "in (0, 1)",
+    "loss.sphereface2.r": "> 0", "loss.sphereface2.m": ">= 0", "loss.sphereface2.t": "> 0",
+    "loss.sphereface2.lw": "> 0", "loss.sphereface2.parallel": "one of replicated, class_sharded",
+    "loss.iled.weight": ">= 0", "loss.iled.r": "> 0", "loss.iled.s": "in [-1, 1]",
+    "loss.rpsd.weight": ">= 0", "loss.rpsd.r": "> 0", "loss.rpsd.t": "in [0, 2]",
+    "loss.rpsd.student_anchor": "one of student_bank, teacher_bank",
+    "loss.bank.bank_factor": "> 0", "loss.bank.update": "one of fifo, random",
+    "loss.l2.weight": ">= 0", "loss.fc.weight": ">= 0", "loss.rkd.weight": ">= 0",
+    "loss.rkd.distance_weight": ">= 0", "loss.rkd.angle_weight": ">= 0",
+    "optim.name": "one of sgd", "optim.lr": "> 0", "optim.momentum": "in [0, 1)",
+    "optim.weight_decay": ">= 0", "optim.reference_batch": ">= 0", "optim.grad_clip": ">= 0",
+    "optim.accumulation_steps": "> 0",
+    "schedule.name": "one of multistep, cosine, poly", "schedule.total_steps": "> 0",
+    "schedule.warmup_steps": ">= 0", "schedule.gamma": "> 0", "schedule.power": "> 0",
+    "schedule.min_lr": ">= 0",
+    "precision.amp": "one of bf16, fp16, fp32, off",
+    "checkpoint.every_steps": "> 0", "checkpoint.keep_last": "> 0",
+    "eval.every_steps": ">= 0", "eval.batch_size": "> 0",
+    "logging.every_steps": "> 0", "logging.progress_bar": "one of auto, always, never",
+    "distributed.backend": "one of auto, nccl, gloo", "distributed.device": "one of auto, cuda, cpu",
+    "distributed.timeout_s": "> 0",
+    "run.max_nonfinite_steps": "> 0",
+}
+
+
+def test_every_key_is_declared_once_with_its_help_on_the_field():
+    for key, f in leaf_fields():
+        assert isinstance(f.metadata.get("help"), str) and f.metadata["help"], key
+    meanings = {row[0]: row[4] for row in schema_reference()}
+    assert meanings == {key: f.metadata["help"] for key, f in leaf_fields()}
+
+
+def test_rule_table_is_derived_from_the_schema_and_keeps_every_rule():
+    table = rules()
+    assert {key: table[key].text for key in RULED_KEYS} == RULED_KEYS
+    assert set(table) == set(RULED_KEYS)
+    assert {row[0]: row[3] for row in schema_reference() if row[3]} == RULED_KEYS
+
+
+def test_a_choice_key_refuses_a_value_outside_its_choices(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.loader=cuda"])
+    assert str(err.value) == ("command line: config key 'data.loader' must be one of auto, dali, "
+                              "torch, got 'cuda'")
+    path = write(tmp_path, "bad.yaml", "schedule:\n  name: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path}: config key 'schedule.name' must be one of multistep, "
+                              f"cosine, poly, got 3")
+    cfg = Config()
+    cfg.logging.progress_bar = "sometimes"
+    with pytest.raises(ConfigError, match="'logging.progress_bar' must be one of auto, always, "
+                                          "never, got 'sometimes'"):
+        validate(cfg)
+
+
+def test_choice_keys_keep_their_type_name_and_values():
+    rows = {row[0]: row for row in schema_reference()}
+    assert rows["data.loader"][1:4] == ("str", "auto", "one of auto, dali, torch")
+    assert load_config(None, ["data.loader=torch"]).data.loader == "torch"
+
+
+def test_precision_off_is_an_alias_of_fp32(tmp_path):
+    for value in ("bf16", "fp16", "fp32"):
+        assert load_config(None, [f"precision.amp={value}"]).precision.amp == value
+    cfg = load_config(None, ["precision.amp=off"])  # YAML 1.1 reads an unquoted off as False
+    assert cfg.precision.amp == "fp32"
+    assert from_dict(to_dict(cfg)) == cfg
+    for text in ("precision:\n  amp: off\n", "precision:\n  amp: 'off'\n"):
+        assert load_config(write(tmp_path, "off.yaml", text)).precision.amp == "fp32"
+    with pytest.raises(ConfigError, match="'precision.amp' must be one of bf16, fp16, fp32, off, "
+                                          "got True"):
+        load_config(None, ["precision.amp=on"])
+
+
+def test_help_of_the_bank_seed_and_of_the_learning_rate_scaling():
+    meanings = {row[0]: row[4] for row in schema_reference()}
+    assert meanings["loss.bank.seed"] == ("seed of the random bank update (loss.bank.update: "
+                                          "random); the SphereFace2 head is initialized from "
+                                          "run.seed")
+    scaling = "(global batch x optim.accumulation_steps) / "
+    assert scaling + "optim.reference_batch" in meanings["optim.lr"]
+    assert scaling + "reference_batch" in meanings["optim.reference_batch"]
