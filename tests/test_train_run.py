@@ -13,6 +13,7 @@ import torch
 from conftest import REPO
 from fr_distill.config import load_config
 from fr_distill.engine import NonFiniteLossError, checkpoint, train
+from fr_distill.engine.callbacks import Callback
 from fr_distill.engine.entry import train_main
 from fr_distill.eval import evaluate_bin_sets
 from fr_distill.models import build_student, get_backbone
@@ -79,26 +80,68 @@ def test_short_run_raises_verification_accuracy(synthetic_data, tmp_path, single
                                        "step": 60}
 
 
+class PerturbStudent(Callback):
+    """Multiplies every student weight by (1 ± ``relative``) with random signs at the start."""
+
+    def __init__(self, relative: float) -> None:
+        self.relative = relative
+
+    def on_train_start(self, run) -> None:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in run.student.parameters():
+                signs = torch.randint(0, 2, p.shape, generator=g).float() * 2 - 1
+                p.mul_(1 + signs * self.relative)
+
+
+def _relative_gap(a: dict, b: dict) -> float:
+    """The largest difference between two state dicts, relative to each tensor's scale."""
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item()
+               for k in b if b[k].is_floating_point())
+
+
 def test_gradient_accumulation_equals_the_larger_batch(synthetic_data, tmp_path, single_thread):
-    """batch 8 × 1 and batch 4 × 2 micro-steps: same weights, same per-optimizer-step schedule."""
+    """batch 8 × 1 and batch 4 × 2 micro-steps: same schedule, same losses and weights up to
+    the rounding of a different summation order.
+
+    The two runs add the same terms in a different order: the convolution kernels the CPU
+    library picks for a batch of 4 and of 8 reduce differently (on the Intel CPUs of our
+    machines the first update differs by about one float32 ulp; on an AMD EPYC the losses of
+    steps 3–4 differed by 1.3e-4 relative), and SGD amplifies such differences from step to
+    step. So the tolerance is measured on the machine that runs the test, from that cause:
+    the weight difference the first update leaves (``ε``, relative) is applied as a random
+    perturbation to the start of a third run of batch 8, and the accumulated run may differ
+    from the full one by at most 10× what that perturbation causes (it receives a rounding
+    difference at every step, the perturbed run once), and never by more than 1e-3 relative."""
     common = ["model.freeze_bn=true", "schedule.total_steps=4", "schedule.warmup_steps=2",
               "schedule.name=cosine", "optim.reference_batch=16", "optim.grad_clip=5",
-              "checkpoint.every_steps=4"]
-    runs = {}
-    for name, extra in {"full": ["data.batch_size=8"],
-                        "accumulated": ["data.batch_size=4", "optim.accumulation_steps=2"]}.items():
+              "checkpoint.every_steps=1", "checkpoint.keep_last=4"]
+    configs = {"full": ["data.batch_size=8"],
+               "accumulated": ["data.batch_size=4", "optim.accumulation_steps=2"]}
+
+    def run(name: str, extra: list[str], callbacks=()) -> tuple[dict, dict, list[dict]]:
         out = tmp_path / name
-        result = train(load_config(None, _overrides(synthetic_data, out) + common + extra))
+        result = train(load_config(None, _overrides(synthetic_data, out) + common + extra),
+                       callbacks=callbacks)
         assert result.status == "completed" and result.step == 4
-        runs[name] = (checkpoint.load(out / "checkpoints" / "step_00000004.pt"), _records(out))
-    (full, full_log), (acc, acc_log) = runs["full"], runs["accumulated"]
+        store = checkpoint.CheckpointStore(out / "checkpoints", keep_last=4)
+        return (checkpoint.load(store.step_path(1)), checkpoint.load(store.step_path(4)),
+                _records(out))
+
+    (full1, full, full_log), (acc1, acc, acc_log) = (run(k, v) for k, v in configs.items())
     assert [r["lr"] for r in acc_log] == pytest.approx([r["lr"] for r in full_log])
     assert full_log[0]["lr"] == pytest.approx(0.1 * 8 / 16 / 2)  # scaled, first warmup step
-    assert [r["sphereface2"] for r in acc_log] == pytest.approx(
-        [r["sphereface2"] for r in full_log], rel=1e-5)
     assert acc["data"]["position"] == 8 and full["data"]["position"] == 4
-    for key, value in full["student"].items():
-        torch.testing.assert_close(acc["student"][key], value, rtol=1e-5, atol=1e-5)
+    epsilon = max(_relative_gap(acc1["student"], full1["student"]), 2.0 ** -24)
+    assert epsilon < 1e-4, epsilon  # one update: rounding only
+    _, perturbed, pert_log = run("perturbed", configs["full"], [PerturbStudent(epsilon)])
+    for step, (a, f, p) in enumerate(zip(acc_log, full_log, pert_log), start=1):
+        bound = max(10 * abs(p["sphereface2"] - f["sphereface2"]),
+                    1e-6 * abs(f["sphereface2"]))
+        assert abs(a["sphereface2"] - f["sphereface2"]) <= min(bound, 1e-3 * f["sphereface2"]), \
+            (step, epsilon, a, f, p)
+    drift = _relative_gap(perturbed["student"], full["student"])
+    assert _relative_gap(acc["student"], full["student"]) <= min(max(10 * drift, 1e-6), 1e-3)
 
 
 def test_truncated_newest_checkpoint_falls_back_and_resumes_exactly(
