@@ -14,7 +14,9 @@ import sys
 
 import yaml
 
-from fr_distill.config import ConfigError, check_paths, load_config, schema_reference, to_dict
+from fr_distill.errors import FrDistillError, exit_with
+
+from fr_distill.config import check_paths, load_config, schema_reference, to_dict
 
 
 def config_reference_markdown() -> str:
@@ -42,9 +44,8 @@ def _config_command(argv: list[str]) -> int:
         cfg = load_config(args.file, args.overrides)
         if args.action == "validate":
             check_paths(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except FrDistillError as err:
+        return exit_with(err)
     if args.action == "show":
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     else:
@@ -55,8 +56,8 @@ def _config_command(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from fr_distill.engine.entry import train_main
-    from fr_distill.eval.runner import eval_main
     from fr_distill.demo import demo_main
+    from fr_distill.eval.runner import eval_main
     from fr_distill.study import study_main
 
     commands = {"config": _config_command, "train": train_main, "eval": eval_main,

@@ -28,8 +28,10 @@ from typing import Any, Literal, NamedTuple
 
 import yaml
 
+from fr_distill.errors import FrDistillError
 
-class ConfigError(ValueError):
+
+class ConfigError(FrDistillError, ValueError):
     """A configuration problem; the message is one line naming the key or file."""
 
 

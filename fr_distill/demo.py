@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fr_distill.errors import FrDistillError, exit_with
 from fr_distill.resources import configs_dir
 from fr_distill.study import StudyError, load_spec
 from fr_distill.study.runner import run_study, say
@@ -46,7 +47,6 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", quick: bool = False, nproc
 def demo_main(argv: list[str] | None = None) -> int:
     """``fr-distill demo [--out DIR] [--quick] [--nproc N] [--dry-run]`` (``make demo``)."""
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(prog="fr-distill demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo_out", help="output directory (reused by a second run)")
@@ -63,7 +63,6 @@ def demo_main(argv: list[str] | None = None) -> int:
                   + ", ".join(f"{v}/seed{s}" for s in spec.seeds for v in spec.variants))
             return 0
         run_demo(args.out, quick=args.quick, nproc=args.nproc)
-    except StudyError as err:
-        print(f"demo: {err}", file=sys.stderr)
-        return 2
+    except FrDistillError as err:
+        return exit_with(err, prefix="demo")
     return 0

@@ -97,7 +97,7 @@ def load_tool():
 def test_export_rejects_non_checkpoints(tmp_path, capsys):
     plain = tmp_path / "backbone.pth"
     torch.save(get_backbone("iresnet18", DIM, width=0.125).state_dict(), plain)
-    assert load_tool().main(["--checkpoint", str(plain), "--out", str(tmp_path / "o")]) == 1
+    assert load_tool().main(["--checkpoint", str(plain), "--out", str(tmp_path / "o")]) == 2  # bad input
     assert capsys.readouterr().err == (f"error: {plain} is not an fr_distill checkpoint "
                                        "(no 'format': 'fr_distill' entry)\n")
     broken = tmp_path / "broken.pt"

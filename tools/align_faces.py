@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fr_distill.data import DataError
+from fr_distill.errors import FrDistillError, exit_with
 from fr_distill.data.align import align_folder
 
 
@@ -33,9 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         count = align_folder(args.images, args.landmarks, args.out, size=args.size,
                              min_faceness=args.min_faceness, quality=args.quality)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except FrDistillError as err:
+        return exit_with(err)
     print(f"{count} faces aligned into {args.out}")
     return 0
 

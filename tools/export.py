@@ -12,8 +12,8 @@ import argparse
 import logging
 import sys
 
-from fr_distill.models import ModelLoadError
-from fr_distill.models.export import ExportError, export_student
+from fr_distill.errors import FrDistillError, exit_with
+from fr_distill.models.export import export_student
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,9 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         written = export_student(args.checkpoint, args.out, onnx=args.onnx)
-    except (ModelLoadError, ExportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except FrDistillError as err:
+        return exit_with(err)
     for kind, path in written.items():
         print(f"{kind}: {path}")
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fr_distill.data import DataError
+from fr_distill.errors import FrDistillError, exit_with
 from fr_distill.data.convert import folder_to_recordio
 
 
@@ -24,9 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         count = folder_to_recordio(args.folder, args.rec, args.seed,
                                    insightface_header=args.layout == "insightface", progress=True)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except FrDistillError as err:
+        return exit_with(err)
     print(f"wrote {count} images to {args.rec}")
     return 0
 

@@ -10,7 +10,7 @@ import json
 import sys
 import time
 
-from fr_distill.data import DataError
+from fr_distill.errors import FrDistillError, exit_with
 from fr_distill.data import synthetic
 
 
@@ -49,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             ijb_max_media=args.ijb_max_media, ijb_max_images=args.ijb_max_images,
             ijb_crop_sizes=tuple(args.ijb_crop_sizes), quality=args.quality,
             workers=args.workers, force=args.force)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except FrDistillError as err:
+        return exit_with(err)
     print(json.dumps(manifest["counts"], indent=2))
     print(f"{args.out_dir}: ready in {time.perf_counter() - start:.1f} s")
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fr_distill.data import DataError
+from fr_distill.errors import FrDistillError, exit_with
 from fr_distill.data.validate import validate_dataset
 
 
@@ -21,9 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = validate_dataset(args.train, args.format, progress=not args.no_progress)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except FrDistillError as err:
+        return exit_with(err)
     counts = report.class_counts
     for problem in report.problems:
         print(f"BAD {problem}")

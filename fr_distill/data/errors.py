@@ -1,8 +1,10 @@
 """The data package's exception: bad training data reported in one line naming the file/record."""
 from __future__ import annotations
 
+from fr_distill.errors import FrDistillError
 
-class DataError(ValueError):
+
+class DataError(FrDistillError, ValueError):
     """Unusable training data; the message is one line naming the file, record or key."""
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fr_distill.errors import FrDistillError
+
 log = logging.getLogger(__name__)
 
 FORMAT = "fr_distill"
@@ -35,8 +37,10 @@ CHECKSUM_SUFFIX = ".sha256"
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FrDistillError, RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or not an fr_distill checkpoint."""
+
+    exit_code = 1
 
 
 # ----------------------------------------------------------------------------------------

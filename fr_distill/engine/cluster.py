@@ -26,6 +26,8 @@ import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from fr_distill.errors import FrDistillError
+
 FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1")
 """Signals the torchrun agent catches and forwards to the training processes."""
 
@@ -35,7 +37,7 @@ PORT_SPAN = 10000
 node rarely collide, and the range stays below Linux's ephemeral ports (32768+)."""
 
 
-class ClusterError(ValueError):
+class ClusterError(FrDistillError, ValueError):
     """A SLURM environment or host list the launcher cannot use; one line naming the variable."""
 
 

@@ -11,12 +11,10 @@ data error, 1 for a failed run; errors are printed as one line.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from fr_distill.config import ConfigError, load_config
-from fr_distill.data import DataError
-from fr_distill.engine.checkpoint import CheckpointError
-from fr_distill.engine.faults import REQUEUE_EXIT_CODE, TrainingError
+from fr_distill.config import load_config
+from fr_distill.engine.faults import REQUEUE_EXIT_CODE
+from fr_distill.errors import FrDistillError, exit_with
 
 
 def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -33,8 +31,6 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     # Imported after parsing, so that --help answers without loading the models.
     from fr_distill.engine.plan import dry_run
     from fr_distill.engine.trainer import train
-    from fr_distill.losses import ObjectiveInputError
-    from fr_distill.models import ModelLoadError
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -42,10 +38,6 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(dry_run(cfg))
             return 0
         result = train(cfg)
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (TrainingError, CheckpointError, ModelLoadError, ObjectiveInputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except FrDistillError as err:  # bad input: 2; a run that cannot go on: 1
+        return exit_with(err)
     return REQUEUE_EXIT_CODE if result.status == "preempted" else 0

@@ -14,6 +14,8 @@ from __future__ import annotations
 import signal
 import types
 
+from fr_distill.errors import FrDistillError
+
 #: Exit status of a worker that stopped on SIGTERM/SIGUSR1 after checkpointing: sysexits.h's
 #: ``EX_TEMPFAIL`` ("temporary failure, try again"); job scripts requeue on it.
 REQUEUE_EXIT_CODE = 75
@@ -24,8 +26,10 @@ REQUEUE_MARKER = "REQUEUE"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(FrDistillError, RuntimeError):
     """A training run cannot go on; the message is one line."""
+
+    exit_code = 1
 
 
 class NonFiniteLossError(TrainingError):

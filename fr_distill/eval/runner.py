@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +18,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from fr_distill import dist
+from fr_distill.errors import FrDistillError, exit_with
 from fr_distill.precision import AMP_CHOICES, amp_dtype
 
 from .dali_align import DaliAlignedImages
-from .errors import EvalDataError
 from .extract import SHARD_SIZE, AlignedImages, EncodedImages, extract_features, prepare_cache
 from .ijb import identification, pair_scores, tar_at_far, template_features
 from .ijb_meta import IJBMeta, load_ijb_meta
@@ -242,11 +241,8 @@ def run_evaluation(argv: list[str] | None = None) -> dict:
 
 def eval_main(argv: list[str] | None = None) -> int:
     """``launch/eval.py`` / ``fr-distill eval``: exit status 2 with a one-line message for bad input."""
-    from fr_distill.models import ModelLoadError
-
     try:
         run_evaluation(argv)
-    except (EvalDataError, ModelLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except FrDistillError as err:
+        return exit_with(err)
     return 0

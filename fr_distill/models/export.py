@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fr_distill.errors import FrDistillError
 from fr_distill.models.errors import ModelLoadError
 from fr_distill.models.onnx_teacher import ort_session
 from fr_distill.models.weights import (is_fr_distill_checkpoint, load_strict,
@@ -28,8 +29,10 @@ VERIFY_BATCH = 3
 VERIFY_RTOL = 1e-4
 
 
-class ExportError(RuntimeError):
+class ExportError(FrDistillError, RuntimeError):
     """The exported file does not reproduce the torch model (one-line message)."""
+
+    exit_code = 1
 
 
 def load_student(checkpoint_path: str) -> nn.Module:

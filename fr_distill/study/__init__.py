@@ -5,6 +5,7 @@ variants × seeds, every run through the real trainer, with uncertainty (METHOD 
 trains and evaluates (reusing and resuming), :mod:`~fr_distill.study.stats` computes the
 intervals and :mod:`~fr_distill.study.report` writes ``study.md``/``study.json``/figures.
 """
+from fr_distill.errors import FrDistillError, exit_with
 from fr_distill.study.spec import StudyError, StudySpec, load_spec
 
 __all__ = ["StudyError", "StudySpec", "load_spec", "study_main"]
@@ -13,7 +14,6 @@ __all__ = ["StudyError", "StudySpec", "load_spec", "study_main"]
 def study_main(argv: list[str] | None = None) -> int:
     """``fr-distill study SPEC [--out DIR] [--dry-run]``."""
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(prog="fr-distill study", description=__doc__.split("\n\n")[0])
     parser.add_argument("spec", help="study spec (YAML), e.g. configs/study/study.yaml")
@@ -32,7 +32,6 @@ def study_main(argv: list[str] | None = None) -> int:
         from fr_distill.study.runner import run_study
 
         run_study(spec, args.out)
-    except StudyError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except FrDistillError as err:
+        return exit_with(err)
     return 0

@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from fr_distill.config import Config, ConfigError, load_config
+from fr_distill.errors import FrDistillError
 
 SYNTHETIC_KEYS = {"identities": "num_identities", "images_per_identity": "images_per_identity",
                   "seed": "seed", "family_size": "family_size", "bin_identities": "bin_identities",
@@ -40,7 +41,7 @@ DATA_KEYS = ("synthetic", "train", "bin_sets", "ijb_sets")
 TEACHER_KEYS = ("config", "path")
 
 
-class StudyError(ValueError):
+class StudyError(FrDistillError, ValueError):
     """A study problem; the message is one line naming the spec key, variant or file."""
 
 
