@@ -105,12 +105,12 @@ def test_batch_source_survives_pickling_for_spawned_workers(jpeg_folder, tmp_pat
     from types import SimpleNamespace
 
     from fr_distill.data.dali import BatchSource
-    from fr_distill.data.dataset import EncodedImages
+    from fr_distill.data.dataset import SampleBytes
     from fr_distill.data.sampler import GlobalSampler
 
     folder_to_recordio(jpeg_folder, tmp_path / "train.rec", seed=2)
     info = preflight(DataConfig(train=str(tmp_path / "train.rec")))
-    source = BatchSource(EncodedImages(info), GlobalSampler(24, 8, seed=1), 5, 1, 2)
+    source = BatchSource(SampleBytes(info), GlobalSampler(24, 8, seed=1), 5, 1, 2)
     first = source(SimpleNamespace(iteration=2))
     copy = pickle.loads(pickle.dumps(source))
     again = copy(SimpleNamespace(iteration=2))

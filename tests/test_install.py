@@ -3,6 +3,7 @@ its specs in the package data, and training runs under torchrun from any directo
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -38,8 +39,11 @@ def installed(tmp_path_factory) -> Path:
     site = Path(run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()"
                      "['purelib'])"], cwd=root).stdout.strip())
     (site / "deps.pth").write_text(f"{deps}\n")
+    source = root / "source"  # built from a copy: no build/ folder left in the checkout
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "demo_out", "study_out"))
     run([venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         REPO], cwd=root)
+         source], cwd=root)
     return venv
 
 

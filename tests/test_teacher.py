@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from fr_distill.config import Config, to_dict
-from fr_distill.models import FrozenTeacher, ModelLoadError, get_backbone, load_teacher
+from fr_distill.models import FrozenTeacher, ModelLoadError, get_backbone, load_frozen_model
 
 DIM, WIDTH = 32, 0.25
 EXPORT_BATCH = 4
@@ -78,7 +78,7 @@ def source(tmp_path_factory):
 ])
 def test_weight_files_load_exactly(source, file, args):
     model, files = source
-    teacher = load_teacher(files[file], *args)
+    teacher = load_frozen_model(files[file], *args)
     assert isinstance(teacher, FrozenTeacher) and teacher.backend == "torch"
     assert teacher.embedding_dim == DIM
     x = images(3)
@@ -88,7 +88,7 @@ def test_weight_files_load_exactly(source, file, args):
 
 def test_torchscript_teacher(source):
     model, files = source
-    teacher = load_teacher(files["script.pt"])
+    teacher = load_frozen_model(files["script.pt"])
     assert teacher.backend == "torchscript" and teacher.embedding_dim == DIM
     with torch.no_grad():
         torch.testing.assert_close(teacher(images(3)), model(images(3)), rtol=1e-5, atol=1e-5)
@@ -107,13 +107,13 @@ def test_onnx_round_trip_both_backends(source, file, caplog):
     with torch.no_grad():
         expected = model(x)
     with caplog.at_level(logging.INFO, logger="fr_distill"):
-        converted = load_teacher(files[file], onnx_backend="auto")
+        converted = load_frozen_model(files[file], onnx_backend="auto")
     assert converted.backend == "onnx2torch"
     assert "converted with onnx2torch, verified against onnxruntime" in caplog.text
     assert relative_error(converted(x), expected) <= 1e-4
     assert any(p.numel() for p in converted.parameters())  # a real torch module
     with caplog.at_level(logging.INFO, logger="fr_distill"):
-        runtime = load_teacher(files[file], onnx_backend="onnxruntime")
+        runtime = load_frozen_model(files[file], onnx_backend="onnxruntime")
     assert runtime.backend == "onnxruntime" and "running ONNX in onnxruntime" in caplog.text
     out = runtime(x)
     assert out.shape == (EXPORT_BATCH + 1, DIM) and out.dtype == torch.float32
@@ -139,7 +139,7 @@ def test_onnx_falls_back_to_onnxruntime(tmp_path, caplog):
     path = str(tmp_path / "shrink.onnx")
     shrink_embedding_onnx(path, weight, lambd=0.5)
     with caplog.at_level(logging.INFO, logger="fr_distill"):
-        teacher = load_teacher(path)
+        teacher = load_frozen_model(path)
     assert teacher.backend == "onnxruntime" and teacher.embedding_dim == DIM
     assert "onnx2torch conversion not usable" in caplog.text and "Shrink" in caplog.text
     x = images(3)
@@ -148,7 +148,7 @@ def test_onnx_falls_back_to_onnxruntime(tmp_path, caplog):
     assert relative_error(teacher(x), expected) <= 1e-5
     with pytest.raises(ModelLoadError,
                        match=r"onnx2torch conversion failed \(onnx_backend=torch\)"):
-        load_teacher(path, onnx_backend="torch")
+        load_frozen_model(path, onnx_backend="torch")
 
 
 class StudentWithTeacher(nn.Module):
@@ -166,7 +166,7 @@ class StudentWithTeacher(nn.Module):
 
 def test_teacher_is_bitwise_frozen_through_training(source):
     _, files = source
-    teacher = load_teacher(files["backbone.pth"], "iresnet18", DIM, WIDTH)
+    teacher = load_frozen_model(files["backbone.pth"], "iresnet18", DIM, WIDTH)
     assert all(not p.requires_grad for p in teacher.parameters())
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     assert before  # parameters and BatchNorm buffers to watch
@@ -193,7 +193,7 @@ class CarriesCode:
 
 def one_line_error(path: str, *args, **kwargs) -> str:
     with pytest.raises(ModelLoadError) as info:
-        load_teacher(path, *args, **kwargs)
+        load_frozen_model(path, *args, **kwargs)
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -229,7 +229,7 @@ def test_wrong_architecture_lists_keys(source):
 def test_bad_files_and_arguments(tmp_path, source):
     _, files = source
     assert one_line_error(str(tmp_path / "absent.pth")) == \
-        f"teacher file not found: {tmp_path / 'absent.pth'}"
+        f"model file not found: {tmp_path / 'absent.pth'}"
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(open(files["backbone.pth"], "rb").read()[:500])
     assert one_line_error(str(truncated)).startswith(

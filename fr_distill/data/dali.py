@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .dataset import IMAGE_SIZE, EncodedImages
+from .dataset import IMAGE_SIZE, SampleBytes
 from .decode import decode_rgb
 from .errors import DataError, from_worker
 from .sampler import GlobalSampler
@@ -32,7 +32,7 @@ class BatchSource:
     arithmetic is vectorized per batch. Each worker process prepares whole batches.
     """
 
-    def __init__(self, images: EncodedImages, sampler: GlobalSampler, start_step: int,
+    def __init__(self, images: SampleBytes, sampler: GlobalSampler, start_step: int,
                  rank: int, world_size: int) -> None:
         self.images, self.sampler, self.start_step = images, sampler, start_step
         self.rank, self.world_size = rank, world_size
@@ -74,7 +74,7 @@ def build_pipeline(source: BatchSource, batch_size: int, device: torch.device,
     return pipe
 
 
-def _find_undecodable(images: EncodedImages, sampler: GlobalSampler, steps: range, rank: int,
+def _find_undecodable(images: SampleBytes, sampler: GlobalSampler, steps: range, rank: int,
                       world_size: int) -> DataError | None:
     """The error naming the first sample of ``steps`` that the CPU decoder rejects (DALI's own
     decoder errors do not say which file failed)."""
@@ -87,7 +87,7 @@ def _find_undecodable(images: EncodedImages, sampler: GlobalSampler, steps: rang
     return None
 
 
-def dali_batches(images: EncodedImages, sampler: GlobalSampler, start_step: int, rank: int,
+def dali_batches(images: SampleBytes, sampler: GlobalSampler, start_step: int, rank: int,
                  world_size: int, device: torch.device, num_workers: int, prefetch: int
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Infinite (images float32 NCHW on ``device``, indices int64) for steps from ``start_step``."""

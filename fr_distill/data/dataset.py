@@ -314,7 +314,7 @@ def preflight(data_cfg) -> DatasetInfo:
 # --------------------------------------------------------------------------------------
 # Reading encoded samples (used by both loaders; picklable for worker processes)
 # --------------------------------------------------------------------------------------
-class EncodedImages:
+class SampleBytes:
     """``images[i]`` → the encoded bytes of data-set sample ``i`` of a :class:`DatasetInfo`."""
 
     def __init__(self, info: DatasetInfo) -> None:

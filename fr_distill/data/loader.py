@@ -13,7 +13,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from .dataset import DatasetInfo, EncodedImages
+from .dataset import DatasetInfo, SampleBytes
 from .errors import DataError
 from .sampler import GlobalSampler
 
@@ -61,7 +61,7 @@ class TrainLoader:
             from .dali import dali_batches as batches
         else:
             from .torch_loader import torch_batches as batches
-        source = batches(EncodedImages(self.info), self.sampler, start_step, self.rank,
+        source = batches(SampleBytes(self.info), self.sampler, start_step, self.rank,
                          self.world_size, self.device, self.num_workers, self.prefetch)
         for step, (images, indices) in enumerate(source, start_step):
             expected = self.sampler.rank_indices(step, self.rank, self.world_size)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .dataset import EncodedImages
+from .dataset import SampleBytes
 from .decode import decode_rgb
 from .errors import DataError, from_worker
 from .sampler import GlobalSampler
@@ -38,7 +38,7 @@ class _StepBatches(Sampler):
 class _DecodedImages(Dataset):
     """``dataset[(index, flip)]`` → (uint8 HWC tensor, index)."""
 
-    def __init__(self, images: EncodedImages):
+    def __init__(self, images: SampleBytes):
         self.images = images
 
     def __getitem__(self, item: tuple[int, bool]) -> tuple[torch.Tensor, int]:
@@ -55,7 +55,7 @@ def normalize(pixels_nhwc: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.sub_(127.5).div_(127.5).contiguous()
 
 
-def torch_batches(images: EncodedImages, sampler: GlobalSampler, start_step: int, rank: int,
+def torch_batches(images: SampleBytes, sampler: GlobalSampler, start_step: int, rank: int,
                   world_size: int, device: torch.device, num_workers: int, prefetch: int
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Infinite (images float32 NCHW on ``device``, indices int64) for steps from ``start_step``."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from .dataset import EncodedImages, scan
+from .dataset import SampleBytes, scan
 from .decode import decode_rgb
 from .errors import DataError
 
@@ -37,7 +37,7 @@ def validate_dataset(train: str, fmt: str = "auto", progress: bool = True) -> Va
     (except for errors that make the whole set unreadable, such as a missing ``.idx``)."""
     info = scan(train, fmt, check=True)
     report = ValidationReport(info.root, info.format, info.num_samples, list(info.bad))
-    images = EncodedImages(info)
+    images = SampleBytes(info)
     decoded_ok = Counter()
     for i in tqdm(range(info.num_samples), desc="validate", unit="img", disable=not progress):
         try:

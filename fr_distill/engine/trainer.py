@@ -9,7 +9,7 @@ sync only on the last micro-step) + objective, then the replicated head's gradie
 averaged over ranks, small all-reduces agree on non-finite embeddings (before the objective,
 whose collectives every rank must then skip together), non-finite losses and stop signals,
 and the optimizer, schedule and memory bank advance. Checkpointing, evaluation and logging are
-callbacks (:mod:`fr_distill.engine.callbacks`, :mod:`fr_distill.engine.logging`).
+callbacks (:mod:`fr_distill.engine.callbacks`, :mod:`fr_distill.engine.run_log`).
 
 Nothing here branches on the rank: the collectives of ``dist`` are no-ops on one process,
 and only logging and file writes (inside the callbacks) are rank 0's.
@@ -40,13 +40,13 @@ from fr_distill.engine import checkpoint
 from fr_distill.engine.callbacks import (Callback, CallbackList, CheckpointCallback, EvalCallback,
                                          StepStats)
 from fr_distill.engine.faults import NonFiniteGuard, StopSignal
-from fr_distill.engine.logging import LoggingCallback, setup_console
+from fr_distill.engine.run_log import LoggingCallback, setup_console
 from fr_distill.engine.optim import build_optimizer, clip_gradients
 from fr_distill.engine.plan import checkpoint_store, find_resume, make_plan
 from fr_distill.engine.schedule import build_scheduler
 from fr_distill.engine.state import Run
 from fr_distill.losses import build_objective
-from fr_distill.models import build_student, load_teacher
+from fr_distill.models import build_student, load_frozen_model
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
     student = build_student(cfg.model).to(device, memory_format=memory_format)
     teacher = None
     if cfg.teacher.path:
-        teacher = load_teacher(cfg.teacher.path, cfg.teacher.name, cfg.teacher.embedding_dim,
+        teacher = load_frozen_model(cfg.teacher.path, cfg.teacher.name, cfg.teacher.embedding_dim,
                                cfg.teacher.width, device, cfg.teacher.onnx_backend)
         teacher = teacher.to(memory_format=memory_format)
     objective = build_objective(cfg.loss, data_info.num_classes, cfg.model.embedding_dim,

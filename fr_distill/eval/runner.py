@@ -217,11 +217,11 @@ def run_evaluation(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if len(args.ijb) != len(args.ijb_name):
         raise SystemExit(f"error: {len(args.ijb)} --ijb roots but {len(args.ijb_name)} --ijb-name")
-    from fr_distill.models import load_teacher
+    from fr_distill.models import load_frozen_model
 
     info = dist.init(device=args.device)
     try:
-        model = load_teacher(args.model, name=args.arch, embedding_dim=args.embedding_dim,
+        model = load_frozen_model(args.model, name=args.arch, embedding_dim=args.embedding_dim,
                              width=args.width, device=info.device)
         amp = amp_dtype(args.amp, info.device) if info.device.type == "cuda" else None
         stat = Path(args.model).stat()

@@ -64,11 +64,11 @@ class FrozenTeacher(nn.Module):
             return self.model(x).float()
 
 
-def load_teacher(path: str, name: str = "iresnet100", embedding_dim: int = 512,
+def load_frozen_model(path: str, name: str = "iresnet100", embedding_dim: int = 512,
                  width: float = 1.0, device: str | torch.device = "cpu",
                  onnx_backend: str = "auto") -> FrozenTeacher:
-    """Load a frozen teacher from ``path`` (state dict, fr_distill checkpoint, ONNX or
-    TorchScript). ``name``/``embedding_dim``/``width`` describe the architecture of a plain
+    """Load a frozen embedding model from ``path`` (state dict, fr_distill checkpoint, ONNX or
+    TorchScript): the teacher of a run, or any model to evaluate. ``name``/``embedding_dim``/``width`` describe the architecture of a plain
     state dict; checkpoints carry their own, ONNX and TorchScript files are self-describing.
     Raises :class:`ModelLoadError` (one line naming the file and the offending keys)."""
     if onnx_backend not in ONNX_BACKENDS:
@@ -76,7 +76,7 @@ def load_teacher(path: str, name: str = "iresnet100", embedding_dim: int = 512,
                              f"got {onnx_backend!r}")
     file = Path(path)
     if not file.is_file():
-        raise ModelLoadError(f"teacher file not found: {path}")
+        raise ModelLoadError(f"model file not found: {path}")
     device = torch.device(device)
     head = file.read_bytes()[:4] if file.stat().st_size else b""
     if head.startswith(ZIP_MAGIC) and _is_torchscript(file):

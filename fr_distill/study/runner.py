@@ -232,7 +232,7 @@ def load_outcomes(path: Path) -> dict:
 def evaluate_run(run: StudyRun, data: StudyData, out: Path, batch_size: int = 128) -> None:
     """Evaluate the run's model on every set (reused when already done for that file)."""
     from fr_distill.eval.runner import evaluate_model
-    from fr_distill.models import load_teacher
+    from fr_distill.models import load_frozen_model
 
     eval_dir = out / "eval" / run.name.replace("/", "_")
     model_file = run.evaluated_file
@@ -247,7 +247,7 @@ def evaluate_run(run: StudyRun, data: StudyData, out: Path, batch_size: int = 12
     done.unlink(missing_ok=True)
     # an evaluation-only copy: channels_last runs its forward 1.8x faster on CPUs (the trainer
     # keeps NCHW on CPUs for its backward, see engine.trainer.image_layout)
-    model = load_teacher(str(model_file), device="cpu").to(memory_format=torch.channels_last)
+    model = load_frozen_model(str(model_file), device="cpu").to(memory_format=torch.channels_last)
     outcomes: dict = {}
     evaluate_model(model, "cpu", data.bin_sets, [(s.root, s.name) for s in data.ijb_sets],
                    eval_dir, batch_size=batch_size, cache_key=key, outcomes=outcomes)
