@@ -147,8 +147,11 @@ def test_ijb_release_meta_is_consistent(synthetic_data):
     labels = [int(label) for _, _, label in pairs]
     assert all(int(label) == int(subject[int(a)] == subject[int(b)]) for a, b, label in pairs)
     assert 0 < sum(labels) < len(labels)
-    parsed = load_ijb_meta(root, "IJBS")  # the evaluation's own reader accepts the release
-    assert parsed is not None
+    parsed = load_ijb_meta(root, "IJBS")  # the evaluation's own reader reads the same release
+    assert sorted(parsed.labels.tolist()) == sorted(labels)
+    assert set(parsed.templates.tolist()) == set(template_of)
+    assert len(parsed.image_paths) == len(parsed.landmarks) == len(parsed.faceness) > 0
+    assert all(Path(p).is_file() for p in parsed.image_paths)
 
 
 def test_ijb_landmarks_align_onto_the_ground_truth_within_a_pixel(synthetic_data):
@@ -247,7 +250,7 @@ def test_make_synthetic_tool(tmp_path, capsys):
             "--bin-pairs", "6", "--ijb-subjects", "2", "--ijb-max-media", "1", "--workers", "1"]
     assert main(args) == 0
     assert '"train_images": 6' in capsys.readouterr().out
-    assert main([str(tmp_path / "bad"), "--identities", "1"]) == 1
+    assert main([str(tmp_path / "bad"), "--identities", "1"]) == 2  # bad input
     assert "num_identities=1" in capsys.readouterr().err
     assert os.path.isfile(tmp_path / "synth_cfp.bin")
 
