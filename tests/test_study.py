@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO, torchrun_env
 from fr_distill.study import StudyError, load_spec
-from fr_distill.study.stats import (accuracy_metric, mean_std, paired_bootstrap,
+from fr_distill.study.stats import (accuracy, bootstrap_interval, mean_std, paired_bootstrap,
                                     tar_at_far_metric)
 
 STUDY_CONFIGS = REPO / "configs" / "study"
@@ -30,9 +30,9 @@ def test_mean_std_is_the_sample_std():
 
 
 def test_bootstrap_of_a_constant_difference_is_that_constant():
-    base = {"a/correct": np.array([True, False] * 50)}
-    better = {"a/correct": base["a/correct"] | (np.arange(100) % 4 == 1)}  # +25 points, same pairs
-    interval = paired_bootstrap([better] * 3, [base] * 3, accuracy_metric(["a"]), replicates=2000)
+    base = {"correct": np.array([True, False] * 50)}
+    better = {"correct": base["correct"] | (np.arange(100) % 4 == 1)}  # +25 points, same pairs
+    interval = paired_bootstrap([better] * 3, [base] * 3, accuracy, replicates=2000)
     assert interval.value == pytest.approx(25.0)
     # every resample of pairs changes both models alike only where they agree: the difference
     # is the share of the 25 flipped pairs among the drawn ones, binomial around 25
@@ -46,20 +46,20 @@ def test_bootstrap_over_seeds_alone_has_the_exact_percentiles():
     """Differences identical on every pair but 1, 2, 3 points by seed: resampling pairs
     changes nothing, resampling 3 seeds gives means from 1 to 3 where P(mean = 1) = 1/27 > 2.5 %."""
     n = 100
-    base = {"a/correct": np.zeros(n, dtype=bool)}
-    variants = [{"a/correct": np.arange(n) < k} for k in (1, 2, 3)]  # k % of pairs correct
+    base = {"correct": np.zeros(n, dtype=bool)}
+    variants = [{"correct": np.arange(n) < k} for k in (1, 2, 3)]  # k % of pairs correct
     interval = paired_bootstrap(variants, [base] * 3, lambda arrays, units: float(
-        100 * arrays["a/correct"][:n].mean()), replicates=2000)  # metric ignores the pair draw
+        100 * arrays["correct"].mean()), replicates=2000)  # a metric that ignores the pair draw
     assert interval.value == pytest.approx(2.0)
     assert (interval.low, interval.high) == (pytest.approx(1.0), pytest.approx(3.0))
 
 
 def test_bootstrap_refuses_unpaired_inputs():
-    one = {"a/correct": np.ones(4, dtype=bool)}
+    one = {"correct": np.ones(4, dtype=bool)}
     with pytest.raises(ValueError, match="same non-zero number"):
-        paired_bootstrap([one, one], [one], accuracy_metric(["a"]))
+        paired_bootstrap([one, one], [one], accuracy)
     with pytest.raises(ValueError, match="different numbers of units"):
-        paired_bootstrap([one], [{"a/correct": np.ones(5, dtype=bool)}], accuracy_metric(["a"]))
+        paired_bootstrap([one], [{"correct": np.ones(5, dtype=bool)}], accuracy)
 
 
 def test_tar_at_far_by_hand():
@@ -67,17 +67,24 @@ def test_tar_at_far_by_hand():
     # threshold is the 2nd highest impostor (0.8): genuine 0.85 and 0.95 pass, 0.5 and 0.8 do not.
     scores = np.array([*np.arange(10) / 10, 0.5, 0.8, 0.85, 0.95])
     labels = np.array([False] * 10 + [True] * 4)
-    arrays = {"S/scores": scores, "S/labels": labels}
-    assert tar_at_far_metric("S", 0.1)(arrays, None) == pytest.approx(50.0)
-    assert tar_at_far_metric("S", 0.05)(arrays, None) == pytest.approx(25.0)  # above 0.9
+    arrays = {"scores": scores, "labels": labels}
+    assert tar_at_far_metric(0.1)(arrays, None) == pytest.approx(50.0)
+    assert tar_at_far_metric(0.05)(arrays, None) == pytest.approx(25.0)  # above 0.9
     units = np.array([0, 1, 12, 13, 13])  # impostors 0.0, 0.1; genuine 0.85, 0.95, 0.95
-    assert tar_at_far_metric("S", 0.1)(arrays, units) == pytest.approx(100.0)
+    assert tar_at_far_metric(0.1)(arrays, units) == pytest.approx(100.0)
 
 
-def test_pooled_accuracy_over_sets():
-    arrays = {"a/correct": np.array([1, 1, 0, 0], bool), "b/correct": np.array([1, 1, 1, 1], bool)}
-    assert accuracy_metric(["a", "b"])(arrays, None) == pytest.approx(75.0)
-    assert accuracy_metric(["a"])(arrays, np.array([0, 0, 2])) == pytest.approx(200 / 3)
+def test_accuracy_and_its_interval_use_every_unit():
+    arrays = {"correct": np.array([1, 1, 0, 0], bool)}
+    assert accuracy(arrays, None) == pytest.approx(50.0)
+    assert accuracy(arrays, np.array([0, 0, 2])) == pytest.approx(200 / 3)
+    # 1,000 pairs at 80 %: the interval is the binomial one, 80 ± 1.96·sqrt(0.8·0.2/1000)·100
+    model = {"correct": np.arange(1000) % 5 != 0}
+    interval = bootstrap_interval([model], accuracy, replicates=2000)
+    half = 1.96 * 100 * np.sqrt(0.8 * 0.2 / 1000)
+    assert interval.value == pytest.approx(80.0)
+    assert interval.low == pytest.approx(80 - half, abs=0.5)
+    assert interval.high == pytest.approx(80 + half, abs=0.5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,3 +245,24 @@ def test_reduced_study_reuses_resumes_and_reports(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "holds a run with another config than the study's 'none/seed1'" in proc.stderr
+
+
+def test_report_pools_every_set_for_the_mean_accuracy_interval():
+    """``mean acc`` resamples the pairs of all sets: here set ``a`` differs on every pair and
+    set ``b`` on none, so its difference is 50 points with a binomial-width interval, not set
+    ``a``'s degenerate [100, 100]."""
+    from types import SimpleNamespace
+
+    from fr_distill.study.report import differences
+
+    def model(a_correct: bool) -> SimpleNamespace:
+        return SimpleNamespace(ok=True, outcomes={"ijb": {}, "bin": {
+            "a": {"correct": np.full(200, a_correct)}, "b": {"correct": np.ones(200, bool)}}})
+
+    spec = SimpleNamespace(baseline="none", seeds=[1], bootstrap=2000)
+    diffs = differences(spec, model(True), {"none": {1: model(False)}})["teacher"]
+    assert diffs["a acc"] == {"diff": 100.0, "ci95": [100.0, 100.0]}
+    low, high = diffs["mean acc"]["ci95"]
+    assert diffs["mean acc"]["diff"] == pytest.approx(50.0)
+    half = 1.96 * 100 * np.sqrt(0.25 / 400)  # the share of drawn pairs from set a
+    assert low == pytest.approx(50 - half, abs=1.0) and high == pytest.approx(50 + half, abs=1.0)

@@ -27,8 +27,8 @@ from fr_distill.eval.report import to_jsonable  # noqa: E402
 from fr_distill.eval.roc import roc_curve  # noqa: E402
 from fr_distill.study.runner import TEACHER, StudyRun  # noqa: E402
 from fr_distill.study.spec import StudySpec  # noqa: E402
-from fr_distill.study.stats import (accuracy_metric, bootstrap_interval,  # noqa: E402
-                                    mean_std, paired_bootstrap, tar_at_far_metric)
+from fr_distill.study.stats import (accuracy, bootstrap_interval, mean_std,  # noqa: E402
+                                    paired_bootstrap, tar_at_far_metric)
 
 TAR_FARS = (1e-3, 1e-2)
 
@@ -84,31 +84,30 @@ def mean_curves(runs: list[StudyRun]) -> dict[str, tuple[list[int], list[float]]
 # ----------------------------------------------------------------------------------------------
 # Aggregation
 # ----------------------------------------------------------------------------------------------
-def _unit_arrays(run: StudyRun) -> dict[str, np.ndarray]:
-    arrays = {f"{name}/correct": pairs["correct"] for name, pairs in run.outcomes["bin"].items()}
-    for name, pairs in run.outcomes["ijb"].items():
-        arrays[f"{name}/scores"], arrays[f"{name}/labels"] = pairs["scores"], pairs["labels"]
-    return arrays
+def unit_arrays(run: StudyRun, group: tuple[str, tuple[str, ...]]) -> dict[str, np.ndarray]:
+    """The per-unit arrays of one unit group of ``run``: ``("bin", sets)``, the verdicts of
+    the pairs of those sets concatenated; ``("ijb", (set,))``, its template pairs."""
+    kind, names = group
+    if kind == "bin":
+        return {"correct": np.concatenate([run.outcomes["bin"][n]["correct"] for n in names])}
+    pairs = run.outcomes["ijb"][names[0]]
+    return {"scores": pairs["scores"], "labels": pairs["labels"]}
 
 
 def bootstrap_metrics(run: StudyRun) -> dict[str, tuple]:
     """The metrics whose differences are bootstrapped: ``{label: (metric, unit group)}``.
 
-    Bin-set accuracies resample pairs of that set (``mean acc``: the pairs of all sets), the
-    IJB TARs resample template pairs."""
-    bins = sorted(run.outcomes["bin"])
-    metrics: dict[str, tuple] = {f"{name} acc": (accuracy_metric([name]), name) for name in bins}
+    ``mean acc`` resamples the pairs of all bin sets together, each set's accuracy the pairs
+    of that set, the IJB TARs the template pairs."""
+    bins = tuple(sorted(run.outcomes["bin"]))
+    metrics: dict[str, tuple] = {}
     if len(bins) > 1:
-        metrics["mean acc"] = (accuracy_metric(bins), "+".join(bins))
+        metrics["mean acc"] = (accuracy, ("bin", bins))
+    metrics.update({f"{name} acc": (accuracy, ("bin", (name,))) for name in bins})
     for name in sorted(run.outcomes["ijb"]):
         for far in TAR_FARS:
-            metrics[f"{name} TAR@{far:g}"] = (tar_at_far_metric(name, far), name)
+            metrics[f"{name} TAR@{far:g}"] = (tar_at_far_metric(far), ("ijb", (name,)))
     return metrics
-
-
-def _subset(arrays: dict[str, np.ndarray], group: str) -> dict[str, np.ndarray]:
-    names = group.split("+")
-    return {k: v for k, v in arrays.items() if k.split("/")[0] in names}
 
 
 def differences(spec: StudySpec, teacher: StudyRun, by_variant: dict[str, dict[int, StudyRun]]
@@ -130,10 +129,9 @@ def differences(spec: StudySpec, teacher: StudyRun, by_variant: dict[str, dict[i
             continue
         out[variant] = {"seeds": seeds}
         for label, (metric, group) in metrics.items():
-            interval = paired_bootstrap(
-                [_subset(_unit_arrays(runs[s]), group) for s in seeds],
-                [_subset(_unit_arrays(baseline[s]), group) for s in seeds], metric,
-                replicates=spec.bootstrap, seed=0)
+            interval = paired_bootstrap([unit_arrays(runs[s], group) for s in seeds],
+                                        [unit_arrays(baseline[s], group) for s in seeds], metric,
+                                        replicates=spec.bootstrap, seed=0)
             out[variant][label] = interval.as_dict()
     return out
 
@@ -154,10 +152,9 @@ def summarize(teacher: StudyRun, by_variant: dict[str, dict[int, StudyRun]],
             metrics["cosine"] = [c[max(c)] for c in cosines]
         summary[name] = {key: dict(zip(("mean", "std"), mean_std(values)), n=len(values))
                          for key, values in metrics.items()}
-        label, (metric, group) = next((k, v) for k, v in bootstrap_metrics(
-            next(iter(runs.values()))).items() if k == "mean acc" or not k.startswith("mean"))
-        interval = bootstrap_interval([_subset(_unit_arrays(r), group) for r in runs.values()],
-                                      metric, replicates)
+        label, (metric, group) = next(iter(bootstrap_metrics(next(iter(runs.values()))).items()))
+        interval = bootstrap_interval([unit_arrays(r, group) for r in runs.values()], metric,
+                                      replicates)
         summary[name][label]["ci95"] = [interval.low, interval.high]
     return summary
 
@@ -272,8 +269,7 @@ def markdown(spec: StudySpec, out: Path, summary: dict, diffs: dict, failed: lis
     for name, entry in summary.items():
         seeds = next(iter(entry.values()))["n"]
         lines.append(f"| {name} | {seeds} | " + " | ".join(_cell(entry.get(m)) for m in metrics) + " |")
-    diff_metrics = sorted({k for d in diffs.values() for k in d if k != "seeds"},
-                          key=lambda k: (k != "mean acc", k))
+    diff_metrics = [k for k in next(iter(diffs.values())) if k != "seeds"] if diffs else []
     if diffs:
         lines += ["", f"## Paired differences to `{spec.baseline}`", "",
                   "Difference in points (variant − baseline, mean over paired seeds) and its 95 % "

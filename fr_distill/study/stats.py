@@ -86,26 +86,20 @@ def _bootstrap(seeds: int, units: int, value: Callable[[int, np.ndarray | None],
     return Interval(observed, float(low), float(high))
 
 
-def accuracy_metric(set_names: Sequence[str]) -> Metric:
-    """Pooled verification accuracy (%) over the pairs of ``set_names`` (arrays
-    ``"<set>/correct"``): for sets of equal size, the mean of their 10-fold accuracies."""
-    keys = [f"{name}/correct" for name in set_names]
+def accuracy(arrays: dict[str, np.ndarray], units: np.ndarray | None) -> float:
+    """Verification accuracy (%) of the pairs' verdicts ``arrays["correct"]`` (pooled over
+    sets when they are concatenated: for sets of equal size, the mean of their accuracies)."""
+    correct = arrays["correct"]
+    return 100.0 * float((correct if units is None else correct[units]).mean())
+
+
+def tar_at_far_metric(far: float) -> Metric:
+    """TAR (%) at FAR ``far`` on template pairs (``arrays["scores"]``, ``arrays["labels"]``):
+    the share of genuine pairs scoring strictly above the ``(⌊far · n⌋ + 1)``-th highest of
+    the ``n`` impostor scores, a threshold that at most ``far · n`` impostors pass."""
 
     def metric(arrays: dict[str, np.ndarray], units: np.ndarray | None) -> float:
-        correct = np.concatenate([arrays[k] for k in keys]) if len(keys) > 1 else arrays[keys[0]]
-        return 100.0 * float((correct if units is None else correct[units]).mean())
-
-    return metric
-
-
-def tar_at_far_metric(set_name: str, far: float) -> Metric:
-    """TAR (%) at FAR ``far`` on the template pairs of ``set_name`` (arrays ``"<set>/scores"``,
-    ``"<set>/labels"``): the share of genuine pairs scoring strictly above the
-    ``(⌊far · n⌋ + 1)``-th highest of the ``n`` impostor scores, a threshold that at most
-    ``far · n`` impostors pass."""
-
-    def metric(arrays: dict[str, np.ndarray], units: np.ndarray | None) -> float:
-        scores, labels = arrays[f"{set_name}/scores"], arrays[f"{set_name}/labels"]
+        scores, labels = arrays["scores"], arrays["labels"]
         if units is not None:
             scores, labels = scores[units], labels[units]
         impostors = np.sort(scores[~labels])[::-1]
