@@ -167,7 +167,8 @@ class RPSDConfig:
 class BankConfig:
     """METHOD (E3)."""
 
-    bank_factor: int = setting(3, "memory bank rows Q = bank_factor x global batch (E3)", POSITIVE)
+    bank_factor: int = setting(3, "memory bank rows Q = bank_factor x the rows of one optimizer "
+                                  "step (global batch x accumulation steps) (E3)", POSITIVE)
     update: Literal["fifo", "random"] = setting(
         "fifo", "bank overwrite order: fifo, or random rows (seeded) (E3)")
     seed: int = setting(0, "seed of the random bank update (loss.bank.update: random); the "
