@@ -246,6 +246,12 @@ def _diff_cell(entry: dict | None) -> str:
     return f"{entry['diff']:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
 def markdown(spec: StudySpec, out: Path, summary: dict, diffs: dict, failed: list[StudyRun],
              figures: list[Path], wall_s: float, command: str) -> str:
     metrics = list(next(iter(summary.values())).keys()) if summary else []
@@ -263,27 +269,23 @@ def markdown(spec: StudySpec, out: Path, summary: dict, diffs: dict, failed: lis
              "run); in brackets, the 95 % bootstrap interval over seeds and pairs (METHOD S1). "
              "Accuracy: 10-fold verification accuracy (V1). TAR: nearest ROC point (V2). "
              "rank-1: 1:N identification (V3). cosine: mean student–teacher cosine over the "
-             "last logging window. All in % except the cosine.", "",
-             "| model | seeds | " + " | ".join(metrics) + " |",
-             "|---|---|" + "---|" * len(metrics)]
-    for name, entry in summary.items():
-        seeds = next(iter(entry.values()))["n"]
-        lines.append(f"| {name} | {seeds} | " + " | ".join(_cell(entry.get(m)) for m in metrics) + " |")
-    diff_metrics = [k for k in next(iter(diffs.values())) if k != "seeds"] if diffs else []
+             "last logging window. All in % except the cosine.", ""]
+    lines += _table(["model", "seeds", *metrics], [
+        [name, str(next(iter(entry.values()))["n"]), *(_cell(entry.get(m)) for m in metrics)]
+        for name, entry in summary.items()])
     if diffs:
+        diff_metrics = [k for k in next(iter(diffs.values())) if k != "seeds"]
         lines += ["", f"## Paired differences to `{spec.baseline}`", "",
                   "Difference in points (variant − baseline, mean over paired seeds) and its 95 % "
                   "bootstrap interval, resampling seeds and evaluation pairs (METHOD S1). TAR "
                   "here: the share of genuine pairs above the threshold that at most FAR of the "
-                  "impostors pass.", "",
-                  "| model | paired seeds | " + " | ".join(diff_metrics) + " |",
-                  "|---|---|" + "---|" * len(diff_metrics)]
-        for name, entry in diffs.items():
-            lines.append(f"| {name} | {len(entry['seeds'])} | "
-                         + " | ".join(_diff_cell(entry.get(m)) for m in diff_metrics) + " |")
+                  "impostors pass.", ""]
+        lines += _table(["model", "paired seeds", *diff_metrics], [
+            [name, str(len(entry["seeds"])), *(_diff_cell(entry.get(m)) for m in diff_metrics)]
+            for name, entry in diffs.items()])
     if failed:
-        lines += ["", "## Failed runs", "", "| run | error | log |", "|---|---|---|"]
-        lines += [f"| {r.name} | {r.error} | `{r.log}` |" for r in failed]
+        lines += ["", "## Failed runs", ""]
+        lines += _table(["run", "error", "log"], [[r.name, r.error, f"`{r.log}`"] for r in failed])
     if figures:
         lines += ["", "## Figures", "",
                   "ROC: the teacher and each variant's first seed. Training curves: mean over seeds.",
