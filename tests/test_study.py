@@ -238,6 +238,18 @@ def test_reduced_study_reuses_resumes_and_reports(tmp_path):
         third.stdout
     assert table_rows((out / "study.md").read_text(), "| model | seeds |") == results
 
+    # --report-only trains nothing: with one more variant in the spec, the report lists its
+    # runs as not run and keeps the finished ones
+    spec.write_text(spec.read_text() + "  fc: [loss.fc.weight=1.0]\n")
+    only = subprocess.run([*study_command(spec, out), "--report-only"], cwd=REPO,
+                          env=torchrun_env(), capture_output=True, text=True, timeout=300)
+    assert only.returncode == 0 and ") training " not in only.stdout, only.stdout + only.stderr
+    assert "fc/seed1: not run (--report-only)" in only.stdout
+    report = (out / "study.md").read_text()
+    assert table_rows(report, "| model | seeds |") == results
+    not_run = report.split("## Runs not run")[1].strip().splitlines()[-1].split(", ")
+    assert not_run == ["broken/seed1", "fc/seed1", "broken/seed2", "fc/seed2"], not_run
+
     # a run directory written with another config is refused, not silently reused
     student = tmp_path / "student.yaml"
     student.write_text(student.read_text() + "optim: {lr: 0.05}\n")

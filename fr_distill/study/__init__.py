@@ -12,7 +12,7 @@ __all__ = ["StudyError", "StudySpec", "load_spec", "study_main"]
 
 
 def study_main(argv: list[str] | None = None) -> int:
-    """``fr-distill study SPEC [--out DIR] [--dry-run]``."""
+    """``fr-distill study SPEC [--out DIR] [--dry-run | --report-only]``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="fr-distill study", description=__doc__.split("\n\n")[0])
@@ -21,6 +21,8 @@ def study_main(argv: list[str] | None = None) -> int:
                         help="output directory; running again reuses and continues what is there")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the spec and list the runs, train nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the runs already finished, train nothing")
     args = parser.parse_args(argv)
     try:
         spec = load_spec(args.spec)
@@ -31,7 +33,7 @@ def study_main(argv: list[str] | None = None) -> int:
             return 0
         from fr_distill.study.runner import run_study
 
-        run_study(spec, args.out)
+        run_study(spec, args.out, train=not args.report_only)
     except FrDistillError as err:
         return exit_with(err)
     return 0

@@ -253,7 +253,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def markdown(spec: StudySpec, out: Path, summary: dict, diffs: dict, failed: list[StudyRun],
-             figures: list[Path], wall_s: float, command: str) -> str:
+             figures: list[Path], wall_s: float, command: str, not_run: list[str] = ()) -> str:
     metrics = list(next(iter(summary.values())).keys()) if summary else []
     metrics = [m for m in metrics if m != "cosine"] + (["cosine"] if any(
         "cosine" in s for s in summary.values()) else [])
@@ -286,6 +286,11 @@ def markdown(spec: StudySpec, out: Path, summary: dict, diffs: dict, failed: lis
     if failed:
         lines += ["", "## Failed runs", ""]
         lines += _table(["run", "error", "log"], [[r.name, r.error, f"`{r.log}`"] for r in failed])
+    if not_run:
+        lines += ["", "## Runs not run", "",
+                  "Written with `--report-only`: these runs of the spec were not trained; the same "
+                  "command without it trains them and updates the report.", "",
+                  ", ".join(not_run)]
     if figures:
         lines += ["", "## Figures", "",
                   "ROC: the teacher and each variant's first seed. Training curves: mean over seeds.",
@@ -315,6 +320,7 @@ def write_report(spec: StudySpec, out: Path, teacher: StudyRun, students: list[S
                         "metrics": run_metrics(r) if r.ok else None}
                        for r in [teacher, *students]]}
     (out / "study.json").write_text(json.dumps(to_jsonable(report), indent=2) + "\n")
+    not_run = [r.name for r in students if r.status == "not run"]
     (out / "study.md").write_text(markdown(spec, out, summary, diffs, failed, figures, wall_s,
-                                           command))
+                                           command, not_run))
     return report

@@ -51,7 +51,7 @@ class StudyRun:
     overrides: list[str]
     run_dir: Path
     log: Path
-    status: str = "pending"         # pending | reused | trained | failed
+    status: str = "pending"         # pending | reused | trained | failed | not run
     error: str = ""
     seconds: float = 0.0
     results: dict = field(default_factory=dict)
@@ -283,7 +283,11 @@ class Progress:
 
 
 def _run_one(run: StudyRun, spec: StudySpec, data: StudyData, out: Path,
-             progress: Progress, index: int) -> None:
+             progress: Progress, index: int, train: bool) -> None:
+    if not train and not is_finished(run):
+        run.status = "not run"
+        say(f"({index + 1}/{len(progress.runs)}) {run.name}: not run (--report-only)")
+        return
     progress.start(index, run, "reusing" if is_finished(run) else "training")
     started = time.perf_counter()
     train_run(run, spec.nproc)
@@ -299,8 +303,11 @@ def _run_one(run: StudyRun, spec: StudySpec, data: StudyData, out: Path,
     say(line)
 
 
-def run_study(spec: StudySpec, out_dir: str | os.PathLike) -> dict:
-    """Run (or continue) the study ``spec`` into ``out_dir``; returns the report's JSON."""
+def run_study(spec: StudySpec, out_dir: str | os.PathLike, train: bool = True) -> dict:
+    """Run (or continue) the study ``spec`` into ``out_dir``; returns the report's JSON.
+
+    With ``train=False`` (``--report-only``) nothing is trained: the report covers the runs
+    already finished and lists the others as not run."""
     from fr_distill.study.report import write_report
 
     out = Path(out_dir).resolve()
@@ -311,12 +318,10 @@ def run_study(spec: StudySpec, out_dir: str | os.PathLike) -> dict:
     runs = ([teacher] if teacher else []) + students
     progress = Progress(runs)
     for index, run in enumerate(runs):
-        if run is teacher:
-            _run_one(run, spec, data, out, progress, index)
-            if not run.ok:
-                raise StudyError(f"the teacher failed ({run.error}); see {run.log}")
-            continue
-        _run_one(run, spec, data, out, progress, index)
+        _run_one(run, spec, data, out, progress, index, train)
+        if run is teacher and not run.ok:
+            raise StudyError(f"the teacher is {run.status} ({run.error or 'no final checkpoint'}); "
+                             f"see {run.log}")
     if teacher is None:
         teacher = _external_teacher(spec, data, out)
     report = write_report(spec, out, teacher, students, time.perf_counter() - wall)
