@@ -247,7 +247,8 @@ def test_reduced_study_reuses_resumes_and_reports(tmp_path):
     assert "fc/seed1: not run (--report-only)" in only.stdout
     report = (out / "study.md").read_text()
     assert table_rows(report, "| model | seeds |") == results
-    not_run = report.split("## Runs not run")[1].strip().splitlines()[-1].split(", ")
+    section = report.split("## Runs not run")[1].split("\n## ")[0]
+    not_run = section.strip().splitlines()[-1].split(", ")
     assert not_run == ["broken/seed1", "fc/seed1", "broken/seed2", "fc/seed2"], not_run
 
     # a run directory written with another config is refused, not silently reused
