@@ -1,14 +1,16 @@
 """One distillation training step, timed phase by phase, against plain training.
 
 For every batch size × precision (bf16, fp16, fp32) × mode (eager; compiled with
-``--compile``), in one run, two variants of the trainer's step on the same in-memory batches:
+``--compile``), in one run, two variants of the trainer's own step
+(:func:`fr_distill.engine.step.train_step`, accumulation 1) on the same in-memory batches:
   * ``distill`` — frozen teacher forward (``no_grad``, autocast) + student forward/backward +
                   the unified objective (SphereFace2 + ILED + RPSD) + memory-bank all-gather;
   * ``plain``   — the same student and SphereFace2 head without a teacher (training from
                   scratch).
-Phases (ms per step): data wait, teacher forward, student forward+backward (the backward of
-the whole loss included), objective forward (with the trainer's finiteness checks), bank
-all-gather/enqueue, optimizer (scaler step, zero_grad). On a GPU the phases are timed with
+Phases (ms per step, the step's own marks): data wait, teacher forward, student
+forward+backward (the backward of the whole loss included), objective forward (with the
+device-side finiteness flags), agree (head-gradient average, the flags' all-reduce and the
+step's one host read), optimizer (scaler step, schedule, zero_grad), bank all-gather/enqueue. On a GPU the phases are timed with
 CUDA events and the step with a synchronize at its end; on a CPU with the wall clock. The
 measured steps of the two variants alternate, so a load change hits both alike.
 
@@ -31,6 +33,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -38,14 +41,17 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import Config, DataConfig, LossConfig, OptimConfig
+from ..data import Batch
+from ..engine.faults import NonFiniteGuard, StopSignal
 from ..engine.optim import build_optimizer
+from ..engine.state import Run
+from ..engine.step import image_layout, train_step
 from .. import dist
-from ..engine.trainer import image_layout, nonfinite_embeddings, nonfinite_terms
 from ..losses import build_objective
 from ..models import FrozenTeacher, get_backbone
 from ..precision import amp_dtype as resolve_amp, autocast
 
-PHASES = ("data", "teacher", "student_fwd_bwd", "objective", "bank", "optimizer")
+PHASES = ("data", "teacher", "student_fwd_bwd", "objective", "agree", "optimizer", "bank")
 
 #: Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets; matched in
 #: order against the device name (the PCIe and NVL cards before the SXM default of a family).
@@ -193,40 +199,32 @@ def build_models(args: argparse.Namespace, device: torch.device, compiled: bool)
     return Models(student, teacher, student, teacher)
 
 
-def make_step(models: Models, objective: nn.Module, optimizer: torch.optim.Optimizer,
-              scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, distill: bool,
-              batches: Iterator, timer: PhaseTimer, device: torch.device) -> Callable[[], None]:
-    """The trainer's step (accumulation 1), with a timer mark after every phase."""
+def benchmark_run(models: Models, objective: nn.Module, optimizer: torch.optim.Optimizer,
+                  scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, distill: bool,
+                  device: torch.device) -> Run:
+    """A one-rank :class:`Run` around the benchmark's models for the trainer's own step:
+    default config (no logging steps, so no diagnostics), constant learning rate, and a
+    non-finite step is an error (``max_nonfinite_steps`` 1)."""
+    cfg = Config()
+    cfg.logging.diagnostics = False
+    return Run(cfg=cfg, info=dist.DistInfo(device=device), run_dir=Path("."),
+               student=models.student, model=models.student_step,
+               teacher=models.teacher_step if distill else None, objective=objective,
+               optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+               scaler=scaler, loader=None, amp_dtype=amp_dtype, accumulation=1,
+               total_steps=2 ** 62, guard=NonFiniteGuard(limit=1))
+
+
+def make_step(run: Run, batches: Iterator, timer: PhaseTimer) -> Callable[[], None]:
+    """The trainer's step (:func:`fr_distill.engine.step.train_step`) on ``run``, with the
+    timer marking the end of each of its phases."""
+    stop = StopSignal()
+    batch_stream = (Batch(images, labels, torch.empty(0, dtype=torch.int64))
+                    for images, labels in batches)
 
     def step() -> None:
         timer.start()
-        images, labels = next(batches)
-        images = images.contiguous(memory_format=layout(device))
-        timer.mark("data")
-        f_t = None
-        if distill:
-            with torch.no_grad(), autocast(device, amp_dtype):
-                f_t = models.teacher_step(images).float()
-            timer.mark("teacher")
-        with autocast(device, amp_dtype):
-            f_s = models.student_step(images)
-        f_s = f_s.float()
-        timer.mark("student_fwd_bwd")
-        bad = nonfinite_embeddings(f_s, f_t)
-        if dist.all_reduce_sum(torch.tensor(float(len(bad)), device=device)).item() != 0:
-            raise RuntimeError(f"benchmark step produced non-finite {', '.join(bad)}")
-        out = objective(f_s, f_t, labels)
-        if nonfinite_terms(out):
-            raise RuntimeError(f"benchmark step produced non-finite terms {nonfinite_terms(out)}")
-        timer.mark("objective")
-        scaler.scale(out.total).backward()
-        timer.mark("student_fwd_bwd")
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        timer.mark("optimizer")
-        objective.update_bank(f_s.detach(), f_t)
-        timer.mark("bank")
+        train_step(run, batch_stream, stop, mark=timer.mark)
 
     return step
 
@@ -267,8 +265,8 @@ def build_step(models: Models, args: argparse.Namespace, device: torch.device, b
     params = list(models.student.parameters()) + objective.replicated_parameters()
     optimizer = build_optimizer(params, OptimConfig(), lr=0.01)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    return make_step(models, objective, optimizer, scaler, amp_dtype, distill, batches, timer,
-                     device)
+    return make_step(benchmark_run(models, objective, optimizer, scaler, amp_dtype, distill, device),
+                     batches, timer)
 
 
 def measure(models: Models, args: argparse.Namespace, device: torch.device, batch: int,
@@ -369,11 +367,12 @@ def format_table(results: list[Result], peak: float | None) -> str:
                  f"({peak:.0f} TFLOP/s)" if peak else
                  "medians in ms/step; %peak not reported (unknown device: pass --peak-tflops)")
     for key, base in plain.items():
-        dist = next(r for r in results if (r.batch, r.amp, r.mode) == key and r.variant == "distill")
-        extra = dist.step_ms - base.step_ms
+        distilled = next(r for r in results
+                         if (r.batch, r.amp, r.mode) == key and r.variant == "distill")
+        extra = distilled.step_ms - base.step_ms
         lines.append(f"batch {key[0]} {key[1]} {key[2]}: distillation adds {extra:.1f} ms/step over "
-                     f"plain; teacher forward {dist.phases_ms['teacher']:.1f} ms "
-                     f"(added / teacher = {extra / dist.phases_ms['teacher']:.2f})")
+                     f"plain; teacher forward {distilled.phases_ms['teacher']:.1f} ms "
+                     f"(added / teacher = {extra / distilled.phases_ms['teacher']:.2f})")
     return "\n".join(lines)
 
 

@@ -3,7 +3,9 @@
 ``TrainLoader.iterate(start_step)`` yields :class:`Batch` for global steps ``start_step,
 start_step + 1, …`` forever (epoch = step // steps_per_epoch); resuming a run is
 ``iterate(step)``. Labels come from the pre-flight index, looked up by the data-set indices
-the pipeline actually produced, which are checked against the sampler every step.
+the pipeline actually produced, which are checked against the sampler every step; each
+batch's labels are checked against the class count on the host, before they go to the
+device (an out-of-range label there would be a device-side assert, not an error).
 """
 from __future__ import annotations
 
@@ -53,7 +55,6 @@ class TrainLoader:
         self.steps_per_epoch = sampler.steps_per_epoch
         self.global_batch = sampler.global_batch
         self.batch_size = sampler.global_batch // world_size
-        self._labels = torch.from_numpy(info.labels)
 
     def iterate(self, start_step: int = 0) -> Iterator[Batch]:
         """Batches of global steps ``start_step, start_step + 1, …`` (infinite)."""
@@ -68,8 +69,14 @@ class TrainLoader:
             if not np.array_equal(indices.numpy(), expected):
                 raise RuntimeError(f"{self.backend} loader produced samples out of the sampler's "
                                    f"order at step {step}")
-            labels = self._labels[indices].to(self.device, non_blocking=True)
-            yield Batch(images, labels, indices)
+            labels = self.info.labels[indices.numpy()]
+            outside = (labels < 0) | (labels >= self.info.num_classes)
+            if outside.any():
+                first = int(np.flatnonzero(outside)[0])
+                raise DataError(f"{self.info.root}: sample {int(indices[first])} has label "
+                                f"{int(labels[first])}, outside [0, {self.info.num_classes})")
+            yield Batch(images, torch.from_numpy(labels).to(self.device, non_blocking=True),
+                        indices)
 
     def state_dict(self) -> dict:
         """The order's identity, stored in checkpoints next to the step."""

@@ -36,7 +36,6 @@ class StepStats:
     images: int                                # images of this step over all ranks
     data_wait_s: float
     step_time_s: float
-    grad_scale: float
     skipped: bool
     grad_norm: torch.Tensor | None = None
     diagnostics: dict[str, torch.Tensor] | None = None  # METHOD D1, on logging steps

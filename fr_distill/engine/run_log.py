@@ -137,9 +137,10 @@ class LoggingCallback(Callback):
         if not dist.is_main():
             return
         wall = time.perf_counter() - self.started
+        grad_scale = run.scaler.get_scale() if run.scaler.is_enabled() else 1.0
         record = {"step": run.step, **dict(zip(keys, mean[:-1])), "lr": stats.lr,
                   "images_per_s": self.images / max(wall, 1e-9), "data_wait_share": mean[-1],
-                  "grad_scale": stats.grad_scale, "skipped_steps": self.skipped,
+                  "grad_scale": grad_scale, "skipped_steps": self.skipped,
                   "nonfinite_total": run.guard.total}
         if stats.grad_norm is not None:
             record["grad_norm"] = float(stats.grad_norm)
@@ -151,7 +152,7 @@ class LoggingCallback(Callback):
         line = (f"step {run.step}/{run.total_steps} | {terms} | total {record.get('total', math.nan):.4f}"
                 f" | lr {stats.lr:.5g} | {record['images_per_s']:.1f} img/s"
                 f" | data {100 * record['data_wait_share']:.0f}% | eta {_eta(eta)}"
-                f" | scale {stats.grad_scale:g}")
+                f" | scale {grad_scale:g}")
         if "cosine" in record:
             line += f" | cos {record['cosine']:.4f}"
         if self.skipped:

@@ -42,7 +42,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    loader: TrainLoader
+    loader: TrainLoader | None    # None where batches come from elsewhere (train benchmark)
     amp_dtype: torch.dtype | None
     accumulation: int
     total_steps: int

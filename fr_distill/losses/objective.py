@@ -18,7 +18,10 @@ current world size and resizes the bank for the current global batch.
 
 Input checks: shapes and dtypes are checked on the host; finiteness of the embeddings and
 the label range are reduced to one small flag vector read with a single device sync per
-step, since an out-of-range label would otherwise be a device-side assert, not an error.
+call, since an out-of-range label would otherwise be a device-side assert, not an error.
+The trainer, which reads one value per optimizer step, calls ``forward(...,
+check_values=False)``: its loader checks labels on the host, and it detects non-finite
+values itself (:mod:`fr_distill.engine.step`).
 """
 from __future__ import annotations
 
@@ -124,16 +127,21 @@ class Objective(nn.Module):
                                       f"dtype {f_t.dtype}; expected float "
                                       f"[{batch}, {self.teacher_dim}]")
 
-    def _check_inputs(self, f_s: torch.Tensor, f_t: torch.Tensor | None,
+    def _check_shapes(self, f_s: torch.Tensor, f_t: torch.Tensor | None,
                       labels: torch.Tensor) -> None:
-        """Host-side shape/dtype checks, then one device sync for finiteness of ``f_s``/``f_t``
-        and ``0 <= labels < C``, reduced to a single small flag vector."""
+        """Shapes and dtypes of the embeddings and labels, on the host (no device sync)."""
         self._check_embeddings(f_s, f_t)
         batch = f_s.shape[0]
         if self.head is not None and (labels.dim() != 1 or labels.shape[0] != batch
                                       or labels.is_floating_point() or labels.dtype == torch.bool):
             raise ObjectiveInputError(f"labels has shape {shape_of(labels)} and dtype "
                                       f"{labels.dtype}; expected integer [{batch}]")
+
+    def _check_inputs(self, f_s: torch.Tensor, f_t: torch.Tensor | None,
+                      labels: torch.Tensor) -> None:
+        """:meth:`_check_shapes`, then one device sync for finiteness of ``f_s``/``f_t`` and
+        ``0 <= labels < C``, reduced to a single small flag vector."""
+        self._check_shapes(f_s, f_t, labels)
         checks = [("f_s (student embeddings)", f_s, torch.isfinite(f_s).all(), "NaN or Inf values")]
         if f_t is not None:
             checks.append(("f_t (teacher embeddings)", f_t, torch.isfinite(f_t).all(),
@@ -153,11 +161,17 @@ class Objective(nn.Module):
         return KDInputs(student=student, teacher=f_t, student_hat=student_hat,
                         teacher_hat=teacher_hat, cosine=(student_hat * teacher_hat).sum(dim=1))
 
-    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor | None,
-                labels: torch.Tensor) -> ObjectiveOutput:
+    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor | None, labels: torch.Tensor,
+                check_values: bool = True) -> ObjectiveOutput:
         """METHOD (E5) for student embeddings ``f_s`` [B, Ds] (with gradient), teacher embeddings
-        ``f_t`` [B, Dt] (or None without a teacher) and int64 ``labels`` [B]."""
-        self._check_inputs(f_s, f_t, labels)
+        ``f_t`` [B, Dt] (or None without a teacher) and int64 ``labels`` [B].
+
+        ``check_values=False`` skips the device-side checks (finiteness, label range) and their
+        host read, for callers that make them elsewhere; shapes are always checked."""
+        if check_values:
+            self._check_inputs(f_s, f_t, labels)
+        else:
+            self._check_shapes(f_s, f_t, labels)
         with torch.autocast(device_type=f_s.device.type, enabled=False):
             f_s = f_s.float()
             values: dict[str, torch.Tensor] = {}
