@@ -93,3 +93,16 @@ def synthetic_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic")
     generate(out, **SYNTHETIC_DATA_ARGS)
     return out
+
+
+@pytest.fixture(scope="session")
+def teacher_file(tmp_path_factory) -> Path:
+    """A random IResNet-18 (width 0.125, 32-d) state dict, the teacher of the trainer tests."""
+    import torch
+
+    from fr_distill.models import get_backbone
+
+    torch.manual_seed(7)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
+    torch.save(get_backbone("iresnet18", 32, width=0.125).state_dict(), path)
+    return path

@@ -16,15 +16,7 @@ from fr_distill.engine import NonFiniteLossError, checkpoint, train
 from fr_distill.engine.callbacks import Callback
 from fr_distill.engine.entry import train_main
 from fr_distill.eval import evaluate_bin_sets
-from fr_distill.models import build_student, get_backbone
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory) -> Path:
-    torch.manual_seed(7)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
-    torch.save(get_backbone("iresnet18", 32, width=0.125).state_dict(), path)
-    return path
+from fr_distill.models import build_student
 
 
 def _overrides(data: Path, out: Path, teacher: Path | None = None) -> list[str]:

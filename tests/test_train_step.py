@@ -20,7 +20,6 @@ from fr_distill.data import DataError, build_train_loader, preflight
 from fr_distill.engine import step as engine_step
 from fr_distill.engine import train, trainer
 from fr_distill.engine.callbacks import Callback
-from fr_distill.models import get_backbone
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
@@ -41,14 +40,6 @@ class HostReads:
                 self.calls.append(f"{name} at {Path(caller.filename).name}:{caller.lineno}")
             return original(tensor, *args, **kwargs)
         return read
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory) -> Path:
-    torch.manual_seed(7)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
-    torch.save(get_backbone("iresnet18", 32, width=0.125).state_dict(), path)
-    return path
 
 
 def test_one_host_read_per_optimizer_step(synthetic_data, teacher_file, tmp_path, monkeypatch,

@@ -49,7 +49,7 @@ from ..engine.step import image_layout, train_step
 from .. import dist
 from ..losses import build_objective
 from ..models import FrozenTeacher, get_backbone
-from ..precision import amp_dtype as resolve_amp, autocast
+from ..precision import amp_dtype as resolve_amp
 
 PHASES = ("data", "teacher", "student_fwd_bwd", "objective", "agree", "optimizer", "bank")
 
