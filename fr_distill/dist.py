@@ -145,6 +145,22 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def run_on_main(check, *args) -> None:
+    """Run ``check(*args)`` on rank 0 only and raise the :class:`FrDistillError` it raised on
+    every rank (a collective): a pre-flight check done once, failing everywhere alike."""
+    from fr_distill.errors import FrDistillError
+
+    error = None
+    if is_main():
+        try:
+            check(*args)
+        except FrDistillError as err:
+            error = err
+    error = broadcast_object(error)
+    if error is not None:
+        raise error
+
+
 def broadcast_object(obj, src: int = 0):
     """``obj`` from rank ``src`` on every rank."""
     if not is_dist():

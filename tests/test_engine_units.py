@@ -79,9 +79,9 @@ def test_crash_while_writing_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         raise OSError("injected I/O error")
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
-    with pytest.raises(OSError, match="injected"):
+    with pytest.raises(ckpt.CheckpointError, match="injected"):
         store.save_step(_payload(6), 6)      # a new step
-    with pytest.raises(OSError, match="injected"):
+    with pytest.raises(ckpt.CheckpointError, match="injected"):
         store.save_step(_payload(99), 5)     # the same step rewritten
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert store.step_path(5).read_bytes() == good

@@ -15,7 +15,7 @@ from sklearn.model_selection import KFold
 
 from fr_distill.eval import EvalDataError
 from fr_distill.eval.roc import roc_curve, tar_interpolated, tar_nearest
-from fr_distill.eval.verification import evaluate, kfold_splits, load_bin
+from fr_distill.eval.verification import METRICS, evaluate, kfold_splits, load_bin
 from tests.eval_data import encode, face_images, write_bin
 
 
@@ -70,6 +70,7 @@ def test_perfect_and_chance_embeddings():
     perfect[1::2][same, 0] = 1.0
     perfect[1::2][~same, 1] = 1.0  # squared distance 0 for genuine, 2 for impostor pairs
     m = evaluate(perfect, same)
+    assert tuple(m) == METRICS  # the names eval.best_metric is checked against
     assert (m["accuracy_mean"], m["accuracy_std"], m["best_threshold_accuracy"]) == (1.0, 0.0, 1.0)
     assert (m["eer"], m["auc"], m["val_at_far_1e-3"]) == (0.0, 1.0, 1.0)
     chance = rng.normal(size=(6000, 64))

@@ -79,6 +79,12 @@ def _flatten(results: dict[str, dict]) -> dict[str, float]:
             for key, value in metrics.items() if isinstance(value, (int, float))}
 
 
+def one_line(err: BaseException) -> str:
+    """``Type: first line of the message`` of an exception."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
 def lower_is_better(metric: str) -> bool:
     """Error rates are minimized; accuracies, AUC and TAR are maximized."""
     leaf = metric.rsplit("/", 1)[-1].lower()
@@ -89,12 +95,19 @@ class EvalCallback(Callback):
     """Verification on ``eval.bin_sets`` every ``eval.every_steps`` and at the end (METHOD V1),
     sharded across all ranks; keeps ``best.pt`` by ``eval.best_metric``.
 
-    Runs before :class:`CheckpointCallback` so the step's checkpoint carries its results.
+    Runs before :class:`CheckpointCallback` so the step's checkpoint carries its results. An
+    evaluation that fails (a set changed on disk since the pre-flight check, a decoder or
+    memory error) never costs that checkpoint: the error is logged in one line and recorded
+    in ``run.metrics["eval_error"]``, training goes on, and a failed final evaluation is kept
+    in :attr:`final_error` for the loop to report after the last checkpoint is written. (A
+    failure on some ranks only leaves the others waiting in a collective until
+    ``distributed.timeout_s``; the sets' pre-flight check makes that rare.)
     """
 
     def __init__(self, store: CheckpointStore, on_results=None) -> None:
         self.store = store
         self.on_results = on_results or (lambda run, results: None)
+        self.final_error: str | None = None
 
     def _due(self, run: Run) -> bool:
         every = run.cfg.eval.every_steps
@@ -104,21 +117,29 @@ class EvalCallback(Callback):
         if not self._due(run):
             return
         run.student.eval()
-        results = _flatten(evaluate_bin_sets(run.student, list(run.cfg.eval.bin_sets),
-                                             run.info.device, batch_size=run.cfg.eval.batch_size,
-                                             amp_dtype=run.amp_dtype))
-        run.set_train_mode()
+        try:
+            results = _flatten(evaluate_bin_sets(run.student, list(run.cfg.eval.bin_sets),
+                                                 run.info.device,
+                                                 batch_size=run.cfg.eval.batch_size,
+                                                 amp_dtype=run.amp_dtype))
+        except Exception as err:  # noqa: BLE001 - an evaluation must not cost the checkpoint
+            message = one_line(err)
+            log.error("evaluation at step %d failed (%s); %s", run.step, message,
+                      "the final checkpoint is written next" if run.finished
+                      else "training goes on")
+            run.metrics["eval_error"] = {"step": run.step, "error": message}
+            if run.finished:
+                self.final_error = message
+            return
+        finally:
+            run.set_train_mode()
         run.metrics["eval"] = {"step": run.step, **results}
         self.on_results(run, results)
         self._keep_best(run, results)
 
     def _keep_best(self, run: Run, results: dict[str, float]) -> None:
         metric = run.cfg.eval.best_metric
-        if not metric:
-            return
-        if metric not in results:
-            log.warning("eval.best_metric '%s' is not among the results (%s); no best checkpoint",
-                        metric, ", ".join(sorted(results)))
+        if not metric:  # else one of the results: checked before training (check_bin_sets)
             return
         value, best = results[metric], run.metrics.get("best")
         better = (best is None or best.get("metric") != metric or

@@ -145,18 +145,29 @@ class CheckpointStore:
         return sorted((int(m.group(1)) for m in found if m), reverse=True)
 
     def save_step(self, payload: dict, step: int) -> Path:
-        """Write the checkpoint of ``step``, then delete step checkpoints beyond ``keep_last``."""
+        """Write the checkpoint of ``step``, then delete the step checkpoints older than the
+        ``keep_last`` newest up to ``step`` (never a later step: those are not this run's
+        past, see :mod:`fr_distill.engine.run_dir`)."""
         path = self.step_path(step)
-        save(payload, path)
-        for old in self.steps()[self.keep_last:]:
+        self._save(payload, path)
+        for old in [s for s in self.steps() if s <= step][self.keep_last:]:
             for p in (self.step_path(old), self.step_path(old).with_name(
                     self.step_path(old).name + CHECKSUM_SUFFIX)):
                 p.unlink(missing_ok=True)
         return path
 
     def save_best(self, payload: dict) -> Path:
-        save(payload, self.best_path)
+        self._save(payload, self.best_path)
         return self.best_path
+
+    @staticmethod
+    def _save(payload: dict, path: Path) -> None:
+        """:func:`save`, with a write failure (full disk, quota, permissions) as one line."""
+        try:
+            save(payload, path)
+        except OSError as err:
+            raise CheckpointError(f"{path}: cannot be written ({err.strerror or err}); the "
+                                  f"checkpoints already saved are untouched") from None
 
     def latest_valid(self) -> Path | None:
         """The newest step checkpoint whose checksum matches; warns about each newer bad one."""

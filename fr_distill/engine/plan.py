@@ -18,6 +18,8 @@ from fr_distill.engine import checkpoint
 from fr_distill.engine.checkpoint import CheckpointStore
 from fr_distill.engine.faults import TrainingError
 from fr_distill.engine.optim import scaled_lr
+from fr_distill.engine.run_dir import probe_run_dir
+from fr_distill.eval.runner import check_bin_sets
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -105,13 +107,16 @@ def make_plan(cfg: Config, info: DatasetInfo, world_size: int, resume_path: Path
 
 
 def dry_run(cfg: Config) -> str:
-    """Validate paths and data and describe the run, without building models or training."""
+    """Validate paths, data, evaluation sets and the run directory and describe the run,
+    without building models, training or changing any file."""
     check_paths(cfg)
     info = preflight(cfg.data)
+    check_bin_sets(list(cfg.eval.bin_sets), cfg.eval.best_metric)
     resume_path = find_resume(cfg)
+    note = probe_run_dir(cfg.run.output_dir, checkpoint_store(cfg), resume_path is None)
     resumed = checkpoint.load(resume_path) if resume_path else None
     plan = make_plan(cfg, info, dist.env_world()[1], resume_path, resumed)
     if info.num_samples < plan.global_batch:
         raise TrainingError(f"data.train has {info.num_samples} images, fewer than one global "
                             f"batch of {plan.global_batch}")
-    return plan.describe(cfg)
+    return plan.describe(cfg) + (f"\nnote      {note}" if note else "")

@@ -1,7 +1,7 @@
 """The training loop: distill a frozen teacher into a student under torchrun DDP.
 
 ``train(cfg)`` reads top to bottom: process group → pre-flight (config paths, data, resume
-checkpoint, batch plan) → models (student under DDP, frozen teacher run on the fly, the
+checkpoint, the run directory claimed (:mod:`fr_distill.engine.run_dir`), batch plan) → models (student under DDP, frozen teacher run on the fly, the
 objective with its head and memory bank) → optimizer, schedule, scaler, loader → restore the
 checkpoint → loop. One optimizer step is :func:`fr_distill.engine.step.train_step`:
 ``accumulation`` micro-steps of teacher forward, student forward, objective and backward, one
@@ -33,13 +33,15 @@ from fr_distill.config import Config, check_paths
 from fr_distill.data import build_train_loader, preflight
 from fr_distill.engine import checkpoint
 from fr_distill.engine.callbacks import Callback, CallbackList, CheckpointCallback, EvalCallback
-from fr_distill.engine.faults import NonFiniteGuard, StopSignal
+from fr_distill.engine.faults import NonFiniteGuard, StopSignal, TrainingError
 from fr_distill.engine.run_log import LoggingCallback, setup_console
 from fr_distill.engine.optim import build_optimizer
 from fr_distill.engine.plan import checkpoint_store, find_resume, make_plan
+from fr_distill.engine.run_dir import claim_run_dir, release as release_run_dir
 from fr_distill.engine.schedule import build_scheduler
 from fr_distill.engine.state import Run
 from fr_distill.engine.step import image_layout, train_step
+from fr_distill.eval.runner import check_bin_sets
 from fr_distill.losses import build_objective
 from fr_distill.models import build_student, load_frozen_model
 
@@ -72,6 +74,7 @@ def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> TrainResult:
     try:
         return _train(cfg, info, list(callbacks))
     finally:
+        release_run_dir(cfg.run.output_dir)
         dist.shutdown()
 
 
@@ -80,7 +83,11 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
     # -- pre-flight: before any model is built -------------------------------------------------
     check_paths(cfg)
     data_info = preflight(cfg.data)
+    dist.run_on_main(check_bin_sets, list(cfg.eval.bin_sets), cfg.eval.best_metric)
     resume_path = find_resume(cfg)
+    store = checkpoint_store(cfg)
+    claim_run_dir(cfg.run.output_dir, store, fresh_start=resume_path is None,
+                  resume=cfg.checkpoint.resume)
     resumed = checkpoint.load(resume_path) if resume_path is not None else None
     plan = make_plan(cfg, data_info, info.world_size, resume_path, resumed)
     if resume_path is not None:
@@ -131,10 +138,9 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
         del resumed
 
     # -- the loop ----------------------------------------------------------------------------
-    store = checkpoint_store(cfg)
     logger = LoggingCallback()
-    hooks = CallbackList([logger, EvalCallback(store, on_results=logger.eval_results),
-                          CheckpointCallback(store), *extra_callbacks])
+    evaluation = EvalCallback(store, on_results=logger.eval_results)
+    hooks = CallbackList([logger, evaluation, CheckpointCallback(store), *extra_callbacks])
     run.set_train_mode()
     hooks.on_train_start(run)
     batches = loader.iterate(run.step * run.accumulation)
@@ -143,6 +149,9 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
             stats = train_step(run, batches, stop)
             hooks.on_step_end(run, stats)
     hooks.on_train_end(run)
+    if evaluation.final_error is not None:
+        raise TrainingError(f"final evaluation at step {run.step} failed ({evaluation.final_error});"
+                            f" the checkpoint {store.step_path(run.step)} is saved")
     status = "completed" if run.finished else "preempted"
     log.info("%s at step %d", status, run.step)
     return TrainResult(status=status, step=run.step, start_step=run.start_step,

@@ -9,6 +9,7 @@ results returned on every rank.
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import importlib.util
 from pathlib import Path
@@ -18,21 +19,49 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from fr_distill import dist
+from fr_distill.config import ConfigError
 from fr_distill.errors import FrDistillError, exit_with
 from fr_distill.precision import AMP_CHOICES, amp_dtype
 
 from .dali_align import DaliAlignedImages
-from .extract import SHARD_SIZE, AlignedImages, EncodedImages, extract_features, prepare_cache
+from .errors import EvalDataError
+from .extract import (SHARD_SIZE, AlignedImages, EncodedImages, extract_features, prepare_cache,
+                      shard_bounds)
 from .ijb import identification, pair_scores, tar_at_far, template_features
 from .ijb_meta import IJBMeta, load_ijb_meta
 from .plots import plot_roc
 from .report import format_table, log_scalars, write_json
 from .roc import roc_curve
-from .verification import evaluate, read_bin
+from .verification import METRICS, evaluate, read_bin
 
 
 def _set_name(path: str) -> str:
     return Path(path).name.removesuffix(".bin")
+
+
+def check_bin_sets(paths: list[str], best_metric: str = "") -> None:
+    """Pre-flight of the trainer's evaluation (``eval.bin_sets``, ``eval.best_metric``), so that
+    a bad set stops the run before training, not at its first evaluation: every `.bin` is
+    read and every image decoded (one line naming the file and image otherwise), the set
+    names are distinct, and ``best_metric`` is one of the metrics the sets will produce."""
+    first_of: dict[str, int] = {}
+    for i, path in enumerate(paths):
+        payloads, _ = read_bin(path)
+        images = EncodedImages(payloads, path)
+        for start, stop in shard_bounds(len(images), 1024):
+            images.load(start, stop)
+        name = _set_name(path)
+        if name in first_of:
+            raise EvalDataError(f"eval.bin_sets[{i}] {path}: same set name '{name}' as "
+                                f"eval.bin_sets[{first_of[name]}]; their results would collide")
+        first_of[name] = i
+    known = [f"{name}/{metric}" for name in first_of for metric in METRICS]
+    if best_metric and best_metric not in known:
+        close = difflib.get_close_matches(best_metric, known, n=1, cutoff=0.6)
+        hint = (f"did you mean '{close[0]}'?" if close else
+                f"one of {', '.join(known)}" if known else "eval.bin_sets is empty")
+        raise ConfigError(f"config key 'eval.best_metric' is '{best_metric}', which no "
+                          f"evaluation produces; {hint}")
 
 
 def evaluate_bin_sets(model: torch.nn.Module, paths: list[str], device, batch_size: int = 128,

@@ -35,6 +35,10 @@ ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
 VAL_FAR_TARGET = 1e-3
 
+#: The metrics :func:`evaluate` returns for each set (``eval.best_metric`` = ``<set>/<metric>``).
+METRICS = ("accuracy_mean", "accuracy_std", "best_threshold_accuracy", "eer", "auc",
+           "val_at_far_1e-3")
+
 
 def read_bin(path: str) -> tuple[list[bytes], np.ndarray]:
     """The encoded images and the ``issame`` flags of a verification `.bin` (safe unpickling)."""
@@ -47,6 +51,8 @@ def read_bin(path: str) -> tuple[list[bytes], np.ndarray]:
     issame = np.asarray(issame)
     if issame.ndim != 1 or not all(isinstance(v, (bool, np.bool_)) for v in issame.tolist()):
         raise EvalDataError(f"{path}: issame_list must be a flat list of booleans")
+    if len(issame) == 0:
+        raise EvalDataError(f"{path}: holds no pairs (empty issame_list)")
     if len(bins) != 2 * len(issame):
         raise EvalDataError(f"{path}: {len(bins)} images for {len(issame)} pairs "
                             f"(expected {2 * len(issame)})")

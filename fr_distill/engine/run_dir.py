@@ -1,0 +1,166 @@
+"""The run directory (``run.output_dir``): one run at a time, writable, and its own checkpoints.
+
+Before the first model is built, :func:`claim_run_dir` (a collective; rank 0 acts and
+broadcasts the outcome, so every rank raises the same one-line error):
+
+* **One run at a time.** Rank 0 holds an exclusive ``flock`` on ``<output_dir>/.lock`` for the
+  life of the process; a second run started on the same directory fails at once with
+  :class:`RunDirError` naming the holder (pid, host, start time). The lock dies with the
+  process, so a crashed or preempted run never leaves a stale lock (on file systems without
+  ``flock`` support, e.g. some NFS mounts, the call fails and the error says so).
+* **Writable.** The directory and ``checkpoints/`` are created and a file is written and
+  removed in each, so a permission problem is a one-line error before training, not a
+  traceback at the first checkpoint.
+* **Checkpoints belong to a run.** A fresh start (``checkpoint.resume=false``, or no valid
+  checkpoint to resume from) in a directory holding an earlier run's checkpoints moves them,
+  with that run's ``metrics.jsonl`` and ``tensorboard/``, into
+  ``earlier_runs/<YYYYmmdd-HHMMSS>/`` and says so: the new run's pruning can then only ever
+  delete the new run's own files, and a later resume can only pick the new run.
+"""
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+from fr_distill import dist
+from fr_distill.engine.checkpoint import CheckpointStore
+from fr_distill.errors import FrDistillError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+EARLIER_RUNS = "earlier_runs"
+#: What belongs to one run besides its checkpoints (moved aside with them).
+RUN_RECORDS = ("metrics.jsonl", "tensorboard")
+
+_held_locks: dict[Path, int] = {}  # directory -> open lock fd, for the life of the process
+
+
+class RunDirError(FrDistillError, RuntimeError):
+    """The run directory cannot be used: in use by another run, or not writable."""
+
+    exit_code = 2
+
+
+def _lock(run_dir: Path) -> None:
+    """Take the directory's exclusive lock (kept until the process ends)."""
+    if run_dir in _held_locks:
+        return
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
+        os.close(fd)
+        raise RunDirError(f"run.output_dir {run_dir} is in use by another run ({holder}); "
+                          f"wait for it, stop it, or choose another run.output_dir") from None
+    except OSError as err:
+        os.close(fd)
+        raise RunDirError(f"run.output_dir {run_dir}: cannot lock {path} ({err.strerror}); "
+                          f"the file system does not support flock") from None
+    os.ftruncate(fd, 0)
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}".encode())
+    _held_locks[run_dir] = fd
+
+
+def release(run_dir: str | os.PathLike) -> None:
+    """Release the lock this process holds on ``run_dir`` (at the end of a run)."""
+    fd = _held_locks.pop(Path(run_dir), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _check_writable(directory: Path, key: str) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise RunDirError(f"config key '{key}': {directory} is a file, not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise RunDirError(f"config key '{key}': cannot write to {directory} "
+                          f"({err.strerror or type(err).__name__})") from None
+
+
+def set_aside_earlier_run(run_dir: Path, store: CheckpointStore, reason: str) -> Path | None:
+    """Move an earlier run's checkpoints and records into ``earlier_runs/<time>/``; returns
+    where they went, None when there was nothing to move."""
+    present = [p for p in store.directory.iterdir()] if store.directory.is_dir() else []
+    if not present:
+        return None
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = run_dir / EARLIER_RUNS / stamp
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = run_dir / EARLIER_RUNS / f"{stamp}-{suffix}"
+    target.mkdir(parents=True)
+    os.replace(store.directory, target / store.directory.name)
+    for name in RUN_RECORDS:
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, target / name)
+    (target / "SET_ASIDE.json").write_text(json.dumps({"reason": reason}) + "\n")
+    return target
+
+
+def probe_run_dir(run_dir: str | os.PathLike, store: CheckpointStore, fresh_start: bool) -> str:
+    """The checks of :func:`claim_run_dir` for a dry run, changing nothing: the directory (or
+    its nearest existing parent) is writable and not locked by a run. Returns what a real
+    start would do with an earlier run's checkpoints (one line, empty if nothing)."""
+    run_dir = Path(run_dir)
+    for directory, key in ((run_dir, "run.output_dir"),
+                           (store.directory, "run.output_dir (its checkpoints/)")):
+        if directory.exists() and not directory.is_dir():
+            raise RunDirError(f"config key '{key}': {directory} is a file, not a directory")
+    for directory in (store.directory, run_dir, *run_dir.parents):
+        if directory.exists():
+            if not os.access(directory, os.W_OK | os.X_OK):
+                raise RunDirError(f"config key 'run.output_dir': cannot write to {directory}")
+            break
+    lock = run_dir / LOCK_FILE
+    if lock.is_file() and run_dir not in _held_locks:
+        with open(lock, "r+b") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = f.read().decode(errors="replace").strip() or "unknown process"
+                raise RunDirError(f"run.output_dir {run_dir} is in use by another run "
+                                  f"({holder})") from None
+    earlier = list(store.directory.iterdir()) if store.directory.is_dir() else []
+    if fresh_start and earlier:
+        return (f"a fresh start moves the {len(earlier)} files of {store.directory} (an earlier "
+                f"run) to {run_dir / EARLIER_RUNS}/<time>/")
+    return ""
+
+
+def claim_run_dir(run_dir: str | os.PathLike, store: CheckpointStore, fresh_start: bool,
+                  resume: bool) -> None:
+    """Lock and check ``run_dir`` and, on a fresh start, set an earlier run's checkpoints
+    aside (see the module docstring). A collective: rank 0 acts, every rank raises its error."""
+    dist.run_on_main(_claim, Path(run_dir), store, fresh_start, resume)
+
+
+def _claim(run_dir: Path, store: CheckpointStore, fresh_start: bool, resume: bool) -> None:
+    _check_writable(run_dir, "run.output_dir")
+    _lock(run_dir)
+    _check_writable(store.directory, "run.output_dir (its checkpoints/)")
+    if not fresh_start:
+        return
+    reason = "checkpoint.resume=false" if not resume else "no valid checkpoint to resume from"
+    try:
+        moved = set_aside_earlier_run(run_dir, store, reason)
+    except OSError as err:
+        raise RunDirError(f"run.output_dir {run_dir}: cannot move the earlier run's checkpoints "
+                          f"aside ({err})") from None
+    if moved is not None:
+        log.warning("%s: the checkpoints and records found in %s were moved to %s; a new run "
+                    "starts", reason, run_dir, moved)
+        _check_writable(store.directory, "run.output_dir (its checkpoints/)")

@@ -1,0 +1,249 @@
+"""Fault injection: what the user sees when a run meets a fault or bad input, and that nothing
+already saved is lost. Each case is a row of docs/RELIABILITY.md.
+
+Runs are tiny (IResNet-18 at width 1/8, a few steps on the synthetic set, one process);
+a fault is injected by preparing the run directory, editing a file while the run trains
+(a callback), or making a write fail (monkeypatch)."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fr_distill.config import ConfigError, load_config
+from fr_distill.engine import checkpoint, train
+from fr_distill.engine.callbacks import Callback
+from fr_distill.engine.entry import train_main
+from fr_distill.engine.faults import TrainingError
+from fr_distill.engine.run_dir import EARLIER_RUNS, LOCK_FILE, RunDirError
+from fr_distill.eval.errors import EvalDataError
+
+
+def overrides(data: Path, out: Path, *extra: str) -> list[str]:
+    return [f"data.train={data / 'train'}", "data.loader=torch", "data.num_workers=0",
+            "data.batch_size=8", "model.width=0.125", "model.embedding_dim=32",
+            "precision.amp=fp32", "loss.iled.weight=0", "loss.rpsd.weight=0",
+            f"run.output_dir={out}", "logging.tensorboard=false", "logging.every_steps=1",
+            "schedule.warmup_steps=0", *extra]
+
+
+def run(data: Path, out: Path, *extra: str):
+    return train(load_config(None, overrides(data, out, *extra)))
+
+
+def steps_in(directory: Path) -> list[int]:
+    return sorted(int(p.name[5:13]) for p in directory.glob("step_*.pt"))
+
+
+# -- checkpoints belong to a run --------------------------------------------------------------
+def test_fresh_start_moves_an_earlier_runs_checkpoints_aside(synthetic_data, tmp_path,
+                                                             single_thread):
+    """checkpoint.resume=false in a directory holding a run that got further: the new run's
+    checkpoints are kept (before, pruning kept the old, higher steps and deleted the new
+    ones), the old run is moved to earlier_runs/, and a later resume continues the new run."""
+    out = tmp_path / "run"
+    run(synthetic_data, out, "schedule.total_steps=4", "checkpoint.every_steps=2",
+        "checkpoint.keep_last=1")
+    old = checkpoint.load(out / "checkpoints" / "step_00000004.pt")
+    result = run(synthetic_data, out, "schedule.total_steps=2", "checkpoint.every_steps=2",
+                 "checkpoint.keep_last=1", "checkpoint.resume=false", "optim.lr=0.05")
+    assert result.status == "completed" and steps_in(out / "checkpoints") == [2]
+    (aside,) = (out / EARLIER_RUNS).iterdir()
+    assert steps_in(aside / "checkpoints") == [4]
+    assert json.loads((aside / "SET_ASIDE.json").read_text()) == {"reason": "checkpoint.resume=false"}
+    moved = checkpoint.load(aside / "checkpoints" / "step_00000004.pt")
+    assert all(torch.equal(moved["student"][k], v) for k, v in old["student"].items())
+    assert [json.loads(line)["step"] for line in (aside / "metrics.jsonl").read_text().splitlines()
+            if "eval" not in line] == [1, 2, 3, 4]
+    resumed = run(synthetic_data, out, "schedule.total_steps=3", "checkpoint.every_steps=1",
+                  "checkpoint.keep_last=1", "optim.lr=0.05")
+    assert (resumed.start_step, resumed.step) == (2, 3)
+
+
+def test_all_corrupt_checkpoints_are_set_aside_and_the_new_run_keeps_its_own(
+        synthetic_data, tmp_path, single_thread):
+    """Every checkpoint fails its checksum: the run starts fresh (as before) but no longer
+    deletes what it writes, so a requeued job makes progress."""
+    out = tmp_path / "run"
+    run(synthetic_data, out, "schedule.total_steps=4", "checkpoint.every_steps=2")
+    for path in (out / "checkpoints").glob("step_*.pt"):
+        path.write_bytes(path.read_bytes()[:1000])
+    result = run(synthetic_data, out, "schedule.total_steps=2", "checkpoint.every_steps=1",
+                 "checkpoint.keep_last=1")
+    assert (result.start_step, result.step) == (0, 2)
+    assert steps_in(out / "checkpoints") == [2]
+    (aside,) = (out / EARLIER_RUNS).iterdir()
+    assert steps_in(aside / "checkpoints") == [2, 4]
+    assert "no valid checkpoint" in (aside / "SET_ASIDE.json").read_text()
+
+
+def test_a_second_run_on_the_same_directory_is_refused(synthetic_data, tmp_path, single_thread):
+    """Another process holds the run directory's lock: one line naming it, exit status 2,
+    and nothing of the running run is touched."""
+    out = tmp_path / "run"
+    run(synthetic_data, out, "schedule.total_steps=2", "checkpoint.every_steps=2")
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"fd = os.open({str(out / LOCK_FILE)!r}, os.O_RDWR)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0)\n"
+         "os.write(fd, b'pid 4242 on node7 since 2026-11-30T10:00:00')\n"
+         "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirError) as err:
+            run(synthetic_data, out, "schedule.total_steps=4", "checkpoint.resume=false")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert str(err.value) == (f"run.output_dir {out} is in use by another run (pid 4242 on "
+                              f"node7 since 2026-11-30T10:00:00); wait for it, stop it, or "
+                              f"choose another run.output_dir")
+    assert err.value.exit_code == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    assert not (out / EARLIER_RUNS).exists()
+    fd = os.open(out / LOCK_FILE, os.O_RDWR)  # released: the lock can be taken again
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(fd)
+
+
+def test_a_checkpoint_directory_replaced_by_a_file_fails_before_training(
+        synthetic_data, tmp_path, capsys):
+    """checkpoints/ is a file: one line, exit status 2, from the command line and its
+    --dry-run, before any step (before, a traceback at the first checkpoint)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("not a directory")
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    code = train_main(["--config", str(config), *overrides(synthetic_data, out,
+                                                          "schedule.total_steps=2")])
+    message = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in message
+    assert message == (f"error: config key 'run.output_dir (its checkpoints/)': "
+                       f"{out / 'checkpoints'} is a file, not a directory")
+    assert not (out / "metrics.jsonl").exists()
+    assert train_main(["--config", str(config), "--dry-run",
+                       *overrides(synthetic_data, out)]) == 2
+    assert capsys.readouterr().err.strip() == message
+
+
+def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(
+        synthetic_data, tmp_path, monkeypatch, single_thread):
+    """ENOSPC in the middle of writing the step-4 checkpoint: one line naming the file, exit
+    status 1, no partial file left behind, step 2 intact, and the run resumes from it."""
+    out = tmp_path / "run"
+    real_write = checkpoint.atomic_write
+
+    def full_disk(path, data):
+        if "step_00000004" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(path, data)
+
+    monkeypatch.setattr(checkpoint, "atomic_write", full_disk)
+    extra = ("schedule.total_steps=4", "checkpoint.every_steps=2")
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        run(synthetic_data, out, *extra)
+    assert str(err.value) == (f"{out / 'checkpoints' / 'step_00000004.pt'}: cannot be written "
+                              f"(No space left on device); the checkpoints already saved are "
+                              f"untouched")
+    assert err.value.exit_code == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_00000002.pt", "step_00000002.pt.sha256"]
+    monkeypatch.setattr(checkpoint, "atomic_write", real_write)
+    result = run(synthetic_data, out, *extra)
+    assert (result.start_step, result.step) == (2, 4)
+
+
+# -- evaluation sets ------------------------------------------------------------------------
+@pytest.fixture
+def bins(synthetic_data, tmp_path) -> dict[str, Path]:
+    """A good copy of synth_lfw.bin, a truncated one, and an empty one (no pairs)."""
+    import pickle
+
+    good = tmp_path / "good.bin"
+    shutil.copy(synthetic_data / "synth_lfw.bin", good)
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(pickle.dumps(([], [])))
+    return {"good": good, "truncated": truncated, "empty": empty}
+
+
+@pytest.mark.parametrize("which, expected", [
+    ("truncated", "truncated.bin: "), ("empty", "empty.bin: holds no pairs (empty issame_list)")])
+def test_a_bad_evaluation_set_stops_the_run_before_training(synthetic_data, tmp_path, bins,
+                                                             which, expected):
+    """Read and decoded before the first step (before, the first evaluation raised, after
+    training, and the step's checkpoint was never written)."""
+    out = tmp_path / "run"
+    with pytest.raises(EvalDataError) as err:
+        run(synthetic_data, out, "schedule.total_steps=2", f"eval.bin_sets=[{bins[which]}]")
+    assert "\n" not in str(err.value) and str(err.value).startswith(str(bins[which].parent))
+    assert expected in str(err.value)
+    assert not (out / "checkpoints").exists()
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    assert train_main(["--config", str(config), "--dry-run",
+                       *overrides(synthetic_data, out, f"eval.bin_sets=[{bins[which]}]")]) == 2
+
+
+def test_a_misspelled_best_metric_stops_the_run_before_training(synthetic_data, tmp_path, bins):
+    with pytest.raises(ConfigError) as err:
+        run(synthetic_data, tmp_path / "run", "schedule.total_steps=2",
+            f"eval.bin_sets=[{bins['good']}]", "eval.best_metric=good/acuracy_mean")
+    assert str(err.value) == ("config key 'eval.best_metric' is 'good/acuracy_mean', which no "
+                              "evaluation produces; did you mean 'good/accuracy_mean'?")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+class BreakFile(Callback):
+    """Overwrites ``path`` with garbage after optimizer step ``at`` (a set edited on disk
+    while the run trains) and restores it after step ``until``."""
+
+    def __init__(self, path: Path, at: int, until: int = 10 ** 9) -> None:
+        self.path, self.at, self.until = path, at, until
+        self.original = path.read_bytes()
+
+    def on_step_end(self, run, stats) -> None:
+        if run.step == self.at:
+            self.path.write_bytes(b"garbage")
+        if run.step == self.until:
+            self.path.write_bytes(self.original)
+
+
+def test_a_failed_final_evaluation_keeps_the_final_checkpoint(synthetic_data, tmp_path, bins,
+                                                              single_thread):
+    out = tmp_path / "run"
+    cfg = load_config(None, overrides(synthetic_data, out, "schedule.total_steps=3",
+                                      "checkpoint.every_steps=100",
+                                      f"eval.bin_sets=[{bins['good']}]"))
+    with pytest.raises(TrainingError) as err:
+        train(cfg, callbacks=[BreakFile(bins["good"], at=1)])
+    final = out / "checkpoints" / "step_00000003.pt"
+    assert str(err.value).startswith("final evaluation at step 3 failed (EvalDataError: ")
+    assert str(err.value).endswith(f"; the checkpoint {final} is saved")
+    assert err.value.exit_code == 1
+    saved = checkpoint.load(final)
+    assert saved["step"] == 3 and saved["metrics"]["eval_error"]["step"] == 3
+
+
+def test_a_failed_periodic_evaluation_lets_training_go_on(synthetic_data, tmp_path, bins,
+                                                          single_thread):
+    out = tmp_path / "run"
+    cfg = load_config(None, overrides(synthetic_data, out, "schedule.total_steps=4",
+                                      "eval.every_steps=2", "checkpoint.every_steps=2",
+                                      f"eval.bin_sets=[{bins['good']}]"))
+    result = train(cfg, callbacks=[BreakFile(bins["good"], at=1, until=3)])
+    assert result.status == "completed" and steps_in(out / "checkpoints") == [2, 4]
+    assert checkpoint.load(out / "checkpoints" / "step_00000002.pt")["metrics"]["eval_error"][
+        "step"] == 2
+    assert result.metrics["eval"]["step"] == 4
