@@ -51,6 +51,15 @@ OPEN_UNIT = Rule(lambda v: 0 < v < 1, "in (0, 1)")
 FRACTION = Rule(lambda v: 0 <= v < 1, "in [0, 1)")
 
 
+def _known_backbone(name: str) -> bool:
+    from fr_distill.models.registry import is_backbone_name  # the registry imports this module
+
+    return is_backbone_name(name)
+
+
+BACKBONE = Rule(_known_backbone, "iresnet18/34/50/100/200, mobilefacenet or timm:<name>")
+
+
 def setting(default: Any, help: str, rule: Rule | None = None,
             aliases: dict[str, str] | None = None) -> Any:
     """A leaf config key: its default, its help text (the README's "meaning") and its rule.
@@ -72,8 +81,7 @@ def setting(default: Any, help: str, rule: Rule | None = None,
 class ModelConfig:
     """The student backbone (METHOD §3)."""
 
-    name: str = setting("iresnet18", "student backbone: iresnet18/34/50/100/200, mobilefacenet, "
-                                     "timm:<name>")
+    name: str = setting("iresnet18", "student backbone", BACKBONE)
     embedding_dim: int = setting(512, "student embedding size D", POSITIVE)
     width: float = setting(1.0, "channel multiplier of the backbone; 1.0 is the published layout",
                            POSITIVE)
@@ -93,7 +101,7 @@ class TeacherConfig:
 
     path: str = setting("", "teacher file: InsightFace state dict, fr_distill checkpoint, ONNX or "
                             "TorchScript; empty = no teacher")
-    name: str = setting("iresnet100", "teacher architecture for a plain state dict")
+    name: str = setting("iresnet100", "teacher architecture for a plain state dict", BACKBONE)
     embedding_dim: int = setting(512, "teacher embedding size for a plain state dict", POSITIVE)
     width: float = setting(1.0, "teacher channel multiplier for a plain state dict", POSITIVE)
     onnx_backend: Literal["auto", "torch", "onnxruntime"] = setting(

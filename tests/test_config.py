@@ -147,6 +147,8 @@ def test_schema_reference_lists_every_leaf_key():
 # Every key with a range rule, and the rule's text (the README table's 'allowed' column).
 RULED_KEYS = {
     "model.embedding_dim": "> 0", "model.width": "> 0", "model.dropout": "in [0, 1)",
+    "model.name": "iresnet18/34/50/100/200, mobilefacenet or timm:<name>",
+    "teacher.name": "iresnet18/34/50/100/200, mobilefacenet or timm:<name>",
     "teacher.embedding_dim": "> 0", "teacher.width": "> 0",
     "teacher.onnx_backend": "one of auto, torch, onnxruntime",
     "data.format": "one of auto, folder, recordio", "data.loader": "one of auto, dali, torch",
@@ -188,6 +190,25 @@ def test_rule_table_is_derived_from_the_schema_and_keeps_every_rule():
     assert {key: table[key].text for key in RULED_KEYS} == RULED_KEYS
     assert set(table) == set(RULED_KEYS)
     assert {row[0]: row[3] for row in schema_reference() if row[3]} == RULED_KEYS
+
+
+def test_an_unknown_backbone_is_refused_by_the_config():
+    """Before, model.name=iresnet19 passed `config validate` and --dry-run, and the run
+    failed when building the model."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.name=iresnet19"])
+    assert str(err.value) == ("config key 'model.name' must be iresnet18/34/50/100/200, "
+                              "mobilefacenet or timm:<name>, got 'iresnet19'")
+    with pytest.raises(ConfigError, match="config key 'teacher.name'"):
+        load_config(None, ["teacher.name=resnet100"])
+    assert load_config(None, ["model.name=timm:resnet18"]).model.name == "timm:resnet18"
+
+
+def test_a_float_in_e_notation_is_a_float(tmp_path):
+    """``1e-3`` is a string to PyYAML (YAML 1.1 wants a dot); the config reads it as a float,
+    from a file and from the command line."""
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3
+    assert load_config(write(tmp_path, "lr.yaml", "optim:\n  lr: 1e-3\n")).optim.lr == 1e-3
 
 
 def test_a_choice_key_refuses_a_value_outside_its_choices(tmp_path):

@@ -154,3 +154,17 @@ def test_meta_errors_name_file_and_line(tmp_path):
     (meta_dir / "ijbc_face_tid_mid.txt").unlink()
     with pytest.raises(EvalDataError, match=r"ijbc_face_tid_mid\.txt: meta file not found"):
         load_ijb_meta(root, "IJBC")
+
+
+def test_a_bad_field_late_in_a_long_row_is_named(tmp_path):
+    """The faceness score (field 12, the last of a long row) is not a number:
+    the message names the field and its value."""
+    root = write_ijb(tmp_path / "IJBC", subjects=2, templates_per_subject=2)
+    lmk = root / "meta" / "ijbc_name_5pts_score.txt"
+    lines = lmk.read_text().splitlines()
+    lines[2] = lines[2].rsplit(" ", 1)[0] + " 0.9x"
+    lmk.write_text("\n".join(lines) + "\n")
+    with pytest.raises(EvalDataError) as err:
+        load_ijb_meta(root, "IJBC")
+    assert str(err.value) == (f"{lmk}:3: expected 'image x1 y1 ... x5 y5 faceness' (12 fields); "
+                              f"field 12 is '0.9x', not a finite number")

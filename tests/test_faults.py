@@ -247,3 +247,72 @@ def test_a_failed_periodic_evaluation_lets_training_go_on(synthetic_data, tmp_pa
     assert checkpoint.load(out / "checkpoints" / "step_00000002.pt")["metrics"]["eval_error"][
         "step"] == 2
     assert result.metrics["eval"]["step"] == 4
+
+
+# -- command lines and messages ---------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--ijb", "/data/IJBC"], "1 --ijb roots but 0 --ijb-name"),
+    ([], "nothing to evaluate: give --bin FILE ... and/or --ijb ROOT ... --ijb-name NAME ..."),
+])
+def test_evaluation_usage_errors_exit_2(tmp_path, capsys, args, message):
+    from fr_distill.eval.runner import eval_main
+
+    with pytest.raises(SystemExit) as exit_:
+        eval_main(["--model", str(tmp_path / "m.pt"), "--out", str(tmp_path / "out"), *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_evaluation_out_that_cannot_be_written_fails_before_the_model_loads(
+        synthetic_data, tmp_path, capsys):
+    from fr_distill.eval.runner import eval_main
+
+    (tmp_path / "taken").write_text("a file")
+    code = eval_main(["--model", str(tmp_path / "missing.pt"), "--bin",
+                      str(synthetic_data / "synth_lfw.bin"), "--out", str(tmp_path / "taken")])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"error: --out: {tmp_path / 'taken'} is a file, not a directory"
+
+
+def test_a_pickle_that_runs_code_is_refused_naming_the_global(tmp_path):
+    from fr_distill.models.errors import ModelLoadError
+    from fr_distill.models.weights import safe_torch_load
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "teacher.pth"
+    torch.save({"weight": RunsCode()}, path)
+    with pytest.raises(ModelLoadError) as err:
+        safe_torch_load(str(path))
+    assert str(err.value) == (f"refusing to unpickle code from {path}: it references "
+                              f"{os.system.__module__}.system (save a state_dict instead)")
+
+
+def test_an_onnx_file_given_to_export_is_not_called_code(tmp_path):
+    from fr_distill.models.errors import ModelLoadError
+    from fr_distill.models.export import export_student
+
+    onnx = tmp_path / "backbone.onnx"
+    onnx.write_bytes(b"\x08\x07\x12\x07pytorch\x1a\x052.1.0" + bytes(64))  # protobuf header
+    with pytest.raises(ModelLoadError) as err:
+        export_student(str(onnx), str(tmp_path / "out"))
+    assert str(err.value) == (f"cannot read {onnx}: not a torch.save file (truncated, corrupt, "
+                              f"or another format such as ONNX)")
+
+
+def test_folder2rec_does_not_overwrite_a_data_set(jpeg_folder, tmp_path):
+    from fr_distill.data import DataError
+    from fr_distill.data.convert import folder_to_recordio
+
+    rec = tmp_path / "train.rec"
+    folder_to_recordio(jpeg_folder, rec, seed=0)
+    before = rec.read_bytes()
+    with pytest.raises(DataError) as err:
+        folder_to_recordio(jpeg_folder, rec, seed=1)
+    assert str(err.value) == (f"{rec}, {tmp_path / 'train.idx'}, {tmp_path / 'property'} "
+                              f"already exist(s); remove them or pass --force to overwrite")
+    assert rec.read_bytes() == before
+    folder_to_recordio(jpeg_folder, rec, seed=1, overwrite=True)
+    assert rec.read_bytes() != before

@@ -30,6 +30,7 @@ from pathlib import Path
 from fr_distill import dist
 from fr_distill.engine.checkpoint import CheckpointStore
 from fr_distill.errors import FrDistillError
+from fr_distill.paths import NotWritableError, require_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +79,10 @@ def release(run_dir: str | os.PathLike) -> None:
 
 
 def _check_writable(directory: Path, key: str) -> None:
-    if directory.exists() and not directory.is_dir():
-        raise RunDirError(f"config key '{key}': {directory} is a file, not a directory")
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write_test.{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise RunDirError(f"config key '{key}': cannot write to {directory} "
-                          f"({err.strerror or type(err).__name__})") from None
+        require_writable_dir(directory, f"config key '{key}'")
+    except NotWritableError as err:
+        raise RunDirError(str(err)) from None
 
 
 def set_aside_earlier_run(run_dir: Path, store: CheckpointStore, reason: str) -> Path | None:

@@ -47,7 +47,8 @@ def _lines(path: Path) -> list[str]:
 
 def _parse_rows(path: Path, lines: list[str], parse, expected: str) -> list:
     """``parse(fields)`` of every non-empty whitespace-separated line; a line it rejects (by
-    raising ValueError) stops with one line naming the file, the line number and ``expected``."""
+    raising ValueError naming the field) stops with one line naming the file, the line
+    number, ``expected`` and the field at fault."""
     rows = []
     for number, line in enumerate(lines, 1):
         parts = line.split()
@@ -55,28 +56,37 @@ def _parse_rows(path: Path, lines: list[str], parse, expected: str) -> list:
             continue
         try:
             rows.append(parse(parts))
-        except ValueError:
-            raise EvalDataError(f"{path}:{number}: expected {expected}, got "
-                                f"{line.strip()[:80]!r}") from None
+        except ValueError as err:
+            raise EvalDataError(f"{path}:{number}: expected {expected}; {err}") from None
     return rows
 
 
 def _fields(parts: list[str], count: int) -> list[str]:
     if len(parts) != count:
-        raise ValueError
+        raise ValueError(f"the line has {len(parts)} fields")
     return parts
 
 
+def _field(parts: list[str], index: int, kind: type):
+    """Field ``index`` (0-based) converted to ``kind`` (a finite number for float)."""
+    try:
+        value = kind(parts[index])
+    except ValueError:
+        value = None
+    if value is None or (kind is float and not np.isfinite(value)):
+        raise ValueError(f"field {index + 1} is {parts[index]!r}, not "
+                         f"{'an integer' if kind is int else 'a finite number'}")
+    return value
+
+
 def _face_tid_mid_row(parts: list[str]) -> tuple[str, int, int]:
-    name, tid, mid = _fields(parts, 3)
-    return name, int(tid), int(mid)
+    _fields(parts, 3)
+    return parts[0], _field(parts, 1, int), _field(parts, 2, int)
 
 
 def _landmarks_row(parts: list[str]) -> tuple[str, list[float]]:
-    values = [float(v) for v in _fields(parts, 12)[1:]]
-    if not np.all(np.isfinite(values)):
-        raise ValueError
-    return parts[0], values
+    _fields(parts, 12)
+    return parts[0], [_field(parts, i, float) for i in range(1, 12)]
 
 
 def _read_face_tid_mid(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -108,7 +118,8 @@ def read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         table = values.reshape(-1, 3)
         return table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy()
     rows = _parse_rows(path, text.splitlines(),
-                       lambda parts: [int(p) for p in _fields(parts, 3)], "'t1 t2 label'")
+                       lambda parts: [_field(_fields(parts, 3), i, int) for i in range(3)],
+                       "'t1 t2 label'")
     table = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
     return table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy()
 
@@ -122,10 +133,12 @@ def _read_template_subjects(path: Path, known: set[int]) -> tuple[np.ndarray, np
             continue
         parts = line.split(",")
         try:
-            template, subject = int(parts[0]), int(parts[1])
-        except (ValueError, IndexError):
-            raise EvalDataError(f"{path}:{number}: expected 'TEMPLATE_ID,SUBJECT_ID,...', got "
-                                f"{line.strip()[:80]!r}") from None
+            if len(parts) < 2:
+                raise ValueError(f"the line has {len(parts)} field")
+            template, subject = _field(parts, 0, int), _field(parts, 1, int)
+        except ValueError as err:
+            raise EvalDataError(f"{path}:{number}: expected 'TEMPLATE_ID,SUBJECT_ID,...'; "
+                                f"{err}") from None
         if template not in known:
             raise EvalDataError(f"{path}:{number}: template {template} is not in the template table")
         if subject_of.setdefault(template, subject) != subject:

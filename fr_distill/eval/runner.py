@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fr_distill import dist
 from fr_distill.config import ConfigError
 from fr_distill.errors import FrDistillError, exit_with
+from fr_distill.paths import require_writable_dir
 from fr_distill.precision import AMP_CHOICES, amp_dtype
 
 from .dali_align import DaliAlignedImages
@@ -243,9 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_evaluation(argv: list[str] | None = None) -> dict:
     """``launch/eval.py``: load the model, evaluate, print the table (rank 0); returns results."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if len(args.ijb) != len(args.ijb_name):
-        raise SystemExit(f"error: {len(args.ijb)} --ijb roots but {len(args.ijb_name)} --ijb-name")
+        parser.error(f"{len(args.ijb)} --ijb roots but {len(args.ijb_name)} --ijb-name (one "
+                     f"name per root, e.g. --ijb /data/IJB_release/IJBC --ijb-name IJBC)")
+    if not args.bin and not args.ijb:
+        parser.error("nothing to evaluate: give --bin FILE ... and/or --ijb ROOT ... --ijb-name NAME ...")
+    require_writable_dir(Path(args.out), "--out")
     from fr_distill.models import load_frozen_model
 
     info = dist.init(device=args.device)

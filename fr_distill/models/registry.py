@@ -27,6 +27,15 @@ def backbone_names() -> list[str]:
                                                                f"{TIMM_PREFIX}<model_name>"]
 
 
+def is_backbone_name(name: str) -> bool:
+    """Whether :func:`get_backbone` knows ``name`` (a ``timm:`` name is checked when built)."""
+    if name.startswith(TIMM_PREFIX):
+        return len(name) > len(TIMM_PREFIX)
+    depth = name.removeprefix("iresnet")
+    return name == "mobilefacenet" or (name.startswith("iresnet") and depth.isdigit()
+                                       and int(depth) in IRESNET_LAYERS)
+
+
 def _check_options(name: str, kwargs: dict, allowed: set[str]) -> None:
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
@@ -52,8 +61,7 @@ def get_backbone(name: str, embedding_dim: int = 512, **kwargs) -> nn.Module:
             raise ModelLoadError(f"backbone {name!r}: timm models take no width multiplier "
                                  "(choose a smaller timm model instead)")
         return TimmBackbone(name[len(TIMM_PREFIX):], embedding_dim, **kwargs)
-    if name.startswith("iresnet") and name[len("iresnet"):].isdigit() \
-            and int(name[len("iresnet"):]) in IRESNET_LAYERS:
+    if is_backbone_name(name) and name.startswith("iresnet"):
         _check_options(name, kwargs, IRESNET_OPTIONS)
         return iresnet(int(name[len("iresnet"):]), embedding_dim, **kwargs)
     if name == "mobilefacenet":

@@ -31,10 +31,14 @@ def safe_torch_load(path: str) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        match = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        reason = (f"it references {match.group(1)} (save a state_dict instead)" if match
-                  else str(err).strip().splitlines()[-1][:200])
-        raise ModelLoadError(f"refusing to unpickle code from {path}: {reason}") from None
+        # torch < 2.6: "Unsupported global: GLOBAL x.y"; torch 2.14: "unsupported GLOBAL x.y
+        # whose module x is blocked" (or "... was not an allowed global")
+        match = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(err))
+        if match:
+            raise ModelLoadError(f"refusing to unpickle code from {path}: it references "
+                                 f"{match.group(1)} (save a state_dict instead)") from None
+        raise ModelLoadError(f"cannot read {path}: not a torch.save file (truncated, corrupt, or "
+                             f"another format such as ONNX)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise ModelLoadError(f"cannot read {path} (truncated or corrupt?): "
                              f"{str(err).strip().splitlines()[0][:200]}") from None
