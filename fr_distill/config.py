@@ -541,11 +541,6 @@ def validate(cfg: Config) -> Config:
     if cfg.schedule.warmup_steps >= cfg.schedule.total_steps:
         raise ConfigError(f"config key 'schedule.warmup_steps' must be < schedule.total_steps "
                           f"({cfg.schedule.total_steps}), got {cfg.schedule.warmup_steps}")
-    if (cfg.teacher.path and cfg.model.embedding_dim != cfg.teacher.embedding_dim
-            and not cfg.model.projector):
-        raise ConfigError(f"config key 'model.embedding_dim' ({cfg.model.embedding_dim}) differs "
-                          f"from teacher.embedding_dim ({cfg.teacher.embedding_dim}); set "
-                          f"model.projector=true to learn a linear projector")
     return cfg
 
 

@@ -163,6 +163,30 @@ def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(
     assert (result.start_step, result.step) == (2, 4)
 
 
+# -- the teacher's embedding size -----------------------------------------------------------
+def test_a_checkpoint_teacher_brings_its_own_embedding_size(synthetic_data, tmp_path,
+                                                            single_thread):
+    """A 16-d fr_distill checkpoint as the teacher, teacher.embedding_dim left at its default
+    512: a 16-d student trains (before, the config refused it); a 32-d student without a
+    projector is refused before the first step, in the config's terms (before: at step 1,
+    'f_t ... has shape [8, 16] ... expected [8, 512]')."""
+    teacher = run(synthetic_data, tmp_path / "teacher", "schedule.total_steps=1",
+                  "model.embedding_dim=16")
+    path = teacher.run_dir / "checkpoints" / "step_00000001.pt"
+    distill = ("loss.iled.weight=1", f"teacher.path={path}", "schedule.total_steps=1")
+    assert load_config(None, overrides(synthetic_data, tmp_path, *distill)).teacher.embedding_dim == 512
+    result = run(synthetic_data, tmp_path / "student16", *distill, "model.embedding_dim=16")
+    assert result.status == "completed" and result.objective.teacher_dim == 16
+    from fr_distill.losses.errors import ObjectiveInputError
+
+    with pytest.raises(ObjectiveInputError) as err:
+        run(synthetic_data, tmp_path / "student32", *distill, "model.embedding_dim=32")
+    assert str(err.value) == ("student embedding dim 32 (model.embedding_dim) differs from the "
+                              "teacher's 16 with distillation terms iled: set model.projector=true, "
+                              "or model.embedding_dim=16")
+    assert not (tmp_path / "student32" / "metrics.jsonl").exists()
+
+
 # -- evaluation sets ------------------------------------------------------------------------
 @pytest.fixture
 def bins(synthetic_data, tmp_path) -> dict[str, Path]:

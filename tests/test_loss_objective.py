@@ -89,7 +89,7 @@ def test_only_enabled_terms_are_built_and_the_bank_only_with_rpsd():
 
 
 def test_projector_maps_student_to_teacher_dims():
-    with pytest.raises(ObjectiveInputError, match="student embedding dim 4 differs from teacher"):
+    with pytest.raises(ObjectiveInputError, match=r"student embedding dim 4 \(model.embedding_dim\) differs from the teacher.s"):
         build_objective(LossConfig(), C, 4, DT, global_batch=B)
     objective = build_objective(LossConfig(), C, 4, DT, global_batch=B, projector=True)
     assert objective.projector.weight.shape == (DT, 4)

@@ -104,8 +104,11 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
         teacher = load_frozen_model(cfg.teacher.path, cfg.teacher.name, cfg.teacher.embedding_dim,
                                cfg.teacher.width, device, cfg.teacher.onnx_backend)
         teacher = teacher.to(memory_format=memory_format)
+    # the teacher's own size: checkpoints, ONNX and TorchScript files carry theirs, only a
+    # plain state dict is built with teacher.embedding_dim
+    teacher_dim = teacher.embedding_dim if teacher is not None else cfg.model.embedding_dim
     objective = build_objective(cfg.loss, data_info.num_classes, cfg.model.embedding_dim,
-                                cfg.teacher.embedding_dim, plan.effective_batch,
+                                teacher_dim, plan.effective_batch,
                                 cfg.model.projector, device)
     model: nn.Module = student
     if dist.is_dist():

@@ -251,8 +251,9 @@ def build_objective(loss_cfg: LossConfig, num_classes: int, student_dim: int, te
         kd_terms["rkd"] = (RelationalKD(c.distance_weight, c.angle_weight), c.weight)
     if kd_terms and student_dim != teacher_dim and not projector:
         raise ObjectiveInputError(
-            f"student embedding dim {student_dim} differs from teacher dim {teacher_dim} with "
-            f"distillation terms {', '.join(kd_terms)}: set model.projector=true")
+            f"student embedding dim {student_dim} (model.embedding_dim) differs from the "
+            f"teacher's {teacher_dim} with distillation terms {', '.join(kd_terms)}: set "
+            f"model.projector=true, or model.embedding_dim={teacher_dim}")
     sf = loss_cfg.sphereface2
     if sf.weight <= 0 and not kd_terms:
         raise ObjectiveInputError("no loss term is enabled: every loss.*.weight is 0")
