@@ -128,6 +128,10 @@ class DataConfig:
     skip_bad: bool = setting(False, "skip the records the pre-flight check finds bad (counted and "
                                     "logged) instead of stopping")
     preflight: bool = setting(True, "check headers and sizes of every record before training")
+    decode_check: Literal["auto", "on", "off"] = setting(
+        "auto", "decode every training image once before training (strict libjpeg-turbo, "
+                "data.num_workers processes) to find corrupt image data the header check cannot "
+                "see; auto: with the DALI loader, whose decoder only warns about it")
 
 
 @dataclass

@@ -153,7 +153,7 @@ RULED_KEYS = {
     "teacher.embedding_dim": "> 0", "teacher.width": "> 0",
     "teacher.onnx_backend": "one of auto, torch, onnxruntime",
     "data.format": "one of auto, folder, recordio", "data.loader": "one of auto, dali, torch",
-    "data.batch_size": "> 0", "data.num_workers": ">= 0", "data.prefetch": "> 0",
+    "data.decode_check": "one of auto, on, off", "data.batch_size": "> 0", "data.num_workers": ">= 0", "data.prefetch": "> 0",
     "loss.sphereface2.weight": ">= 0", "loss.sphereface2.lamb": "in (0, 1)",
     "loss.sphereface2.r": "> 0", "loss.sphereface2.m": ">= 0", "loss.sphereface2.t": "> 0",
     "loss.sphereface2.lw": "> 0", "loss.sphereface2.parallel": "one of replicated, class_sharded",

@@ -163,6 +163,61 @@ def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(
     assert (result.start_step, result.step) == (2, 4)
 
 
+# -- corrupt training images -----------------------------------------------------------------
+@pytest.fixture
+def corrupt_body_folder(tmp_path) -> tuple[Path, Path]:
+    """A training folder (6 identities × 8 JPEGs) in which one JPEG keeps its header and end
+    marker but loses half of its compressed body: the header pre-flight passes it."""
+    from conftest import write_jpeg_folder
+
+    root = write_jpeg_folder(tmp_path / "train", num_classes=6, per_class=8)
+    bad = root / "id003" / "5.jpg"
+    data = bad.read_bytes()
+    bad.write_bytes(data[:len(data) // 2] + b"\xff\xd9")
+    return root, bad
+
+
+def data_overrides(root: Path, out: Path, *extra: str) -> list[str]:
+    return [f"data.train={root}", "data.num_workers=2", "data.batch_size=8", "model.width=0.125",
+            "model.embedding_dim=32", "precision.amp=fp32", "loss.iled.weight=0",
+            "loss.rpsd.weight=0", f"run.output_dir={out}", "logging.tensorboard=false",
+            "schedule.warmup_steps=0", "schedule.total_steps=2", *extra]
+
+
+@pytest.mark.parametrize("loader, check", [("dali", "auto"), ("torch", "on")])
+def test_a_corrupt_jpeg_body_is_named_before_training(corrupt_body_folder, tmp_path, loader,
+                                                      check, single_thread):
+    """DALI decodes such an image with only libjpeg's warning on stderr, naming no file: the
+    decode check (on by default with DALI) names it before the first step."""
+    from fr_distill.data import DataError
+
+    root, bad = corrupt_body_folder
+    cfg = load_config(None, data_overrides(root, tmp_path / "run", f"data.loader={loader}",
+                                           f"data.decode_check={check}"))
+    with pytest.raises(DataError) as err:
+        train(cfg)
+    assert str(err.value) == (f"{bad}: cannot decode image (Corrupt JPEG data: premature end of "
+                              f"data segment); run tools/validate_data.py for the full list or "
+                              f"set data.skip_bad=true to skip bad records")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_skip_bad_leaves_a_corrupt_jpeg_out_of_dali_training(corrupt_body_folder, tmp_path,
+                                                             single_thread):
+    root, bad = corrupt_body_folder
+    cfg = load_config(None, data_overrides(root, tmp_path / "run", "data.loader=dali",
+                                           "data.skip_bad=true"))
+    result = train(cfg)
+    assert result.status == "completed"
+    from fr_distill.data import preflight
+    from fr_distill.data.decode_check import apply_decode_check
+
+    kept = apply_decode_check(preflight(cfg.data), cfg.data, "dali")
+    assert kept.num_samples == 47 and kept.bad == [
+        f"{bad}: cannot decode image (Corrupt JPEG data: premature end of data segment)"]
+    assert b"id003/5.jpg" not in set(kept.samples.tolist())
+
+
 # -- the teacher's embedding size -----------------------------------------------------------
 def test_a_checkpoint_teacher_brings_its_own_embedding_size(synthetic_data, tmp_path,
                                                             single_thread):

@@ -14,6 +14,8 @@ from pathlib import Path
 from fr_distill import dist
 from fr_distill.config import KD_TERMS, Config, check_paths, get_key
 from fr_distill.data import DatasetInfo, preflight
+from fr_distill.data.decode_check import apply_decode_check
+from fr_distill.data.loader import select_backend
 from fr_distill.engine import checkpoint
 from fr_distill.engine.checkpoint import CheckpointStore
 from fr_distill.engine.faults import TrainingError
@@ -110,7 +112,7 @@ def dry_run(cfg: Config) -> str:
     """Validate paths, data, evaluation sets and the run directory and describe the run,
     without building models, training or changing any file."""
     check_paths(cfg)
-    info = preflight(cfg.data)
+    info = apply_decode_check(preflight(cfg.data), cfg.data, select_backend(cfg.data.loader))
     check_bin_sets(list(cfg.eval.bin_sets), cfg.eval.best_metric)
     resume_path = find_resume(cfg)
     note = probe_run_dir(cfg.run.output_dir, checkpoint_store(cfg), resume_path is None)

@@ -31,6 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 from fr_distill import dist, precision
 from fr_distill.config import Config, check_paths
 from fr_distill.data import build_train_loader, preflight
+from fr_distill.data.decode_check import apply_decode_check
+from fr_distill.data.loader import select_backend
 from fr_distill.engine import checkpoint
 from fr_distill.engine.callbacks import Callback, CallbackList, CheckpointCallback, EvalCallback
 from fr_distill.engine.faults import NonFiniteGuard, StopSignal, TrainingError
@@ -82,7 +84,7 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
     device = info.device
     # -- pre-flight: before any model is built -------------------------------------------------
     check_paths(cfg)
-    data_info = preflight(cfg.data)
+    data_info = apply_decode_check(preflight(cfg.data), cfg.data, select_backend(cfg.data.loader))
     dist.run_on_main(check_bin_sets, list(cfg.eval.bin_sets), cfg.eval.best_metric)
     resume_path = find_resume(cfg)
     store = checkpoint_store(cfg)
