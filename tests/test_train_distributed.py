@@ -159,6 +159,24 @@ def test_killed_worker_restarts_and_ends_bitwise_equal(setup, reference):
     _assert_bitwise(_final(reference), _final(out))
 
 
+def test_worker_killed_during_evaluation_loses_nothing_saved(setup, reference):
+    """Rank 1 dies as the periodic evaluation of step 4 begins, rank 0 waiting inside it: the
+    step-4 checkpoint (written after the evaluation) never appears, the group restarts from
+    step 2 and ends bitwise equal to the run without evaluations or faults."""
+    out = setup["root"] / "killed_in_eval"
+    out.mkdir()
+    _run(setup, "killed_in_eval", "eval.every_steps=2", torchrun_args=("--max-restarts", "1"),
+         worker_args=("--fault", "kill-eval", "--fault-step", "4", "--fault-rank", "1",
+                      "--marker", str(out / "killed_once")))
+    assert (out / "killed_once").read_text() == "4"
+    result = json.loads((out / "result.json").read_text())
+    assert (result["status"], result["start_step"]) == ("completed", 2)
+    evals = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "eval" in r]
+    assert evals == [2, 4, 6, 8]  # step 4's interrupted evaluation was done after the restart
+    _assert_bitwise(_final(reference), _final(out))
+
+
 def test_sigterm_checkpoints_requeues_and_resumes_exactly(setup, reference):
     step = random.randint(1, STEPS - 2)
     print(f"SIGTERM to rank 1 after step {step}")  # shown with a failure

@@ -4,8 +4,9 @@
                         [--teacher-file PATH] key=value ...
 
 ``--fault kill`` SIGKILLs rank R right after step K (a crashed worker: torchrun restarts the
-group, which resumes from the newest checkpoint); ``--fault term`` sends it SIGTERM (a
-preemption notice). The marker file makes the fault happen once across restarts.
+group, which resumes from the newest checkpoint); ``--fault kill-eval`` SIGKILLs it as the
+evaluation of step K starts, while the other ranks are inside the evaluation's collectives;
+``--fault term`` sends it SIGTERM (a preemption notice). The marker file makes the fault happen once across restarts.
 ``result.json`` records the status, the step range and whether the teacher's tensors are
 bitwise those of ``--teacher-file``. Exits with REQUEUE_EXIT_CODE when preempted.
 """
@@ -37,9 +38,25 @@ class InjectFault(Callback):
             os.kill(os.getpid(), self.sig)
 
 
+def kill_during_evaluation(step: int, rank: int, marker: Path) -> None:
+    """SIGKILL rank ``rank`` when the evaluation of step ``step`` begins (once)."""
+    from fr_distill.engine.callbacks import EvalCallback
+
+    evaluate = EvalCallback.on_step_end
+
+    def on_step_end(self, run, stats) -> None:
+        if (self._due(run) and run.step == step and dist.rank() == rank
+                and not marker.exists()):
+            marker.write_text(str(step))
+            os.kill(os.getpid(), signal.SIGKILL)
+        evaluate(self, run, stats)
+
+    EvalCallback.on_step_end = on_step_end
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--fault", choices=["kill", "term"])
+    parser.add_argument("--fault", choices=["kill", "kill-eval", "term"])
     parser.add_argument("--fault-step", type=int, default=0)
     parser.add_argument("--fault-rank", type=int, default=1)
     parser.add_argument("--marker", type=Path)
@@ -48,7 +65,9 @@ def main() -> int:
     args = parser.parse_args()
     cfg = load_config(None, args.overrides)
     callbacks = [InjectFault(args.fault, args.fault_step, args.fault_rank, args.marker)] \
-        if args.fault else []
+        if args.fault in ("kill", "term") else []
+    if args.fault == "kill-eval":
+        kill_during_evaluation(args.fault_step, args.fault_rank, args.marker)
     rank = int(os.environ.get("RANK", 0))
     result = train(cfg, callbacks)
     unchanged = None
