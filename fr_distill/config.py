@@ -131,7 +131,8 @@ class DataConfig:
     decode_check: Literal["auto", "on", "off"] = setting(
         "auto", "decode every training image once before training (strict libjpeg-turbo, "
                 "data.num_workers processes) to find corrupt image data the header check cannot "
-                "see; auto: with the DALI loader, whose decoder only warns about it")
+                "see; auto: with the DALI loader (whose decoder only warns about it) or "
+                "data.skip_bad")
 
 
 @dataclass

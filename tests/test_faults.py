@@ -202,17 +202,20 @@ def test_a_corrupt_jpeg_body_is_named_before_training(corrupt_body_folder, tmp_p
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_skip_bad_leaves_a_corrupt_jpeg_out_of_dali_training(corrupt_body_folder, tmp_path,
-                                                             single_thread):
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_skip_bad_leaves_a_corrupt_jpeg_out_of_training(corrupt_body_folder, tmp_path, loader,
+                                                        single_thread):
+    """With data.skip_bad the decode check runs for either loader (auto): the image is left
+    out and counted instead of stopping the PyTorch loader mid-run."""
     root, bad = corrupt_body_folder
-    cfg = load_config(None, data_overrides(root, tmp_path / "run", "data.loader=dali",
+    cfg = load_config(None, data_overrides(root, tmp_path / "run", f"data.loader={loader}",
                                            "data.skip_bad=true"))
     result = train(cfg)
     assert result.status == "completed"
     from fr_distill.data import preflight
     from fr_distill.data.decode_check import apply_decode_check
 
-    kept = apply_decode_check(preflight(cfg.data), cfg.data, "dali")
+    kept = apply_decode_check(preflight(cfg.data), cfg.data, loader)
     assert kept.num_samples == 47 and kept.bad == [
         f"{bad}: cannot decode image (Corrupt JPEG data: premature end of data segment)"]
     assert b"id003/5.jpg" not in set(kept.samples.tolist())

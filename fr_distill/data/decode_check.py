@@ -4,7 +4,8 @@ The pre-flight check reads headers and sizes only, so a JPEG whose header and en
 intact but whose compressed body is damaged passes it. DALI's decoders decode such an image
 with nothing but libjpeg's "Corrupt JPEG data" warning on stderr, naming no file, and the
 run would train on garbage; the PyTorch loader's strict decoder (simplejpeg) stops at it,
-naming the file, but only when the sampler reaches it. This pass runs that strict decoder
+naming the file, but only when the sampler reaches it, and cannot skip it. This pass (on by
+default with DALI and with ``data.skip_bad``) runs that strict decoder
 over the whole set once, in ``workers`` processes, on rank 0 (the others wait for its
 verdict), and returns the undecodable samples; :func:`apply_decode_check` turns them into a
 one-line error naming the first, or, with ``data.skip_bad``, leaves them out and counts them
@@ -33,8 +34,11 @@ CHUNK = 2048  # samples per task
 
 
 def decode_check_enabled(data_cfg, backend: str) -> bool:
-    """``data.decode_check``: on, off, or (auto) on for the DALI input path."""
-    return data_cfg.decode_check == "on" or (data_cfg.decode_check == "auto" and backend == "dali")
+    """``data.decode_check``: on, off, or (auto) on for the DALI input path and with
+    ``data.skip_bad`` (skipping corrupt images means finding them before the first step)."""
+    if data_cfg.decode_check == "auto":
+        return backend == "dali" or data_cfg.skip_bad
+    return data_cfg.decode_check == "on"
 
 
 _worker_images: SampleBytes | None = None  # each worker's reader, set once by _init_worker
