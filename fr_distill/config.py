@@ -108,6 +108,11 @@ class TeacherConfig:
         "auto", "ONNX teacher: auto (onnx2torch when verified, else onnxruntime), torch, "
                 "onnxruntime")
     compile: bool = setting(False, "torch.compile the teacher")
+    check_sets: list[str] = setting([], ".bin sets the teacher is evaluated on before the first "
+                                        "step of a fresh run (logged); empty: eval.bin_sets")
+    min_accuracy: float = setting(0.0, "stop before the first step when the teacher's 10-fold "
+                                       "accuracy on a check set is below this; 0: only log it",
+                                  FRACTION)
 
 
 @dataclass
@@ -604,6 +609,7 @@ def check_paths(cfg: Config) -> None:
     if cfg.teacher.path:
         wanted.append(("teacher.path", cfg.teacher.path))
     wanted += [(f"eval.bin_sets[{i}]", p) for i, p in enumerate(cfg.eval.bin_sets)]
+    wanted += [(f"teacher.check_sets[{i}]", p) for i, p in enumerate(cfg.teacher.check_sets)]
     for key, p in wanted:
         if not os.path.exists(p):
             raise ConfigError(f"config key '{key}': path not found: {p}")

@@ -245,6 +245,39 @@ def test_a_checkpoint_teacher_brings_its_own_embedding_size(synthetic_data, tmp_
     assert not (tmp_path / "student32" / "metrics.jsonl").exists()
 
 
+def test_a_teacher_below_min_accuracy_stops_the_run_before_the_first_step(
+        synthetic_data, teacher_file, tmp_path, single_thread):
+    """A random teacher measured on synth_lfw before the first step: below
+    teacher.min_accuracy the run stops naming the set and the accuracy; without the floor it
+    is logged, kept in the run's metrics, and training is bitwise unchanged by the check."""
+    from fr_distill.engine.teacher_check import TeacherCheckError
+    from fr_distill.eval import evaluate_bin_sets
+    from fr_distill.models import load_frozen_model
+
+    lfw = synthetic_data / "synth_lfw.bin"
+    teacher = load_frozen_model(str(teacher_file), "iresnet18", 32, 0.125)
+    accuracy = evaluate_bin_sets(teacher, [str(lfw)], "cpu")["synth_lfw"]["accuracy_mean"]
+    assert 0.4 < accuracy < 0.9  # an untrained teacher: far from a trained one
+    distill = ("loss.iled.weight=1", f"teacher.path={teacher_file}", "teacher.name=iresnet18",
+               "teacher.width=0.125", "teacher.embedding_dim=32", "schedule.total_steps=2",
+               "checkpoint.every_steps=2")
+    with pytest.raises(TeacherCheckError) as err:
+        run(synthetic_data, tmp_path / "refused", *distill, f"teacher.check_sets=[{lfw}]",
+            "teacher.min_accuracy=0.95")
+    assert str(err.value) == (f"teacher {teacher_file} reaches {accuracy:.4f} accuracy on "
+                              f"synth_lfw, below teacher.min_accuracy=0.95: check the file, its "
+                              f"architecture keys and, for an ONNX graph, the input "
+                              f"normalization it expects")
+    assert err.value.exit_code == 2 and not (tmp_path / "refused" / "metrics.jsonl").exists()
+    checked = run(synthetic_data, tmp_path / "checked", *distill, f"teacher.check_sets=[{lfw}]")
+    assert checked.metrics["teacher_check"] == {"synth_lfw": accuracy}
+    unchecked = run(synthetic_data, tmp_path / "unchecked", *distill)
+    assert "teacher_check" not in unchecked.metrics
+    a, b = (checkpoint.load(r.run_dir / "checkpoints" / "step_00000002.pt")
+            for r in (checked, unchecked))
+    assert all(torch.equal(a["student"][k], v) for k, v in b["student"].items())
+
+
 # -- evaluation sets ------------------------------------------------------------------------
 @pytest.fixture
 def bins(synthetic_data, tmp_path) -> dict[str, Path]:

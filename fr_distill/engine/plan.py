@@ -21,6 +21,7 @@ from fr_distill.engine.checkpoint import CheckpointStore
 from fr_distill.engine.faults import TrainingError
 from fr_distill.engine.optim import scaled_lr
 from fr_distill.engine.run_dir import probe_run_dir
+from fr_distill.engine.teacher_check import check_sets
 from fr_distill.eval.runner import check_bin_sets
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -63,8 +64,11 @@ class Plan:
             f"data      {cfg.data.train} ({self.data_format}): {self.num_samples} images, "
             f"{self.num_classes} identities",
             f"student   {cfg.model.name} width {cfg.model.width:g}, {cfg.model.embedding_dim}-d",
-            f"teacher   {cfg.teacher.name} from {cfg.teacher.path}" if cfg.teacher.path
-            else "teacher   none (plain training)",
+            (f"teacher   {cfg.teacher.name} from {cfg.teacher.path}" + (
+                f"; checked on {', '.join(check_sets(cfg))} before a fresh start"
+                + (f" (min accuracy {cfg.teacher.min_accuracy:g})"
+                   if cfg.teacher.min_accuracy > 0 else "") if check_sets(cfg) else ""))
+            if cfg.teacher.path else "teacher   none (plain training)",
             f"objective {' + '.join(terms) or 'none'}",
             f"batch     {self.batch_per_rank}/rank x {self.world_size} rank(s) = "
             f"{self.global_batch} global, x{self.accumulation} accumulation = "
@@ -114,6 +118,7 @@ def dry_run(cfg: Config) -> str:
     check_paths(cfg)
     info = apply_decode_check(preflight(cfg.data), cfg.data, select_backend(cfg.data.loader))
     check_bin_sets(list(cfg.eval.bin_sets), cfg.eval.best_metric)
+    check_bin_sets(list(cfg.teacher.check_sets))
     resume_path = find_resume(cfg)
     note = probe_run_dir(cfg.run.output_dir, checkpoint_store(cfg), resume_path is None)
     resumed = checkpoint.load(resume_path) if resume_path else None

@@ -43,6 +43,7 @@ from fr_distill.engine.run_dir import claim_run_dir, release as release_run_dir
 from fr_distill.engine.schedule import build_scheduler
 from fr_distill.engine.state import Run
 from fr_distill.engine.step import image_layout, train_step
+from fr_distill.engine.teacher_check import check_sets, check_teacher
 from fr_distill.eval.runner import check_bin_sets
 from fr_distill.losses import build_objective
 from fr_distill.models import build_student, load_frozen_model
@@ -86,6 +87,7 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
     check_paths(cfg)
     data_info = apply_decode_check(preflight(cfg.data), cfg.data, select_backend(cfg.data.loader))
     dist.run_on_main(check_bin_sets, list(cfg.eval.bin_sets), cfg.eval.best_metric)
+    dist.run_on_main(check_bin_sets, list(cfg.teacher.check_sets))
     resume_path = find_resume(cfg)
     store = checkpoint_store(cfg)
     claim_run_dir(cfg.run.output_dir, store, fresh_start=resume_path is None,
@@ -101,11 +103,13 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
     seed_everything(cfg.run.seed)
     memory_format = image_layout(cfg, device)
     student = build_student(cfg.model).to(device, memory_format=memory_format)
-    teacher = None
+    teacher, teacher_accuracy = None, None
     if cfg.teacher.path:
         teacher = load_frozen_model(cfg.teacher.path, cfg.teacher.name, cfg.teacher.embedding_dim,
                                cfg.teacher.width, device, cfg.teacher.onnx_backend)
         teacher = teacher.to(memory_format=memory_format)
+        if resume_path is None and check_sets(cfg):
+            teacher_accuracy = check_teacher(teacher, cfg, device, amp_dtype)
     # the teacher's own size: checkpoints, ONNX and TorchScript files carry theirs, only a
     # plain state dict is built with teacher.embedding_dim
     teacher_dim = teacher.embedding_dim if teacher is not None else cfg.model.embedding_dim
@@ -141,6 +145,8 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
     if resumed is not None:
         run.load_state_dict(resumed)
         del resumed
+    if teacher_accuracy is not None:
+        run.metrics["teacher_check"] = teacher_accuracy
 
     # -- the loop ----------------------------------------------------------------------------
     logger = LoggingCallback()
