@@ -108,6 +108,11 @@ class TeacherConfig:
         "auto", "ONNX teacher: auto (onnx2torch when verified, else onnxruntime), torch, "
                 "onnxruntime")
     compile: bool = setting(False, "torch.compile the teacher")
+    input_mean: float | None = setting(None, "the teacher's input is (pixels - input_mean) / "
+                                             "input_std; null: (pixels - 127.5) / 127.5, or raw "
+                                             "pixels for an ONNX graph that normalizes itself")
+    input_std: float | None = setting(None, "see teacher.input_mean (null: automatic)",
+                                      Rule(lambda v: v is None or v > 0, "> 0 or null"))
     check_sets: list[str] = setting([], ".bin sets the teacher is evaluated on before the first "
                                         "step of a fresh run (logged); empty: eval.bin_sets")
     min_accuracy: float = setting(0.0, "stop before the first step when the teacher's 10-fold "
@@ -389,10 +394,14 @@ def rules() -> dict[str, Rule]:
 
 
 def _type_name(hint: Any) -> str:
-    """``int``, ``float``, ``list``...; a ``Literal`` is named by the type of its choices."""
+    """``int``, ``float``, ``list``...; a ``Literal`` is named by the type of its choices, an
+    optional value ``float or null``."""
     choices = _choices(hint)
     if choices:
         return type(choices[0]).__name__
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a)
+                           for a in typing.get_args(hint))
     return getattr(hint, "__name__", str(hint)).replace("typing.", "")
 
 

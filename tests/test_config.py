@@ -151,6 +151,7 @@ RULED_KEYS = {
     "model.name": "iresnet18/34/50/100/200, mobilefacenet or timm:<name>",
     "teacher.name": "iresnet18/34/50/100/200, mobilefacenet or timm:<name>",
     "teacher.embedding_dim": "> 0", "teacher.width": "> 0", "teacher.min_accuracy": "in [0, 1)",
+    "teacher.input_std": "> 0 or null",
     "teacher.onnx_backend": "one of auto, torch, onnxruntime",
     "data.format": "one of auto, folder, recordio", "data.loader": "one of auto, dali, torch",
     "data.decode_check": "one of auto, on, off", "data.batch_size": "> 0", "data.num_workers": ">= 0", "data.prefetch": "> 0",

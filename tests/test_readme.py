@@ -98,9 +98,13 @@ def test_every_make_target_exists():
                 assert re.search(rf"^{target}:", makefile, flags=re.M), f"no make target {target}"
 
 
-def test_the_dry_run_command_runs_as_written(synthetic_data, tmp_path):
-    """The README's dry run, with demo_out/ standing for a prepared synthetic data set."""
-    (command,) = [c for c in COMMANDS if "--dry-run" in c and "launch/train.py" in c]
+DRY_RUNS = [c for c in COMMANDS if "--dry-run" in c and "launch/train.py" in c]
+
+
+@pytest.mark.parametrize("command", DRY_RUNS, ids=[str(i) for i in range(len(DRY_RUNS))])
+def test_the_dry_run_commands_run_as_written(synthetic_data, tmp_path, command):
+    """The README's dry runs, with demo_out/ standing for a prepared synthetic data set."""
+    assert len(DRY_RUNS) == 2  # the plan, and the plan with the teacher check
     demo = tmp_path / "demo_out"
     demo.mkdir()
     (demo / "data").symlink_to(synthetic_data)

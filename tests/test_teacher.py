@@ -248,3 +248,38 @@ def test_bad_files_and_arguments(tmp_path, source):
     assert "holds no state dict of tensors" in one_line_error(str(tensors_only))
     assert one_line_error(files["backbone.pth"], onnx_backend="tensorrt") == \
         "onnx_backend must be one of auto, torch, onnxruntime, got 'tensorrt'"
+
+
+class RawPixelsInput(nn.Module):
+    """A face model whose graph normalizes raw 0-255 pixels itself, as InsightFace's
+    MXNet-era model-zoo ONNX files do."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model((pixels - 127.5) * (1 / 127.5))
+
+
+def test_onnx_input_convention_is_detected_and_can_be_overridden(source, tmp_path, caplog):
+    """Both model-zoo input conventions give the source model's embeddings from the
+    pipeline's (x - 127.5) / 127.5 images; forcing the wrong one changes them, and the log
+    says which input each teacher got and why."""
+    model, files = source
+    raw = str(tmp_path / "raw_pixels.onnx")
+    torch.onnx.export(RawPixelsInput(model).eval(), (images(EXPORT_BATCH) * 127.5 + 127.5,), raw)
+    with caplog.at_level(logging.INFO, logger="fr_distill"):
+        normalized = load_frozen_model(files["default.onnx"])
+        raw_teacher = load_frozen_model(raw)
+    assert (f"teacher {files['default.onnx']}: input (pixels - 127.5) / 127.5: no Sub and "
+            f"Mul/Div before the first Conv") in caplog.text
+    assert f"teacher {raw}: input (pixels - 0) / 1: the graph normalizes its input itself" \
+        in caplog.text
+    x = images(3)
+    forced = load_frozen_model(raw, input_mean=127.5, input_std=127.5)
+    with torch.no_grad():
+        expected = model(x)
+        assert relative_error(normalized(x), expected) < 1e-4
+        assert relative_error(raw_teacher(x), expected) < 1e-4
+        assert relative_error(forced(x), expected) > 0.05

@@ -106,7 +106,8 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
     teacher, teacher_accuracy = None, None
     if cfg.teacher.path:
         teacher = load_frozen_model(cfg.teacher.path, cfg.teacher.name, cfg.teacher.embedding_dim,
-                               cfg.teacher.width, device, cfg.teacher.onnx_backend)
+                                    cfg.teacher.width, device, cfg.teacher.onnx_backend,
+                                    cfg.teacher.input_mean, cfg.teacher.input_std)
         teacher = teacher.to(memory_format=memory_format)
         if resume_path is None and check_sets(cfg):
             teacher_accuracy = check_teacher(teacher, cfg, device, amp_dtype)

@@ -226,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", default="iresnet100", help="architecture of a plain state dict")
     parser.add_argument("--embedding-dim", type=int, default=512)
     parser.add_argument("--width", type=float, default=1.0, help="backbone width multiplier")
+    parser.add_argument("--input-mean", type=float, default=None,
+                        help="feed the model (pixels - mean) / std (default: (pixels - 127.5) / "
+                             "127.5, or raw pixels for an ONNX graph that normalizes itself)")
+    parser.add_argument("--input-std", type=float, default=None, help="see --input-mean")
     parser.add_argument("--bin", nargs="*", default=[], help="verification .bin files")
     parser.add_argument("--ijb", nargs="*", default=[], help="IJB release roots (loose_crop/, meta/)")
     parser.add_argument("--ijb-name", nargs="*", default=[], help="set name per --ijb (IJBB, IJBC)")
@@ -257,7 +261,8 @@ def run_evaluation(argv: list[str] | None = None) -> dict:
     info = dist.init(device=args.device)
     try:
         model = load_frozen_model(args.model, name=args.arch, embedding_dim=args.embedding_dim,
-                             width=args.width, device=info.device)
+                                  width=args.width, device=info.device,
+                                  input_mean=args.input_mean, input_std=args.input_std)
         amp = amp_dtype(args.amp, info.device) if info.device.type == "cuda" else None
         stat = Path(args.model).stat()
         digest = hashlib.sha1(f"{Path(args.model).resolve()}:{stat.st_size}:{stat.st_mtime_ns}:"

@@ -145,6 +145,43 @@ class OnnxInputAdapter(nn.Module):
         return torch.cat(outputs)
 
 
+#: The input fr_distill feeds every model: ``(pixels - 127.5) / 127.5``.
+PIPELINE_MEAN, PIPELINE_STD = 127.5, 127.5
+#: How far into the graph (nodes before the first convolution, at most) normalization is sought.
+NORMALIZATION_SEARCH = 8
+
+
+def input_convention(model) -> tuple[float, float, str]:
+    """``(mean, std, reason)`` of the input an ONNX face model expects, ``(pixels - mean) / std``.
+
+    InsightFace's model zoo holds both kinds: graphs that begin with their own subtraction and
+    scaling (``Sub`` then ``Mul``/``Div``, as InsightFace's loader detects them) take raw 0–255
+    pixels; the others take ``(pixels - 127.5) / 127.5``."""
+    ops = []
+    for node in model.graph.node[:NORMALIZATION_SEARCH]:
+        if node.op_type == "Conv":
+            break
+        ops.append(node.op_type)
+    if "Sub" in ops and ("Mul" in ops or "Div" in ops):
+        return 0.0, 1.0, (f"the graph normalizes its input itself ({', '.join(ops)} before the "
+                          f"first Conv): raw 0-255 pixels")
+    return PIPELINE_MEAN, PIPELINE_STD, ("no Sub and Mul/Div before the first Conv: "
+                                         "(pixels - 127.5) / 127.5")
+
+
+class InputNormalization(nn.Module):
+    """Maps the pipeline's input ``(p - 127.5) / 127.5`` to ``(p - mean) / std`` for a model
+    that expects another normalization (an affine map, in float32)."""
+
+    def __init__(self, model: nn.Module, mean: float, std: float) -> None:
+        super().__init__()
+        self.model, self.mean, self.std = model, mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = x.float() * PIPELINE_STD + PIPELINE_MEAN
+        return self.model((pixels - self.mean) / self.std)
+
+
 def _numpy_dtype(dtype: torch.dtype) -> type:
     return torch.empty(0, dtype=dtype).numpy().dtype.type
 
@@ -188,8 +225,9 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def load_onnx_teacher(path: str, device: torch.device, backend: str = "auto"
-                      ) -> tuple[nn.Module, str, int]:
-    """Load the ONNX teacher at ``path``; returns (module, backend taken, embedding dim).
+                      ) -> tuple[nn.Module, str, int, tuple[float, float, str]]:
+    """Load the ONNX teacher at ``path``; returns (module, backend taken, embedding dim, the
+    input convention of :func:`input_convention`).
 
     The backend taken is ``"onnx2torch"`` or ``"onnxruntime"``.
     """
@@ -204,6 +242,7 @@ def load_onnx_teacher(path: str, device: torch.device, backend: str = "auto"
         raise ModelLoadError(f"{path} is neither a torch/TorchScript file nor a valid ONNX model: "
                              "no graph nodes")
     spec = read_input_spec(model, path)
+    convention = input_convention(model)
     cpu_session = ort_session(path, torch.device("cpu"))
     probe = torch.randn((spec.batch or PROBE_BATCH, *spec.shape_chw),
                         generator=torch.Generator().manual_seed(0)).to(spec.dtype)
@@ -233,10 +272,10 @@ def load_onnx_teacher(path: str, device: torch.device, backend: str = "auto"
             logger.info("teacher %s: ONNX converted with onnx2torch, verified against "
                         "onnxruntime on a probe batch (relative error %.1e)", path, error)
             module = converted.to(device)
-            return OnnxInputAdapter(module, spec), "onnx2torch", output_dim
+            return OnnxInputAdapter(module, spec), "onnx2torch", output_dim, convention
     session = cpu_session if device.type == "cpu" else ort_session(path, device)
     module = OnnxRuntimeModule(session, spec, output_dim, expected.dtype, device)
     logger.info("teacher %s: running ONNX in onnxruntime (%s)", path,
                 ", ".join(session.get_providers()))
-    return OnnxInputAdapter(module, spec), "onnxruntime", output_dim
+    return OnnxInputAdapter(module, spec), "onnxruntime", output_dim, convention
 

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from fr_distill.models.errors import ModelLoadError
-from fr_distill.models.onnx_teacher import ONNX_BACKENDS, load_onnx_teacher
+from fr_distill.models.onnx_teacher import (ONNX_BACKENDS, PIPELINE_MEAN, PIPELINE_STD,
+                                            InputNormalization, load_onnx_teacher)
 from fr_distill.models.registry import get_backbone
 from fr_distill.models.weights import (is_fr_distill_checkpoint, load_strict,
                                        model_from_checkpoint, safe_torch_load, state_dict_of)
@@ -66,11 +67,17 @@ class FrozenTeacher(nn.Module):
 
 def load_frozen_model(path: str, name: str = "iresnet100", embedding_dim: int = 512,
                  width: float = 1.0, device: str | torch.device = "cpu",
-                 onnx_backend: str = "auto") -> FrozenTeacher:
+                 onnx_backend: str = "auto", input_mean: float | None = None,
+                 input_std: float | None = None) -> FrozenTeacher:
     """Load a frozen embedding model from ``path`` (state dict, fr_distill checkpoint, ONNX or
     TorchScript): the teacher of a run, or any model to evaluate. ``name``/``embedding_dim``/``width`` describe the architecture of a plain
     state dict; checkpoints carry their own, ONNX and TorchScript files are self-describing.
-    Raises :class:`ModelLoadError` (one line naming the file and the offending keys)."""
+    Raises :class:`ModelLoadError` (one line naming the file and the offending keys).
+
+    Input: the pipeline feeds ``(pixels - 127.5) / 127.5``. An ONNX graph that normalizes its
+    input itself gets raw pixels instead (:func:`~fr_distill.models.onnx_teacher.input_convention`);
+    ``input_mean``/``input_std`` (``teacher.input_mean``/``teacher.input_std``) override the
+    choice for any model. The log says which input was used and why."""
     if onnx_backend not in ONNX_BACKENDS:
         raise ModelLoadError(f"onnx_backend must be one of {', '.join(ONNX_BACKENDS)}, "
                              f"got {onnx_backend!r}")
@@ -79,12 +86,22 @@ def load_frozen_model(path: str, name: str = "iresnet100", embedding_dim: int = 
         raise ModelLoadError(f"model file not found: {path}")
     device = torch.device(device)
     head = file.read_bytes()[:4] if file.stat().st_size else b""
+    convention = None  # (mean, std, reason) an ONNX graph expects
     if head.startswith(ZIP_MAGIC) and _is_torchscript(file):
         module, backend, dim = _load_torchscript(path, device)
     elif head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC):
         module, backend, dim = _load_pickled_weights(path, name, embedding_dim, width, device)
     else:
-        module, backend, dim = load_onnx_teacher(path, device, onnx_backend)
+        module, backend, dim, convention = load_onnx_teacher(path, device, onnx_backend)
+    if input_mean is not None or input_std is not None:
+        convention = (PIPELINE_MEAN if input_mean is None else input_mean,
+                      PIPELINE_STD if input_std is None else input_std,
+                      "set by teacher.input_mean/teacher.input_std")
+    mean, std = convention[:2] if convention else (PIPELINE_MEAN, PIPELINE_STD)
+    if convention:
+        logger.info("teacher %s: input (pixels - %g) / %g: %s", path, mean, std, convention[2])
+    if (mean, std) != (PIPELINE_MEAN, PIPELINE_STD):
+        module = InputNormalization(module, mean, std)
     teacher = FrozenTeacher(module, str(path), backend, dim)
     logger.info("teacher %s loaded via %s, embedding dim %d, on %s", path, backend, dim, device)
     return teacher
