@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -28,6 +27,7 @@ from fr_distill import dist
 from .dataset import DatasetInfo, SampleBytes
 from .decode import decode_rgb
 from .errors import DataError
+from .torch_loader import worker_context
 
 LOG = logging.getLogger("fr_distill")
 CHUNK = 2048  # samples per task
@@ -70,17 +70,10 @@ def find_undecodable(info: DatasetInfo, workers: int) -> list[tuple[int, str]]:
               for start in range(0, info.num_samples, CHUNK)]
     if workers <= 1 or len(bounds) == 1:
         return [p for start, stop in bounds for p in _problems_in(images, start, stop)]
-    context = multiprocessing.get_context("fork" if not _cuda_initialized() else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+    with ProcessPoolExecutor(workers, mp_context=worker_context(), initializer=_init_worker,
                              initargs=(images,)) as pool:
         parts = pool.map(_worker_problems, *zip(*bounds))
         return [p for part in parts for p in part]
-
-
-def _cuda_initialized() -> bool:
-    import torch
-
-    return torch.cuda.is_initialized()
 
 
 def without(info: DatasetInfo, drop: list[int], problems: list[str]) -> DatasetInfo:

@@ -3,6 +3,10 @@
 Used when DALI is not installed or ``data.loader: torch``. Workers return uint8 HWC pixels
 (already flipped by the sampler's flag); the normalization ``(x/255-0.5)/0.5`` to CHW float
 runs on the rank's device, so the output matches the DALI path.
+
+Workers start from a fork server (:func:`worker_context`), not by forking this process: a
+process that already runs other native threads (DALI's, CUDA's, the math libraries') can
+hold a lock at the moment of a fork, and the forked worker then waits on it forever.
 """
 from __future__ import annotations
 
@@ -55,6 +59,16 @@ def normalize(pixels_nhwc: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.sub_(127.5).div_(127.5).contiguous()
 
 
+def worker_context():
+    """The ``forkserver`` start method, its server preloading this module (and torch), so a
+    worker starts in about a fork's time without inheriting another thread's lock."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def torch_batches(images: SampleBytes, sampler: GlobalSampler, start_step: int, rank: int,
                   world_size: int, device: torch.device, num_workers: int, prefetch: int
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -62,6 +76,7 @@ def torch_batches(images: SampleBytes, sampler: GlobalSampler, start_step: int, 
     loader = DataLoader(_DecodedImages(images),
                         batch_sampler=_StepBatches(sampler, start_step, rank, world_size),
                         num_workers=num_workers,
+                        multiprocessing_context=worker_context() if num_workers > 0 else None,
                         prefetch_factor=prefetch if num_workers > 0 else None,
                         pin_memory=device.type == "cuda")
     batches = iter(loader)
