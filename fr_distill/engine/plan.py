@@ -64,11 +64,7 @@ class Plan:
             f"data      {cfg.data.train} ({self.data_format}): {self.num_samples} images, "
             f"{self.num_classes} identities",
             f"student   {cfg.model.name} width {cfg.model.width:g}, {cfg.model.embedding_dim}-d",
-            (f"teacher   {cfg.teacher.name} from {cfg.teacher.path}" + (
-                f"; checked on {', '.join(check_sets(cfg))} before a fresh start"
-                + (f" (min accuracy {cfg.teacher.min_accuracy:g})"
-                   if cfg.teacher.min_accuracy > 0 else "") if check_sets(cfg) else ""))
-            if cfg.teacher.path else "teacher   none (plain training)",
+            _teacher_line(cfg),
             f"objective {' + '.join(terms) or 'none'}",
             f"batch     {self.batch_per_rank}/rank x {self.world_size} rank(s) = "
             f"{self.global_batch} global, x{self.accumulation} accumulation = "
@@ -82,6 +78,18 @@ class Plan:
             f"resume    {resume}",
             f"eval      {', '.join(cfg.eval.bin_sets) or 'none'}",
         ])
+
+
+def _teacher_line(cfg: Config) -> str:
+    if not cfg.teacher.path:
+        return "teacher   none (plain training)"
+    line = f"teacher   {cfg.teacher.name} from {cfg.teacher.path}"
+    sets = check_sets(cfg)
+    if sets:
+        line += f"; checked on {', '.join(sets)} before a fresh start"
+        if cfg.teacher.min_accuracy > 0:
+            line += f" (min accuracy {cfg.teacher.min_accuracy:g})"
+    return line
 
 
 def checkpoint_store(cfg: Config) -> CheckpointStore:

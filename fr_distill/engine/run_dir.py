@@ -30,7 +30,7 @@ from pathlib import Path
 from fr_distill import dist
 from fr_distill.engine.checkpoint import CheckpointStore
 from fr_distill.errors import FrDistillError
-from fr_distill.paths import NotWritableError, require_writable_dir
+from fr_distill.paths import require_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ _held_locks: dict[Path, int] = {}  # directory -> open lock fd, for the life of 
 
 
 class RunDirError(FrDistillError, RuntimeError):
-    """The run directory cannot be used: in use by another run, or not writable."""
+    """The run directory cannot be used: in use by another run (not writable:
+    :class:`~fr_distill.paths.NotWritableError`)."""
 
     exit_code = 2
 
@@ -78,18 +79,10 @@ def release(run_dir: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _check_writable(directory: Path, key: str) -> None:
-    try:
-        require_writable_dir(directory, f"config key '{key}'")
-    except NotWritableError as err:
-        raise RunDirError(str(err)) from None
-
-
 def set_aside_earlier_run(run_dir: Path, store: CheckpointStore, reason: str) -> Path | None:
     """Move an earlier run's checkpoints and records into ``earlier_runs/<time>/``; returns
     where they went, None when there was nothing to move."""
-    present = [p for p in store.directory.iterdir()] if store.directory.is_dir() else []
-    if not present:
+    if not store.directory.is_dir() or not any(store.directory.iterdir()):
         return None
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     target = run_dir / EARLIER_RUNS / stamp
@@ -144,9 +137,9 @@ def claim_run_dir(run_dir: str | os.PathLike, store: CheckpointStore, fresh_star
 
 
 def _claim(run_dir: Path, store: CheckpointStore, fresh_start: bool, resume: bool) -> None:
-    _check_writable(run_dir, "run.output_dir")
+    require_writable_dir(run_dir, "config key 'run.output_dir'")
     _lock(run_dir)
-    _check_writable(store.directory, "run.output_dir (its checkpoints/)")
+    require_writable_dir(store.directory, "config key 'run.output_dir (its checkpoints/)'")
     if not fresh_start:
         return
     reason = "checkpoint.resume=false" if not resume else "no valid checkpoint to resume from"
@@ -158,4 +151,4 @@ def _claim(run_dir: Path, store: CheckpointStore, fresh_start: bool, resume: boo
     if moved is not None:
         log.warning("%s: the checkpoints and records found in %s were moved to %s; a new run "
                     "starts", reason, run_dir, moved)
-        _check_writable(store.directory, "run.output_dir (its checkpoints/)")
+        require_writable_dir(store.directory, "config key 'run.output_dir (its checkpoints/)'")
