@@ -4,6 +4,7 @@
 ``fr-distill config show FILE [key=value ...]``      print the resolved config as YAML
 ``fr-distill config reference``                       the table of every key (README section)
 ``fr-distill train ...`` / ``fr-distill eval ...``    the same as ``launch/train.py`` / ``launch/eval.py``
+``fr-distill cache-teacher --config C [...]``          the teacher's embeddings of the training set (torchrun)
 ``fr-distill study SPEC [--out DIR] [--dry-run]``     variants x seeds with uncertainty (docs/STUDY.md)
 ``fr-distill demo [--quick] [--out DIR]``             the end-to-end demo on synthetic faces (make demo)
 """
@@ -59,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     from fr_distill.demo import demo_main
     from fr_distill.eval.runner import eval_main
     from fr_distill.study import study_main
+    from fr_distill.teacher_cache.build import cache_teacher_main
 
     commands = {"config": _config_command, "train": train_main, "eval": eval_main,
-                "study": study_main, "demo": demo_main}
+                "study": study_main, "demo": demo_main, "cache-teacher": cache_teacher_main}
     if not argv or argv[0] not in commands:
         print(__doc__.strip())
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2

@@ -118,6 +118,15 @@ class TeacherConfig:
     min_accuracy: float = setting(0.0, "stop before the first step when the teacher's 10-fold "
                                        "accuracy on a check set is below this; 0: only log it",
                                   FRACTION)
+    cache: str = setting("", "teacher-embedding cache directory (fr-distill cache-teacher writes "
+                             "it): training reads the teacher's rows from it instead of running "
+                             "the teacher; empty: the teacher runs every step")
+    cache_dtype: Literal["float16", "float32"] = setting(
+        "float16", "storage of the cached rows (float32: bitwise the teacher's float32 output)")
+    cache_placement: Literal["auto", "host", "device"] = setting(
+        "auto", "where training keeps the cached rows: host (memory-mapped, copied per batch from "
+                "pinned memory), device (all in GPU memory), auto (device when they take at most "
+                "a quarter of its free memory)")
 
 
 @dataclass
@@ -602,7 +611,7 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 KD_TERMS = ("iled", "rpsd", "l2", "fc", "rkd")
 
 
-def check_paths(cfg: Config) -> None:
+def check_paths(cfg: Config, cache_exists: bool = True) -> None:
     """Fail before any model is built when an input the config names is missing.
 
     Also refuses distillation terms without a teacher (a config may omit the teacher path
@@ -614,11 +623,16 @@ def check_paths(cfg: Config) -> None:
     if kd_terms and not cfg.teacher.path:
         raise ConfigError(f"config key 'teacher.path' is empty but distillation terms "
                           f"{', '.join('loss.' + t for t in kd_terms)} have weight > 0")
+    if cfg.teacher.cache and not cfg.teacher.path:
+        raise ConfigError("config key 'teacher.path' is empty but teacher.cache is set: name the "
+                          "teacher file the cache was built from (its sha256 is checked)")
     wanted = [("data.train", cfg.data.train)]
     if cfg.teacher.path:
         wanted.append(("teacher.path", cfg.teacher.path))
     wanted += [(f"eval.bin_sets[{i}]", p) for i, p in enumerate(cfg.eval.bin_sets)]
     wanted += [(f"teacher.check_sets[{i}]", p) for i, p in enumerate(cfg.teacher.check_sets)]
+    if cfg.teacher.cache and cache_exists:  # cache-teacher creates it
+        wanted.append(("teacher.cache", cfg.teacher.cache))
     for key, p in wanted:
         if not os.path.exists(p):
             raise ConfigError(f"config key '{key}': path not found: {p}")

@@ -76,3 +76,21 @@ def test_main_reports_phases_ratios_and_json(tmp_path, capsys):
     assert rows["distill"]["step_gflop_per_image"] > rows["plain"]["step_gflop_per_image"]
     table = capsys.readouterr().out
     assert "distillation adds" in table and "x plain" in table
+
+
+def test_cache_variant_reads_rows_and_reports_the_flop_bound(tmp_path, capsys):
+    """``--cache``: a third variant whose step reads the teacher's rows from a teacher cache
+    (no teacher forward), its FLOPs those of distill less the teacher's, and the speed-up
+    over distill next to the FLOP bound."""
+    report = bench.main(TINY + ["--teacher", "iresnet34", "--batch", "4", "--steps", "2",
+                                "--warmup", "0", "--cache", "--cache-dir", str(tmp_path)])
+    rows = {r["variant"]: r for r in report["results"]}
+    assert set(rows) == {"plain", "distill", "cached"}
+    flops = report["gflop_per_image"]
+    assert flops["cached"]["step"] == flops["distill"]["step"] - flops["distill"]["teacher_fwd"]
+    assert rows["cached"]["phases_ms"]["teacher"] < rows["distill"]["phases_ms"]["teacher"]
+    (gain,) = report["teacher_cache"]
+    assert gain["bound"] == flops["distill"]["step"] / flops["cached"]["step"]
+    assert gain["speedup"] == rows["distill"]["step_ms"] / rows["cached"]["step_ms"]
+    assert (tmp_path / "embeddings.bin").stat().st_size == 4 * 4 * 32 * 2  # 4 batches of 4, fp16
+    assert "teacher cache speed-up" in capsys.readouterr().out

@@ -153,6 +153,8 @@ RULED_KEYS = {
     "teacher.embedding_dim": "> 0", "teacher.width": "> 0", "teacher.min_accuracy": "in [0, 1)",
     "teacher.input_std": "> 0 or null",
     "teacher.onnx_backend": "one of auto, torch, onnxruntime",
+    "teacher.cache_dtype": "one of float16, float32",
+    "teacher.cache_placement": "one of auto, host, device",
     "data.format": "one of auto, folder, recordio", "data.loader": "one of auto, dali, torch",
     "data.decode_check": "one of auto, on, off", "data.batch_size": "> 0", "data.num_workers": ">= 0", "data.prefetch": "> 0",
     "loss.sphereface2.weight": ">= 0", "loss.sphereface2.lamb": "in (0, 1)",

@@ -6,7 +6,9 @@
 * SIGTERM on one rank: every rank stops after the same step, a checkpoint and the requeue
   marker appear, workers exit with REQUEUE_EXIT_CODE, and resuming ends bitwise equal;
 * resume on a different world size keeps the global batch (class-sharded head re-sharded);
-* the teacher is bitwise unchanged after training.
+* the teacher is bitwise unchanged after training;
+* a teacher-embedding cache built on 2 ranks holds the bytes of one built on 1 rank, and
+  training from it ends bitwise equal to the reference (the teacher on the fly).
 
 The student is an IResNet-18 of width 1/8 with ``model.freeze_bn`` (BatchNorm on its running
 statistics), so it has no batch statistics: with them, ranks normalizing their half batch
@@ -196,3 +198,21 @@ def test_sigterm_checkpoints_requeues_and_resumes_exactly(setup, reference):
     assert (result["status"], result["start_step"]) == ("completed", stopped)
     assert not (out / REQUEUE_MARKER).exists()
     _assert_bitwise(_final(reference), _final(out))
+
+
+def test_training_from_a_teacher_cache_equals_the_teacher_on_the_fly(setup, reference, tmp_path):
+    """``fr-distill cache-teacher`` under torchrun on 2 ranks (float32 rows, per-rank batch 4
+    as the reference's) writes the bytes a 1-rank build writes; the 2-rank run reading it
+    ends bitwise equal to the reference run, which ran the teacher every step."""
+    cache = setup["root"] / "teacher_cache"
+    config = tmp_path / "base.yaml"
+    config.write_text("{}\n")
+    build = ("cache-teacher", "--config", str(config), "--shard-samples", "64",
+             *setup["overrides"], f"teacher.cache={cache}", "teacher.cache_dtype=float32")
+    run_torchrun("fr_distill.cli", *build, nproc=2, torchrun_args=("-m",), timeout=300)
+    one_rank = tmp_path / "one_rank"
+    run_torchrun("fr_distill.cli", *build[:-2], f"teacher.cache={one_rank}",
+                 "teacher.cache_dtype=float32", nproc=1, torchrun_args=("-m",), timeout=300)
+    assert (cache / "embeddings.bin").read_bytes() == (one_rank / "embeddings.bin").read_bytes()
+    cached, _ = _run(setup, "cached", f"teacher.cache={cache}", "teacher.cache_dtype=float32")
+    _assert_bitwise(_final(reference), _final(cached))

@@ -1,12 +1,17 @@
 """One distillation training step, timed phase by phase, against plain training.
 
 For every batch size × precision (bf16, fp16, fp32) × mode (eager; compiled with
-``--compile``), in one run, two variants of the trainer's own step
+``--compile``), in one run, two (three with ``--cache``) variants of the trainer's own step
 (:func:`fr_distill.engine.step.train_step`, accumulation 1) on the same in-memory batches:
   * ``distill`` — frozen teacher forward (``no_grad``, autocast) + student forward/backward +
                   the unified objective (SphereFace2 + ILED + RPSD) + memory-bank all-gather;
   * ``plain``   — the same student and SphereFace2 head without a teacher (training from
-                  scratch).
+                  scratch);
+  * ``cached``  — ``distill`` with the teacher's rows read from a teacher-embedding cache
+                  (:class:`fr_distill.teacher_cache.TeacherCache` over a float16 rows file of
+                  the batches, written first; ``--cache-placement``) instead of its forward.
+                  The table adds the measured speed-up over ``distill`` and the bound the FLOP
+                  counts give for it: distill step / (distill step − teacher forward).
 Phases (ms per step, the step's own marks): data wait, teacher forward, student
 forward+backward (the backward of the whole loss included), objective forward (with the
 device-side finiteness flags), agree (head-gradient average, the flags' all-reduce and the
@@ -31,6 +36,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,25 +139,48 @@ class PhaseTimer:
         return out
 
 
-def synthetic_batches(batch: int, num_classes: int, device: torch.device, count: int = 4,
-                      seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """A few normalized random image batches on ``device``, cycled (no data wait)."""
+SYNTHETIC_BATCHES = 4
+
+
+def synthetic_batches(batch: int, num_classes: int, device: torch.device,
+                      count: int = SYNTHETIC_BATCHES, seed: int = 0) -> Iterator[Batch]:
+    """A few normalized random image batches on ``device``, cycled (no data wait); batch
+    ``k`` holds samples ``k * batch …`` unflipped (the rows a cache looks up)."""
     gen = torch.Generator().manual_seed(seed)
-    made = [((torch.rand(batch, 3, 112, 112, generator=gen) * 2 - 1).to(device),
-             torch.randint(0, num_classes, (batch,), generator=gen).to(device))
-            for _ in range(count)]
+    made = [Batch((torch.rand(batch, 3, 112, 112, generator=gen) * 2 - 1).to(device),
+                  torch.randint(0, num_classes, (batch,), generator=gen).to(device),
+                  torch.arange(k * batch, (k + 1) * batch), torch.zeros(batch, dtype=torch.bool))
+            for k in range(count)]
     return itertools.cycle(made)
 
 
-def loader_batches(path: str, batch: int, device: torch.device,
-                   workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def loader_batches(path: str, batch: int, device: torch.device, workers: int) -> Iterator[Batch]:
     """Batches of the project's training loader over ``path`` (1 rank)."""
     from ..data import build_train_loader, preflight
 
     cfg = DataConfig(train=path, batch_size=batch, num_workers=workers)
     info = preflight(cfg)
     loader = build_train_loader(cfg, info, 0, 1, device, seed=0)
-    return ((b.images, b.labels) for b in loader.iterate(0))
+    return loader.iterate(0)
+
+
+def write_cache(models: Models, batches: Iterator[Batch], count: int, directory: Path,
+                device: torch.device, amp_dtype: torch.dtype | None, placement: str):
+    """A :class:`~fr_distill.teacher_cache.TeacherCache` (float16 rows) of the teacher's
+    embeddings of the first ``count`` synthetic batches, which cover samples ``0 …``."""
+    import numpy as np
+
+    from ..engine.step import teacher_embeddings
+    from ..teacher_cache import TeacherCache
+    from ..teacher_cache.store import ROWS_FILE
+
+    rows = torch.cat([teacher_embeddings(models.teacher, next(batches).images, device, amp_dtype)
+                      for _ in range(count)]).cpu().numpy().astype(np.float16)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows.tofile(directory / ROWS_FILE)
+    manifest = {"identity": {"data": {"num_samples": rows.shape[0]}, "dtype": "float16"},
+                "flips": [False], "embedding_dim": rows.shape[1]}
+    return TeacherCache(directory, manifest, device, placement)
 
 
 def loss_config(distill: bool) -> LossConfig:
@@ -201,7 +230,7 @@ def build_models(args: argparse.Namespace, device: torch.device, compiled: bool)
 
 def benchmark_run(models: Models, objective: nn.Module, optimizer: torch.optim.Optimizer,
                   scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, distill: bool,
-                  device: torch.device) -> Run:
+                  device: torch.device, teacher_cache=None) -> Run:
     """A one-rank :class:`Run` around the benchmark's models for the trainer's own step:
     default config (no logging steps, so no diagnostics), constant learning rate, and a
     non-finite step is an error (``max_nonfinite_steps`` 1)."""
@@ -209,22 +238,21 @@ def benchmark_run(models: Models, objective: nn.Module, optimizer: torch.optim.O
     cfg.logging.diagnostics = False
     return Run(cfg=cfg, info=dist.DistInfo(device=device), run_dir=Path("."),
                student=models.student, model=models.student_step,
-               teacher=models.teacher_step if distill else None, objective=objective,
+               teacher=models.teacher_step if distill and teacher_cache is None else None,
+               objective=objective,
                optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
                scaler=scaler, loader=None, amp_dtype=amp_dtype, accumulation=1,
-               total_steps=2 ** 62, guard=NonFiniteGuard(limit=1))
+               total_steps=2 ** 62, guard=NonFiniteGuard(limit=1), teacher_cache=teacher_cache)
 
 
-def make_step(run: Run, batches: Iterator, timer: PhaseTimer) -> Callable[[], None]:
+def make_step(run: Run, batches: Iterator[Batch], timer: PhaseTimer) -> Callable[[], None]:
     """The trainer's step (:func:`fr_distill.engine.step.train_step`) on ``run``, with the
     timer marking the end of each of its phases."""
     stop = StopSignal()
-    batch_stream = (Batch(images, labels, torch.empty(0, dtype=torch.int64))
-                    for images, labels in batches)
 
     def step() -> None:
         timer.start()
-        train_step(run, batch_stream, stop, mark=timer.mark)
+        train_step(run, batches, stop, mark=timer.mark)
 
     return step
 
@@ -256,22 +284,28 @@ def count_step_flops(models: Models, args: argparse.Namespace, device: torch.dev
 
 
 def build_step(models: Models, args: argparse.Namespace, device: torch.device, batch: int,
-               amp: str, distill: bool, batches: Iterator,
+               amp: str, variant: str, batches: Iterator[Batch],
                timer: PhaseTimer) -> Callable[[], None]:
-    """A fresh objective, optimizer and scaler around the shared models: one variant's step."""
+    """A fresh objective, optimizer and scaler around the shared models: one variant's step
+    (``plain``, ``distill``, or ``cached``: ``distill`` reading the teacher from a cache)."""
     amp_dtype = resolve_amp(amp, device)
+    distill = variant != "plain"
+    cache = None
+    if variant == "cached":
+        cache = write_cache(models, batches, SYNTHETIC_BATCHES, Path(args.cache_dir), device,
+                            amp_dtype, args.cache_placement)
     objective = build_objective(loss_config(distill), args.classes, args.embedding_dim,
                                 args.embedding_dim, batch, device=device)
     params = list(models.student.parameters()) + objective.replicated_parameters()
     optimizer = build_optimizer(params, OptimConfig(), lr=0.01)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    return make_step(benchmark_run(models, objective, optimizer, scaler, amp_dtype, distill, device),
-                     batches, timer)
+    return make_step(benchmark_run(models, objective, optimizer, scaler, amp_dtype, distill, device,
+                                   cache), batches, timer)
 
 
 def measure(models: Models, args: argparse.Namespace, device: torch.device, batch: int,
             amp: str, mode: str, variants: dict[str, Iterator]) -> list[Result]:
-    """Time the ``variants`` (name ``distill``/``plain`` → batches) of one configuration.
+    """Time the ``variants`` (name ``distill``/``plain``/``cached`` → batches) of one configuration.
 
     After each variant's warm-up, the measured steps take turns (plain, distill, plain, …), so
     a load change on a shared machine hits all alike; step time and each phase are the median
@@ -280,8 +314,8 @@ def measure(models: Models, args: argparse.Namespace, device: torch.device, batc
     """
     cuda = device.type == "cuda"
     timers = {name: PhaseTimer(device) for name in variants}
-    steps = {name: build_step(models, args, device, batch, amp, name == "distill", batches,
-                              timers[name]) for name, batches in variants.items()}
+    steps = {name: build_step(models, args, device, batch, amp, name, batches, timers[name])
+             for name, batches in variants.items()}
     warmup_s = {}
     for name, step in steps.items():
         started = time.perf_counter()
@@ -326,6 +360,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also run compiled variants (for the precisions named, default all)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps per variant")
     parser.add_argument("--warmup", type=int, default=5, help="unmeasured steps per variant")
+    parser.add_argument("--cache", action="store_true",
+                        help="also time the step reading the teacher from a teacher-embedding "
+                             "cache (variant cached), against the FLOP bound of its speed-up")
+    parser.add_argument("--cache-placement", choices=["auto", "host", "device"], default="auto",
+                        help="teacher.cache_placement of the cached variant")
+    parser.add_argument("--cache-dir", default="",
+                        help="where the cached variant's rows file is written (default: a "
+                             "temporary directory)")
     parser.add_argument("--data", default="", help="training data: also time the real loader")
     parser.add_argument("--workers", type=int, default=4, help="loader workers with --data")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
@@ -373,7 +415,27 @@ def format_table(results: list[Result], peak: float | None) -> str:
         lines.append(f"batch {key[0]} {key[1]} {key[2]}: distillation adds {extra:.1f} ms/step over "
                      f"plain; teacher forward {distilled.phases_ms['teacher']:.1f} ms "
                      f"(added / teacher = {extra / distilled.phases_ms['teacher']:.2f})")
+    for key, gain in cache_speedups(results).items():
+        lines.append(f"batch {key[0]} {key[1]} {key[2]}: teacher cache speed-up "
+                     f"{gain['speedup']:.2f}x (distill / cached step), FLOP bound "
+                     f"{gain['bound']:.2f}x, reached {100 * gain['share_of_bound']:.0f} %")
     return "\n".join(lines)
+
+
+def cache_speedups(results: list[Result]) -> dict[tuple, dict[str, float]]:
+    """Per (batch, amp, mode) with a ``cached`` variant: its measured speed-up over
+    ``distill`` (step time ratio), the bound of the FLOP counts (distill step / cached step
+    GFLOP), and the share of the bound reached."""
+    out = {}
+    distill = {(r.batch, r.amp, r.mode): r for r in results if r.variant == "distill"}
+    for r in results:
+        base = distill.get((r.batch, r.amp, r.mode))
+        if r.variant == "cached" and base is not None:
+            speedup = base.step_ms / r.step_ms
+            bound = base.step_gflop_per_image / r.step_gflop_per_image
+            out[(r.batch, r.amp, r.mode)] = {"speedup": speedup, "bound": bound,
+                                            "share_of_bound": speedup / bound}
+    return out
 
 
 def summary_table(report: dict) -> str:
@@ -395,6 +457,8 @@ def write_report(path: str, report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.cache and not args.cache_dir:
+        args.cache_dir = tempfile.mkdtemp(prefix="fr_distill_bench_cache_")
     use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     torch.backends.cudnn.benchmark = True
@@ -410,11 +474,13 @@ def main(argv: list[str] | None = None) -> dict:
         if not flops:
             flops.update({v: count_step_flops(models, args, device, v == "distill")
                           for v in ("distill", "plain")})
+            flops["cached"] = {**flops["distill"], "teacher_fwd": 0.0,
+                               "step": flops["distill"]["step"] - flops["distill"]["teacher_fwd"]}
         for amp, batch in itertools.product(args.amp, args.batch):
             if compiled and amp not in compile_amps:
                 continue
             variants = {name: synthetic_batches(batch, args.classes, device)
-                        for name in ("plain", "distill")}
+                        for name in ("plain", "distill") + (("cached",) if args.cache else ())}
             for result in measure(models, args, device, batch, amp, mode, variants):
                 result.step_gflop_per_image = flops[result.variant]["step"]
                 if peak:
@@ -441,6 +507,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{loader['images_per_s']:.1f} img/s")
     report["results"] = [dataclasses.asdict(r) for r in results]
     report["real_loader"] = loader
+    report["teacher_cache"] = [{"batch": b, "amp": a, "mode": m, **gain}
+                               for (b, a, m), gain in cache_speedups(results).items()]
     if args.json:
         write_report(args.json, report)
     return report

@@ -47,7 +47,7 @@ class BatchSource:
 
 def build_pipeline(source: BatchSource, batch_size: int, device: torch.device,
                    num_workers: int, prefetch: int):
-    """The DALI pipeline (built) producing (images CHW float32, indices int64)."""
+    """The DALI pipeline (built) producing (images CHW float32, indices int64, mirror flags)."""
     from nvidia.dali import fn, pipeline_def, types
 
     on_gpu = device.type == "cuda"
@@ -67,7 +67,7 @@ def build_pipeline(source: BatchSource, batch_size: int, device: torch.device,
                                    output_type=types.RGB)
         images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT,
                                           output_layout="CHW", mean=[127.5] * 3, std=[127.5] * 3)
-        return images, index
+        return images, index, mirror
 
     pipe = pipeline()
     pipe.build()
@@ -89,8 +89,9 @@ def _find_undecodable(images: SampleBytes, sampler: GlobalSampler, steps: range,
 
 def dali_batches(images: SampleBytes, sampler: GlobalSampler, start_step: int, rank: int,
                  world_size: int, device: torch.device, num_workers: int, prefetch: int
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Infinite (images float32 NCHW on ``device``, indices int64) for steps from ``start_step``."""
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Infinite (images float32 NCHW on ``device``, indices int64, flips bool: the mirror flags
+    the pipeline applied) for steps from ``start_step``."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     per_rank = sampler.global_batch // world_size
@@ -100,7 +101,7 @@ def dali_batches(images: SampleBytes, sampler: GlobalSampler, start_step: int, r
     try:
         for step in itertools.count():
             try:
-                out_images, out_index = pipe.run()
+                out_images, out_index, out_mirror = pipe.run()
             except Exception as err:  # worker/decoder errors arrive as multi-line text
                 failed = start_step + step
                 located = _find_undecodable(images, sampler, range(failed, failed + prefetch + 1),
@@ -117,6 +118,7 @@ def dali_batches(images: SampleBytes, sampler: GlobalSampler, start_step: int, r
                                 device=device)
             feed_ndarray(out_images.as_tensor(), batch, cuda_stream=stream)
             indices = torch.from_numpy(out_index.as_array().astype(np.int64).reshape(-1))
-            yield batch, indices
+            flips = torch.from_numpy(out_mirror.as_array().reshape(-1) != 0)
+            yield batch, indices, flips
     finally:
         del pipe

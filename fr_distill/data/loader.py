@@ -3,7 +3,9 @@
 ``TrainLoader.iterate(start_step)`` yields :class:`Batch` for global steps ``start_step,
 start_step + 1, …`` forever (epoch = step // steps_per_epoch); resuming a run is
 ``iterate(step)``. Labels come from the pre-flight index, looked up by the data-set indices
-the pipeline actually produced, which are checked against the sampler every step; each
+the pipeline actually produced; those indices and the mirror flags it actually applied are
+checked against the sampler every step and handed on with the batch (a teacher-embedding
+cache looks its rows up with them, :mod:`fr_distill.teacher_cache`); each
 batch's labels are checked against the class count on the host, before they go to the
 device (an out-of-range label there would be a device-side assert, not an error).
 """
@@ -22,11 +24,12 @@ from .sampler import GlobalSampler
 
 class Batch(NamedTuple):
     """One rank's slice of a global batch: images float32 [B,3,112,112] and int64 labels on the
-    device, int64 data-set indices on the CPU."""
+    device; on the CPU the int64 data-set indices and the bool horizontal-flip flags applied."""
 
     images: torch.Tensor
     labels: torch.Tensor
     indices: torch.Tensor
+    flips: torch.Tensor
 
 
 def dali_available() -> bool:
@@ -45,7 +48,10 @@ def select_backend(loader: str) -> str:
 
 
 class TrainLoader:
-    """Seeded, world-size-invariant, resumable training batches for one rank."""
+    """Seeded, world-size-invariant, resumable training batches for one rank.
+
+    ``sampler`` is a :class:`GlobalSampler`, or any order with its ``rank_indices``,
+    ``flips``, ``global_batch`` and ``steps_per_epoch`` (the teacher cache's sweep)."""
 
     def __init__(self, info: DatasetInfo, sampler: GlobalSampler, backend: str, rank: int,
                  world_size: int, device: torch.device, num_workers: int, prefetch: int) -> None:
@@ -64,11 +70,12 @@ class TrainLoader:
             from .torch_loader import torch_batches as batches
         source = batches(SampleBytes(self.info), self.sampler, start_step, self.rank,
                          self.world_size, self.device, self.num_workers, self.prefetch)
-        for step, (images, indices) in enumerate(source, start_step):
+        for step, (images, indices, flips) in enumerate(source, start_step):
             expected = self.sampler.rank_indices(step, self.rank, self.world_size)
-            if not np.array_equal(indices.numpy(), expected):
-                raise RuntimeError(f"{self.backend} loader produced samples out of the sampler's "
-                                   f"order at step {step}")
+            if not np.array_equal(indices.numpy(), expected) or not np.array_equal(
+                    flips.numpy(), self.sampler.flips(step, expected)):
+                raise RuntimeError(f"{self.backend} loader produced samples or flips out of the "
+                                   f"sampler's order at step {step}")
             labels = self.info.labels[indices.numpy()]
             outside = (labels < 0) | (labels >= self.info.num_classes)
             if outside.any():
@@ -76,7 +83,7 @@ class TrainLoader:
                 raise DataError(f"{self.info.root}: sample {int(indices[first])} has label "
                                 f"{int(labels[first])}, outside [0, {self.info.num_classes})")
             yield Batch(images, torch.from_numpy(labels).to(self.device, non_blocking=True),
-                        indices)
+                        indices, flips)
 
     def state_dict(self) -> dict:
         """The order's identity, stored in checkpoints next to the step."""

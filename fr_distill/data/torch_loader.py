@@ -40,17 +40,17 @@ class _StepBatches(Sampler):
 
 
 class _DecodedImages(Dataset):
-    """``dataset[(index, flip)]`` → (uint8 HWC tensor, index)."""
+    """``dataset[(index, flip)]`` → (uint8 HWC tensor, index, flip)."""
 
     def __init__(self, images: SampleBytes):
         self.images = images
 
-    def __getitem__(self, item: tuple[int, bool]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: tuple[int, bool]) -> tuple[torch.Tensor, int, bool]:
         index, flip = item
         pixels = decode_rgb(self.images[index], self.images.name(index))
         if flip:
             pixels = pixels[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(pixels)), index
+        return torch.from_numpy(np.ascontiguousarray(pixels)), index, flip
 
 
 def normalize(pixels_nhwc: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -71,8 +71,9 @@ def worker_context():
 
 def torch_batches(images: SampleBytes, sampler: GlobalSampler, start_step: int, rank: int,
                   world_size: int, device: torch.device, num_workers: int, prefetch: int
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Infinite (images float32 NCHW on ``device``, indices int64) for steps from ``start_step``."""
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Infinite (images float32 NCHW on ``device``, indices int64, flips bool) for steps from
+    ``start_step``."""
     loader = DataLoader(_DecodedImages(images),
                         batch_sampler=_StepBatches(sampler, start_step, rank, world_size),
                         num_workers=num_workers,
@@ -82,7 +83,7 @@ def torch_batches(images: SampleBytes, sampler: GlobalSampler, start_step: int, 
     batches = iter(loader)
     for step in itertools.count(start_step):
         try:
-            pixels, indices = next(batches)
+            pixels, indices, flips = next(batches)
         except DataError as err:  # re-raised from a worker with its traceback in the text
             raise from_worker(err, f"{images.root}: loading step {step} failed") from None
-        yield normalize(pixels, device), indices.to(torch.int64)
+        yield normalize(pixels, device), indices.to(torch.int64), flips.to(torch.bool)

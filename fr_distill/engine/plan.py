@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from fr_distill import dist
 from fr_distill.config import KD_TERMS, Config, check_paths, get_key
 from fr_distill.data import DatasetInfo, preflight
@@ -23,6 +25,7 @@ from fr_distill.engine.optim import scaled_lr
 from fr_distill.engine.run_dir import probe_run_dir
 from fr_distill.engine.teacher_check import check_sets
 from fr_distill.eval.runner import check_bin_sets
+from fr_distill.teacher_cache import check_cache
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -84,6 +87,9 @@ def _teacher_line(cfg: Config) -> str:
     if not cfg.teacher.path:
         return "teacher   none (plain training)"
     line = f"teacher   {cfg.teacher.name} from {cfg.teacher.path}"
+    if cfg.teacher.cache:
+        return (line + f"; its rows read from the cache {cfg.teacher.cache} "
+                       f"({cfg.teacher.cache_dtype}, placement {cfg.teacher.cache_placement})")
     sets = check_sets(cfg)
     if sets:
         line += f"; checked on {', '.join(sets)} before a fresh start"
@@ -121,8 +127,8 @@ def make_plan(cfg: Config, info: DatasetInfo, world_size: int, resume_path: Path
 
 
 def dry_run(cfg: Config) -> str:
-    """Validate paths, data, evaluation sets and the run directory and describe the run,
-    without building models, training or changing any file."""
+    """Validate paths, data, evaluation sets, the teacher cache and the run directory and
+    describe the run, without building models, training or changing any file."""
     check_paths(cfg)
     info = apply_decode_check(preflight(cfg.data), cfg.data, select_backend(cfg.data.loader))
     check_bin_sets(list(cfg.eval.bin_sets), cfg.eval.best_metric)
@@ -134,4 +140,8 @@ def dry_run(cfg: Config) -> str:
     if info.num_samples < plan.global_batch:
         raise TrainingError(f"data.train has {info.num_samples} images, fewer than one global "
                             f"batch of {plan.global_batch}")
+    if cfg.teacher.cache:  # refused here as the run would refuse it (checksums included)
+        use_cuda = cfg.distributed.device == "cuda" or (cfg.distributed.device == "auto"
+                                                        and torch.cuda.is_available())
+        check_cache(cfg, info, torch.device("cuda" if use_cuda else "cpu"), plan.batch_per_rank)
     return plan.describe(cfg) + (f"\nnote      {note}" if note else "")

@@ -49,27 +49,28 @@ class RunDirError(FrDistillError, RuntimeError):
     exit_code = 2
 
 
-def _lock(run_dir: Path) -> None:
-    """Take the directory's exclusive lock (kept until the process ends)."""
-    if run_dir in _held_locks:
+def lock_directory(directory: Path, key: str = "run.output_dir", user: str = "run") -> None:
+    """Take ``directory``'s exclusive lock (kept until the process ends or :func:`release`);
+    the error names the config ``key`` and the holder (a ``user`` of the directory)."""
+    if directory in _held_locks:
         return
-    path = run_dir / LOCK_FILE
+    path = directory / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
         os.close(fd)
-        raise RunDirError(f"run.output_dir {run_dir} is in use by another run ({holder}); "
-                          f"wait for it, stop it, or choose another run.output_dir") from None
+        raise RunDirError(f"{key} {directory} is in use by another {user} ({holder}); "
+                          f"wait for it, stop it, or choose another {key}") from None
     except OSError as err:
         os.close(fd)
-        raise RunDirError(f"run.output_dir {run_dir}: cannot lock {path} ({err.strerror}); "
+        raise RunDirError(f"{key} {directory}: cannot lock {path} ({err.strerror}); "
                           f"the file system does not support flock") from None
     os.ftruncate(fd, 0)
     started = datetime.datetime.now().isoformat(timespec="seconds")
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}".encode())
-    _held_locks[run_dir] = fd
+    _held_locks[directory] = fd
 
 
 def release(run_dir: str | os.PathLike) -> None:
@@ -138,7 +139,7 @@ def claim_run_dir(run_dir: str | os.PathLike, store: CheckpointStore, fresh_star
 
 def _claim(run_dir: Path, store: CheckpointStore, fresh_start: bool, resume: bool) -> None:
     require_writable_dir(run_dir, "config key 'run.output_dir'")
-    _lock(run_dir)
+    lock_directory(run_dir)
     require_writable_dir(store.directory, "config key 'run.output_dir (its checkpoints/)'")
     if not fresh_start:
         return

@@ -24,6 +24,7 @@ from fr_distill.config import Config, to_dict
 from fr_distill.data import TrainLoader
 from fr_distill.engine import checkpoint
 from fr_distill.engine.faults import NonFiniteGuard
+from fr_distill.teacher_cache.store import TeacherCache
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class Run:
     start_step: int = 0
     metrics: dict = field(default_factory=dict)
     stop_requested: bool = False
+    teacher_cache: TeacherCache | None = None  # teacher.cache: rows instead of the teacher
 
     @property
     def global_batch(self) -> int:

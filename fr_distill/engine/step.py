@@ -1,7 +1,7 @@
 """One optimizer step of the training loop, split into its phases, with one host read.
 
 :func:`train_step` runs, for each of ``run.accumulation`` micro-batches,
-:func:`teacher_forward` → :func:`student_forward` → the objective (METHOD E5, plus D1 on
+:func:`teacher_forward` (the teacher, or its cached rows) → :func:`student_forward` → the objective (METHOD E5, plus D1 on
 logging steps) → :func:`backward` (DDP's gradient all-reduce only on the last micro-step), then
 :func:`agree` → :func:`optimizer_step` or :func:`skip_step` → :func:`update_bank`. The phases
 are functions so that ``fr_distill.benchmarks.train`` times this very step (its ``mark``
@@ -66,12 +66,23 @@ def gradient_sync(model: nn.Module, last_micro_step: bool):
     return model.no_sync()
 
 
-def teacher_forward(run: Run, images: torch.Tensor) -> torch.Tensor | None:
-    """The frozen teacher's float32 embeddings (``no_grad``, autocast), None without one."""
+def teacher_embeddings(teacher: nn.Module, images: torch.Tensor, device: torch.device,
+                       amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """A frozen teacher's float32 embeddings of ``images`` (``no_grad``, autocast): the one
+    teacher forward of training and of the teacher-embedding cache's build."""
+    with torch.no_grad(), autocast(device, amp_dtype):
+        return teacher(images).float()
+
+
+def teacher_forward(run: Run, batch: Batch, images: torch.Tensor) -> torch.Tensor | None:
+    """The teacher's float32 embeddings of ``batch``: its rows of the teacher-embedding cache
+    (``teacher.cache``, looked up by the batch's indices and flips), else the frozen teacher
+    run on ``images``; None without a teacher."""
+    if run.teacher_cache is not None:
+        return run.teacher_cache.lookup(batch.indices, batch.flips)
     if run.teacher is None:
         return None
-    with torch.no_grad(), autocast(run.info.device, run.amp_dtype):
-        return run.teacher(images).float()
+    return teacher_embeddings(run.teacher, images, run.info.device, run.amp_dtype)
 
 
 def student_forward(run: Run, images: torch.Tensor) -> torch.Tensor:
@@ -164,7 +175,7 @@ def train_step(run: Run, batches: Iterator[Batch], stop: StopSignal,
         images += batch.images.shape[0] * run.info.world_size
         mark("data")
         batch_images = batch.images.contiguous(memory_format=image_layout(run.cfg, device))
-        f_t = teacher_forward(run, batch_images)
+        f_t = teacher_forward(run, batch, batch_images)
         if f_t is not None:
             mark("teacher")
         last = micro == run.accumulation - 1

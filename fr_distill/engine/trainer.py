@@ -1,9 +1,10 @@
 """The training loop: distill a frozen teacher into a student under torchrun DDP.
 
 ``train(cfg)`` reads top to bottom: process group → pre-flight (config paths, data, resume
-checkpoint, the run directory claimed (:mod:`fr_distill.engine.run_dir`), batch plan) → models (student under DDP, frozen teacher run on the fly, the
-objective with its head and memory bank) → optimizer, schedule, scaler, loader → restore the
-checkpoint → loop. One optimizer step is :func:`fr_distill.engine.step.train_step`:
+checkpoint, the run directory claimed (:mod:`fr_distill.engine.run_dir`), batch plan) →
+models (student under DDP; the frozen teacher run on the fly, or with ``teacher.cache`` its
+checked rows (:mod:`fr_distill.teacher_cache`); the objective with its head and memory bank)
+→ optimizer, schedule, scaler, loader → restore the checkpoint → loop. One optimizer step is :func:`fr_distill.engine.step.train_step`:
 ``accumulation`` micro-steps of teacher forward, student forward, objective and backward, one
 all-reduce on which every rank agrees whether the step was finite and whether to stop (the
 step's one host read), then the optimizer, schedule and memory bank advance. Checkpointing,
@@ -47,6 +48,7 @@ from fr_distill.engine.teacher_check import check_sets, check_teacher
 from fr_distill.eval.runner import check_bin_sets
 from fr_distill.losses import build_objective
 from fr_distill.models import build_student, load_frozen_model
+from fr_distill.teacher_cache import open_cache
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +105,25 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
     seed_everything(cfg.run.seed)
     memory_format = image_layout(cfg, device)
     student = build_student(cfg.model).to(device, memory_format=memory_format)
-    teacher, teacher_accuracy = None, None
-    if cfg.teacher.path:
-        teacher = load_frozen_model(cfg.teacher.path, cfg.teacher.name, cfg.teacher.embedding_dim,
-                                    cfg.teacher.width, device, cfg.teacher.onnx_backend,
-                                    cfg.teacher.input_mean, cfg.teacher.input_std)
+    teacher, teacher_accuracy, teacher_cache = None, None, None
+    if cfg.teacher.cache:  # the teacher's rows, read instead of running it (METHOD §4)
+        teacher_cache = open_cache(cfg, data_info, device, plan.batch_per_rank)
+        teacher_accuracy = teacher_cache.manifest["teacher_check"]
+    elif cfg.teacher.path:
+        # outside the run's random stream: the student's and the head's initialization do not
+        # depend on how (or whether) a teacher is built, so a cached run starts identically
+        with torch.random.fork_rng(devices=[]):
+            teacher = load_frozen_model(cfg.teacher.path, cfg.teacher.name,
+                                        cfg.teacher.embedding_dim, cfg.teacher.width, device,
+                                        cfg.teacher.onnx_backend, cfg.teacher.input_mean,
+                                        cfg.teacher.input_std)
         teacher = teacher.to(memory_format=memory_format)
         if resume_path is None and check_sets(cfg):
             teacher_accuracy = check_teacher(teacher, cfg, device, amp_dtype)
     # the teacher's own size: checkpoints, ONNX and TorchScript files carry theirs, only a
     # plain state dict is built with teacher.embedding_dim
-    teacher_dim = teacher.embedding_dim if teacher is not None else cfg.model.embedding_dim
+    teacher_dim = (teacher.embedding_dim if teacher is not None else teacher_cache.embedding_dim
+                   if teacher_cache is not None else cfg.model.embedding_dim)
     objective = build_objective(cfg.loss, data_info.num_classes, cfg.model.embedding_dim,
                                 teacher_dim, plan.effective_batch,
                                 cfg.model.projector, device)
@@ -141,12 +151,12 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
               teacher=teacher, objective=objective, optimizer=optimizer, scheduler=scheduler,
               scaler=scaler, loader=loader, amp_dtype=amp_dtype,
               accumulation=plan.accumulation, total_steps=cfg.schedule.total_steps,
-              guard=NonFiniteGuard(cfg.run.max_nonfinite_steps))
+              guard=NonFiniteGuard(cfg.run.max_nonfinite_steps), teacher_cache=teacher_cache)
     seed_everything(cfg.run.seed + 7919 * (info.rank + 1))  # per-rank streams (e.g. dropout)
     if resumed is not None:
         run.load_state_dict(resumed)
         del resumed
-    if teacher_accuracy is not None:
+    if teacher_accuracy is not None and resume_path is None:
         run.metrics["teacher_check"] = teacher_accuracy
 
     # -- the loop ----------------------------------------------------------------------------

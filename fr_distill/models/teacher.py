@@ -40,12 +40,15 @@ class FrozenTeacher(nn.Module):
     """A teacher that stays frozen: eval mode (``train()`` is a no-op), no gradients, and a
     forward under ``no_grad`` returning float32 embeddings on the input's device."""
 
-    def __init__(self, model: nn.Module, source: str, backend: str, embedding_dim: int) -> None:
+    def __init__(self, model: nn.Module, source: str, backend: str, embedding_dim: int,
+                 built_from_keys: bool = False) -> None:
         super().__init__()
         self.model = model
         self.source = source
         self.backend = backend  # "torch", "torchscript", "onnx2torch" or "onnxruntime"
         self.embedding_dim = embedding_dim
+        #: a plain state dict, whose architecture came from the name/embedding_dim/width given
+        self.built_from_keys = built_from_keys
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         super().train(False)
@@ -87,10 +90,12 @@ def load_frozen_model(path: str, name: str = "iresnet100", embedding_dim: int = 
     device = torch.device(device)
     head = file.read_bytes()[:4] if file.stat().st_size else b""
     convention = None  # (mean, std, reason) an ONNX graph expects
+    built_from_keys = False
     if head.startswith(ZIP_MAGIC) and _is_torchscript(file):
         module, backend, dim = _load_torchscript(path, device)
     elif head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC):
-        module, backend, dim = _load_pickled_weights(path, name, embedding_dim, width, device)
+        module, backend, dim, built_from_keys = _load_pickled_weights(path, name, embedding_dim,
+                                                                      width, device)
     else:
         module, backend, dim, convention = load_onnx_teacher(path, device, onnx_backend)
     if input_mean is not None or input_std is not None:
@@ -102,7 +107,7 @@ def load_frozen_model(path: str, name: str = "iresnet100", embedding_dim: int = 
         logger.info("teacher %s: input (pixels - %g) / %g: %s", path, mean, std, convention[2])
     if (mean, std) != (PIPELINE_MEAN, PIPELINE_STD):
         module = InputNormalization(module, mean, std)
-    teacher = FrozenTeacher(module, str(path), backend, dim)
+    teacher = FrozenTeacher(module, str(path), backend, dim, built_from_keys)
     logger.info("teacher %s loaded via %s, embedding dim %d, on %s", path, backend, dim, device)
     return teacher
 
@@ -132,7 +137,8 @@ def _load_torchscript(path: str, device: torch.device) -> tuple[nn.Module, str, 
 
 
 def _load_pickled_weights(path: str, name: str, embedding_dim: int, width: float,
-                          device: torch.device) -> tuple[nn.Module, str, int]:
+                          device: torch.device) -> tuple[nn.Module, str, int, bool]:
+    """(model, backend, embedding dim, whether the architecture came from the keys given)."""
     payload = safe_torch_load(path)
     if is_fr_distill_checkpoint(payload):
         model, label = model_from_checkpoint(payload, path)
@@ -143,6 +149,6 @@ def _load_pickled_weights(path: str, name: str, embedding_dim: int, width: float
         kind, weights = "state dict", state_dict_of(payload, path)
     load_strict(model, weights, path, label)
     logger.info("teacher %s: %s loaded strictly into %s", path, kind, label)
-    return model.to(device), "torch", model.embedding_dim
+    return model.to(device), "torch", model.embedding_dim, kind == "state dict"
 
 

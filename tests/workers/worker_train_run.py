@@ -71,7 +71,7 @@ def main() -> int:
     rank = int(os.environ.get("RANK", 0))
     result = train(cfg, callbacks)
     unchanged = None
-    if args.teacher_file:
+    if args.teacher_file and result.teacher is not None:  # None: read from teacher.cache
         stored = torch.load(args.teacher_file, weights_only=True)
         now = result.teacher.model.state_dict()
         unchanged = stored.keys() == now.keys() and all(

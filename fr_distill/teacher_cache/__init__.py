@@ -1,0 +1,67 @@
+"""The exact teacher-embedding cache (METHOD §4, "teacher cache").
+
+``fr-distill cache-teacher`` (:mod:`.build`) writes the teacher's embedding of every training
+sample, unflipped and flipped; a run with ``teacher.cache: DIR`` reads the rows
+(:class:`~.store.TeacherCache`) instead of running the teacher, after :func:`open_cache` has
+checked that they are the rows this run's teacher would compute (:mod:`.identity`).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from fr_distill import dist
+from fr_distill.config import Config
+from fr_distill.data import DatasetInfo
+from fr_distill.teacher_cache.identity import (CacheError, execution, execution_differences,
+                                               file_sha256, first_difference, identity)
+from fr_distill.teacher_cache.store import MANIFEST, TeacherCache, read_manifest, verify
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CacheError", "TeacherCache", "check_cache", "open_cache"]
+
+
+def check_cache(cfg: Config, info: DatasetInfo, device: torch.device, batch_per_rank: int) -> dict:
+    """The manifest of ``teacher.cache`` after refusing, with one line naming what differs, a
+    cache this run cannot read exactly (see :mod:`.store`); warns when the rows were computed
+    with other execution settings (they may then differ from the teacher's own output in the
+    last bits)."""
+    directory = Path(cfg.teacher.cache)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise CacheError(f"teacher.cache {directory}: no {MANIFEST}; build the cache with "
+                         f"fr-distill cache-teacher --config <this config>")
+    run_identity = identity(cfg, info, device, file_sha256(cfg.teacher.path),
+                            plain_state_dict=True)
+    problem = first_difference(manifest["identity"], run_identity, str(directory), cfg)
+    if problem:
+        raise CacheError(problem)
+    if cfg.data.flip and True not in manifest["flips"]:
+        raise CacheError(f"teacher.cache {directory} holds unflipped rows only (built with "
+                         f"data.flip=false) but this run flips its images (data.flip=true): "
+                         f"build the cache with data.flip=true, or set data.flip=false")
+    verify(directory, manifest)
+    changed = execution_differences(manifest["execution"], execution(cfg, device, batch_per_rank))
+    if changed:
+        log.warning("teacher cache %s was computed with other settings (%s): its rows may differ "
+                    "from this run's teacher in the last bits", directory, ", ".join(changed))
+    return manifest
+
+
+def open_cache(cfg: Config, info: DatasetInfo, device: torch.device,
+               batch_per_rank: int) -> TeacherCache:
+    """Check ``teacher.cache`` on rank 0 (:func:`check_cache`, the same error on every rank)
+    and open it on every rank (``teacher.cache_placement``)."""
+    manifest = None
+    if dist.is_main():
+        try:
+            manifest = check_cache(cfg, info, device, batch_per_rank)
+        except CacheError as err:
+            manifest = err
+    manifest = dist.broadcast_object(manifest)
+    if isinstance(manifest, CacheError):
+        raise manifest
+    return TeacherCache(Path(cfg.teacher.cache), manifest, device, cfg.teacher.cache_placement)
