@@ -1,9 +1,13 @@
 """The synthetic face data set: determinism, layouts and formats, disjoint splits, alignment
-ground truth, reuse, and that identities are learnable (same > family-mate > stranger)."""
+ground truth, reuse, that identities are learnable (same > family-mate > stranger), and the
+ONNX teachers of both model-zoo input conventions."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import logging
 import os
 import pickle
 import runpy
@@ -12,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import simplejpeg
+import torch
 
 from fr_distill.data import DataError, RecordIOReader
 from fr_distill.data.align import ARCFACE_TEMPLATE, align_face, alignment_matrix
@@ -22,6 +27,9 @@ from fr_distill.data.synthetic.release import CSV_COLUMNS
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(bin_identities=4, bin_pairs=12, ijb_subjects=3, ijb_probe_templates=1,
             ijb_max_media=2, ijb_max_images=2)
+TOOL_ARGS = ["--identities", "3", "--images", "2", "--bin-identities", "4", "--bin-pairs", "20",
+             "--ijb-subjects", "2", "--ijb-max-media", "1", "--workers", "1"]
+TEACHER_ARCH = ("iresnet18", 32, 0.125)  # the conftest teacher_file's architecture
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -246,9 +254,7 @@ def test_foreign_directory_and_bad_arguments_are_refused(tmp_path):
 
 def test_make_synthetic_tool(tmp_path, capsys):
     main = runpy.run_path(str(REPO / "tools" / "make_synthetic.py"))["main"]
-    args = [str(tmp_path), "--identities", "3", "--images", "2", "--bin-identities", "4",
-            "--bin-pairs", "6", "--ijb-subjects", "2", "--ijb-max-media", "1", "--workers", "1"]
-    assert main(args) == 0
+    assert main([str(tmp_path), *TOOL_ARGS]) == 0
     assert '"train_images": 6' in capsys.readouterr().out
     assert main([str(tmp_path / "bad"), "--identities", "1"]) == 2  # bad input
     assert "num_identities=1" in capsys.readouterr().err
@@ -270,3 +276,79 @@ def test_cfp_like_set_is_harder_than_lfw_like_set(synthetic_data):
     cfp = pixel_auc(synthetic_data / "synth_cfp.bin")
     assert 0.6 < lfw < 0.97  # learnable signal, far from solved by raw pixels
     assert cfp < lfw - 0.05
+
+
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def onnx_teachers(teacher_file, tmp_path_factory) -> tuple[Path, str]:
+    """``tools/make_synthetic.py OUT_DIR --onnx-teachers`` on an fr_distill checkpoint holding
+    the conftest teacher's weights, with a small data set (.bin sets of 20 pairs: a quick
+    teacher check): (OUT_DIR, the tool's stdout)."""
+    from fr_distill.config import Config, to_dict
+
+    cfg = Config()
+    cfg.model.name, cfg.model.embedding_dim, cfg.model.width = TEACHER_ARCH
+    out = tmp_path_factory.mktemp("onnx_teachers")
+    checkpoint = out / "checkpoint.pt"
+    torch.save({"format": "fr_distill", "version": 1, "step": 1, "config": to_dict(cfg),
+                "student": torch.load(teacher_file, weights_only=True)}, checkpoint)
+    main = runpy.run_path(str(REPO / "tools" / "make_synthetic.py"))["main"]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main([str(out / "data"), *TOOL_ARGS, "--onnx-teachers", str(checkpoint)]) == 0
+    return out / "data", stdout.getvalue()
+
+
+def test_onnx_teachers_take_each_input_convention_and_reproduce_the_model(
+        onnx_teachers, teacher_file, caplog):
+    """Both written files are read with the convention they were written for (the log says
+    which and why), give the source model's embeddings from pipeline-normalized images and
+    its accuracy on the data set's .bin set; the raw-pixel file fed the other convention
+    does not."""
+    from fr_distill.eval import evaluate_bin_sets
+    from fr_distill.models import load_frozen_model
+
+    data, stdout = onnx_teachers
+    root = data / "onnx_teachers"
+    normalized, raw = root / "teacher_normalized.onnx", root / "teacher_raw_pixels.onnx"
+    assert sorted(p.name for p in root.iterdir()) == [normalized.name, raw.name]
+    assert f"onnx teacher, normalized: {normalized}\n" in stdout
+    assert f"onnx teacher, raw_pixels: {raw}\n" in stdout
+    source = load_frozen_model(str(teacher_file), *TEACHER_ARCH)
+    with caplog.at_level(logging.INFO, logger="fr_distill"):
+        teachers = {"normalized": load_frozen_model(str(normalized)),
+                    "raw_pixels": load_frozen_model(str(raw))}
+    assert (f"teacher {normalized}: input (pixels - 127.5) / 127.5: no Sub and Mul/Div before "
+            f"the first Conv") in caplog.text
+    assert (f"teacher {raw}: input (pixels - 0) / 1: the graph normalizes its input itself "
+            f"(Sub, Mul before the first Conv): raw 0-255 pixels") in caplog.text
+    pixels = torch.randint(0, 256, (3, 3, 112, 112), generator=torch.Generator().manual_seed(2))
+    x = (pixels.float() - 127.5) / 127.5
+    expected = source(x)
+
+    def relative_error(model) -> float:
+        return ((model(x) - expected).abs().max() / expected.abs().max()).item()
+
+    assert all(relative_error(teacher) < 1e-4 for teacher in teachers.values())
+    forced = load_frozen_model(str(raw), input_mean=127.5, input_std=127.5)
+    assert relative_error(forced) > 0.05
+    lfw = str(data / "synth_lfw.bin")
+    accuracy = {name: evaluate_bin_sets(model, [lfw], "cpu")["synth_lfw"]["accuracy_mean"]
+                for name, model in {"source": source, **teachers}.items()}
+    assert accuracy["normalized"] == accuracy["raw_pixels"] == accuracy["source"]
+
+
+def test_onnx_teachers_option_refuses_a_bad_model_before_writing(tmp_path, capsys):
+    main = runpy.run_path(str(REPO / "tools" / "make_synthetic.py"))["main"]
+    out, missing = tmp_path / "out", tmp_path / "absent.pt"
+    assert main([str(out), *TOOL_ARGS, "--onnx-teachers", str(missing)]) == 2
+    assert capsys.readouterr().err == f"error: model file not found: {missing}\n"
+    script = tmp_path / "script.pt"
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(3, 4))
+    torch.jit.save(torch.jit.script(model), script)
+    assert main([str(out), *TOOL_ARGS, "--onnx-teachers", str(script)]) == 2
+    assert capsys.readouterr().err == (f"error: {script}: a torchscript model cannot be exported "
+                                       "to ONNX again; give an fr_distill checkpoint or a state "
+                                       "dict\n")
+    assert not out.exists()

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from fr_distill.config import Config, to_dict
+from fr_distill.data.synthetic.onnx_teachers import RawPixelsInput
 from fr_distill.models import FrozenTeacher, ModelLoadError, get_backbone, load_frozen_model
 
 DIM, WIDTH = 32, 0.25
@@ -248,18 +249,6 @@ def test_bad_files_and_arguments(tmp_path, source):
     assert "holds no state dict of tensors" in one_line_error(str(tensors_only))
     assert one_line_error(files["backbone.pth"], onnx_backend="tensorrt") == \
         "onnx_backend must be one of auto, torch, onnxruntime, got 'tensorrt'"
-
-
-class RawPixelsInput(nn.Module):
-    """A face model whose graph normalizes raw 0-255 pixels itself, as InsightFace's
-    MXNet-era model-zoo ONNX files do."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model((pixels - 127.5) * (1 / 127.5))
 
 
 def test_onnx_input_convention_is_detected_and_can_be_overridden(source, tmp_path, caplog):

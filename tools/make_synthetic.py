@@ -2,6 +2,10 @@
 """Generate the synthetic face data set (training folder + RecordIO, .bin sets, IJB-style release).
 
     python tools/make_synthetic.py data/synthetic --identities 1000 --images 20 --seed 0
+
+With ``--onnx-teachers MODEL`` it also writes ``OUT_DIR/onnx_teachers/teacher_normalized.onnx``
+and ``teacher_raw_pixels.onnx``: the model as ONNX teachers of both model-zoo input
+conventions (:mod:`fr_distill.data.synthetic.onnx_teachers`), each verified.
 """
 from __future__ import annotations
 
@@ -9,9 +13,11 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from fr_distill.errors import FrDistillError, exit_with
 from fr_distill.data import synthetic
+from fr_distill.data.synthetic.onnx_teachers import load_exportable_model, write_onnx_teachers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,9 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None,
                         help="render processes (default: one per CPU)")
     parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
+    parser.add_argument("--onnx-teachers", metavar="MODEL",
+                        help="also write OUT_DIR/onnx_teachers/teacher_normalized.onnx and "
+                             "teacher_raw_pixels.onnx from this trained model (an fr_distill "
+                             "checkpoint, or an iresnet100 state dict)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
+        source = load_exportable_model(args.onnx_teachers) if args.onnx_teachers else None
         manifest = synthetic.generate(
             args.out_dir, args.identities, args.images, args.seed, family_size=args.family_size,
             bin_identities=args.bin_identities, bin_pairs=args.bin_pairs, ijb_name=args.ijb_name,
@@ -49,9 +60,13 @@ def main(argv: list[str] | None = None) -> int:
             ijb_max_media=args.ijb_max_media, ijb_max_images=args.ijb_max_images,
             ijb_crop_sizes=tuple(args.ijb_crop_sizes), quality=args.quality,
             workers=args.workers, force=args.force)
+        teachers = {} if source is None else write_onnx_teachers(
+            source, Path(args.out_dir) / "onnx_teachers")
     except FrDistillError as err:
         return exit_with(err)
     print(json.dumps(manifest["counts"], indent=2))
+    for kind, path in teachers.items():
+        print(f"onnx teacher, {kind}: {path}")
     print(f"{args.out_dir}: ready in {time.perf_counter() - start:.1f} s")
     return 0
 

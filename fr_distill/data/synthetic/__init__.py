@@ -44,9 +44,16 @@ images plus the default .bin (2 × 600 pairs) and IJB (474 crops) sets take abou
 CPU in all (``tools/make_synthetic.py``, start-up included), spread over the worker
 processes (default: one per core), so about 25–30 s of wall time when both cores are free;
 reusing an existing set takes under 2 s.
+
+Teachers in the model zoo's ONNX forms: ``write_onnx_teachers(model, out_dir)``
+(:mod:`.onnx_teachers`; ``tools/make_synthetic.py --onnx-teachers MODEL``) writes a trained
+model as ``teacher_normalized.onnx`` (input ``(pixels - 127.5) / 127.5``) and
+``teacher_raw_pixels.onnx`` (a graph that normalizes raw 0–255 pixels itself), each verified
+to be read with its convention and to reproduce the model's embeddings.
 """
 from __future__ import annotations
 
 from .build import generate
+from .onnx_teachers import write_onnx_teachers
 
-__all__ = ["generate"]
+__all__ = ["generate", "write_onnx_teachers"]
