@@ -26,6 +26,17 @@ def test_gpu_tests_refuse_to_run_without_cuda():
     assert "tests_gpu/ needs a CUDA GPU" in proc.stdout + proc.stderr
 
 
+def test_gpu_tests_import_against_the_current_code():
+    """The GPU tests cannot be collected here, so an import they make of a renamed function
+    would go unseen until a GPU session: import their module (without running it)."""
+    code = ("import sys; sys.path.insert(0, 'tests_gpu'); import importlib.util as u; "
+            "spec = u.spec_from_file_location('gpu_tests', 'tests_gpu/test_gpu.py'); "
+            "spec.loader.exec_module(u.module_from_spec(spec))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr
+
+
 STUB = """#!/usr/bin/env bash
 # stands for python: records every call; GPU_STUB_* choose what fails
 echo "$*" >> "$GPU_STUB_LOG"

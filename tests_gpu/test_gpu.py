@@ -1,7 +1,8 @@
-"""Checks that need a CUDA GPU (issue 7 item 4), run by ``tools/gpu_check.sh``:
-DALI ``mixed`` (nvJPEG) decode in the training loader and DALI ``warp_affine`` against the
-project's CPU paths, the frozen teacher under bf16/fp16 autocast, an NCCL process group with
-DDP, a compiled training step, and a short training run of ``launch/train.py`` on the GPU."""
+"""Checks that need a CUDA GPU, run by ``tools/gpu_check.sh``: DALI ``mixed`` (nvJPEG) decode
+in the training loader and DALI ``warp_affine`` against the project's CPU paths, the frozen
+teacher under bf16/fp16 autocast, the teacher cache's rows on the GPU (pinned host and device
+memory), an NCCL process group with DDP, a compiled training step, and a short training run of
+``launch/train.py`` on the GPU."""
 from __future__ import annotations
 
 import io
@@ -19,9 +20,9 @@ from fr_distill.config import DataConfig, OptimConfig
 from fr_distill.data import build_train_loader, preflight
 from fr_distill.data.align import ARCFACE_TEMPLATE, align_face, alignment_matrix
 from fr_distill.engine.optim import build_optimizer
-from fr_distill.engine.trainer import autocast
 from fr_distill.losses import build_objective
-from fr_distill.models import get_backbone, load_teacher
+from fr_distill.models import get_backbone, load_frozen_model
+from fr_distill.precision import autocast
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda", 0)
@@ -81,7 +82,7 @@ def test_teacher_forward_under_bf16_and_fp16_matches_fp32(tmp_path):
                                    torch.rand(16, 3, 112, 112, device=CUDA) * 2 - 1)
     path = tmp_path / "r100.pth"
     torch.save(backbone.state_dict(), path)
-    teacher = load_teacher(str(path), "iresnet100", 512, 1.0, device=CUDA)
+    teacher = load_frozen_model(str(path), "iresnet100", 512, 1.0, device=CUDA)
     teacher = teacher.to(memory_format=torch.channels_last)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     images = (torch.rand(32, 3, 112, 112, device=CUDA) * 2 - 1).contiguous(
@@ -99,6 +100,26 @@ def test_teacher_forward_under_bf16_and_fp16_matches_fp32(tmp_path):
         assert cosine.min().item() > 0.99, (dtype, cosine.min())
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_teacher_cache_rows_from_pinned_host_and_device_memory(tmp_path):
+    """``teacher.cache_placement`` host (pinned copies) and device give the stored rows as
+    float32 on the GPU for any indices and flips; auto puts a small cache in device memory."""
+    from fr_distill.teacher_cache import TeacherCache
+    from fr_distill.teacher_cache.store import ROWS_FILE
+
+    rows = np.random.default_rng(0).standard_normal((50, 2, 16)).astype(np.float16)
+    rows.tofile(tmp_path / ROWS_FILE)
+    manifest = {"identity": {"data": {"num_samples": 50}, "dtype": "float16"},
+                "flips": [False, True], "embedding_dim": 16}
+    indices, flips = torch.tensor([3, 49, 0, 3]), torch.tensor([True, False, False, False])
+    expected = torch.from_numpy(rows[indices.numpy(), flips.long().numpy()].astype(np.float32))
+    for placement in ("host", "device", "auto"):
+        cache = TeacherCache(tmp_path, manifest, CUDA, placement)
+        out = cache.lookup(indices, flips)
+        assert out.device == CUDA and out.dtype == torch.float32
+        assert torch.equal(out.cpu(), expected), placement
+    assert TeacherCache(tmp_path, manifest, CUDA, "auto").placement == "device"
 
 
 def test_nccl_process_group_and_ddp_on_one_gpu():

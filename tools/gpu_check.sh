@@ -12,8 +12,9 @@
 #    short GPU training run. They live in tests_gpu/, outside `make test`'s testpaths, so the
 #    CPU suite never collects them; without a visible GPU they stop with an error, not a skip.
 # 3. `tools/benchmark.py train` for IResNet-100 -> IResNet-18 at batch 64/128/256, bf16 and
-#    fp16 eager plus bf16 compiled, distillation vs plain training; then one table of images/s,
-#    share of the card's dense bf16 peak and peak memory.
+#    fp16 eager plus bf16 compiled, distillation vs plain training vs the teacher read from a
+#    teacher cache; then one table of images/s, share of the card's dense bf16 peak and peak
+#    memory, and the cache's speed-up against its FLOP bound.
 # Results: $GPU_CHECK_OUT (default runs/gpu_check/): pytest log, train_gpu.json, summary.txt.
 # Exit status: 0 when the tests passed and the benchmark completed, else 1.
 set -uo pipefail
@@ -55,7 +56,7 @@ echo "== train benchmark (${left}s left of the budget)"
 rm -f "$OUT/train_gpu.json"
 timeout "$(( left > 60 ? left : 60 ))" "$PYTHON" tools/benchmark.py train \
     --teacher iresnet100 --student iresnet18 --batch 64 128 256 --amp bf16 fp16 \
-    --compile bf16 --steps 20 --warmup 5 --json "$OUT/train_gpu.json" \
+    --compile bf16 --cache --steps 20 --warmup 5 --json "$OUT/train_gpu.json" \
     || { echo "   benchmark stopped early (time budget or error); partial results follow"; status=1; }
 
 echo "== summary ($(( SECONDS - start ))s)"
@@ -66,5 +67,8 @@ report = json.load(open(sys.argv[1]))
 print(report['machine'].get('gpu', '?'), '| dense bf16 peak', report['peak_bf16_tflops'], 'TFLOP/s |',
       'GFLOP/image', {k: round(v['step'], 1) for k, v in report['gflop_per_image'].items()})
 print(summary_table(report))
+for gain in report.get('teacher_cache', []):
+    print(f\"batch {gain['batch']} {gain['amp']} {gain['mode']}: teacher cache speed-up {gain['speedup']:.2f}x,\",
+          f\"FLOP bound {gain['bound']:.2f}x ({100 * gain['share_of_bound']:.0f} %)\")
 " "$OUT/train_gpu.json" | tee "$OUT/summary.txt" || status=1
 exit $status

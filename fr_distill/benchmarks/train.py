@@ -438,6 +438,12 @@ def cache_speedups(results: list[Result]) -> dict[tuple, dict[str, float]]:
     return out
 
 
+def cache_report(results: list[Result]) -> list[dict]:
+    """:func:`cache_speedups` as JSON rows."""
+    return [{"batch": b, "amp": a, "mode": m, **gain}
+            for (b, a, m), gain in cache_speedups(results).items()]
+
+
 def summary_table(report: dict) -> str:
     """images/s, share of the bf16 peak and peak memory of every variant of a ``report``."""
     head = f"{'batch':>5} {'amp':>4} {'mode':>8} {'variant':>7} {'img/s':>9} {'%bf16 peak':>10} {'peak GiB':>8}"
@@ -491,6 +497,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{result.images_per_s:.1f} img/s", flush=True)
             if args.json:  # after every configuration: a run cut short keeps what it measured
                 report["results"] = [dataclasses.asdict(r) for r in results]
+                report["teacher_cache"] = cache_report(results)
                 write_report(args.json, report)
     loader = None
     if args.data:
@@ -507,8 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{loader['images_per_s']:.1f} img/s")
     report["results"] = [dataclasses.asdict(r) for r in results]
     report["real_loader"] = loader
-    report["teacher_cache"] = [{"batch": b, "amp": a, "mode": m, **gain}
-                               for (b, a, m), gain in cache_speedups(results).items()]
+    report["teacher_cache"] = cache_report(results)
     if args.json:
         write_report(args.json, report)
     return report

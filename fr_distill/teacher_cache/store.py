@@ -160,9 +160,11 @@ class TeacherCache:
         self.on_device = None
         if placement == "device":
             self.on_device = torch.from_numpy(np.asarray(self.rows)).to(device)
-        log.info("teacher cache %s: %d x %d x %d %s rows (%.2f GiB) in %s memory", directory,
-                 *self.rows.shape, self.rows.dtype, self.rows.nbytes / 2 ** 30,
-                 "device" if self.on_device is not None else "pinned host")
+        where = ("device memory" if self.on_device is not None else
+                 "host memory (memory-mapped, copied through pinned memory)"
+                 if device.type == "cuda" else "host memory (memory-mapped)")
+        log.info("teacher cache %s: %d x %d x %d %s rows (%.2f GiB) in %s", directory,
+                 *self.rows.shape, self.rows.dtype, self.rows.nbytes / 2 ** 30, where)
 
     def lookup(self, indices: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         """float32 ``[B, dim]`` rows of samples ``indices`` (CPU int64) with ``flips`` (CPU bool),
