@@ -15,14 +15,13 @@ verified, in threads, before training). :class:`TeacherCache` then serves a step
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import hashlib
 
 import numpy as np
 import torch
@@ -38,6 +37,7 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 #: ``teacher.cache_placement: auto`` puts the rows in device memory when they take at most
 #: this share of the device's free memory.
 AUTO_DEVICE_SHARE = 0.25
+DEVICE_COPY_SAMPLES = 65536
 
 
 def read_manifest(directory: Path) -> dict | None:
@@ -158,8 +158,13 @@ class TeacherCache:
                 placement = "device" if self.rows.nbytes <= AUTO_DEVICE_SHARE * free else "host"
         self.placement = placement
         self.on_device = None
-        if placement == "device":
-            self.on_device = torch.from_numpy(np.asarray(self.rows)).to(device)
+        if placement == "device":  # copied in slices: no second host copy of the whole array
+            dtype = {"float16": torch.float16, "float32": torch.float32}[
+                manifest["identity"]["dtype"]]
+            self.on_device = torch.empty(self.rows.shape, dtype=dtype, device=device)
+            for start in range(0, self.rows.shape[0], DEVICE_COPY_SAMPLES):
+                block = np.array(self.rows[start:start + DEVICE_COPY_SAMPLES])
+                self.on_device[start:start + len(block)].copy_(torch.from_numpy(block))
         where = ("device memory" if self.on_device is not None else
                  "host memory (memory-mapped, copied through pinned memory)"
                  if device.type == "cuda" else "host memory (memory-mapped)")
