@@ -126,6 +126,23 @@ def test_training_from_the_cache_is_bitwise_the_teacher_on_the_fly_and_resumes_e
     assert_bitwise(final(tmp_path / "fly"), final(resumed_dir))
 
 
+def test_the_dali_loader_builds_and_reads_the_cache_exactly(synthetic_data, teacher_file,
+                                                            tmp_path, single_thread):
+    """The build's sweep through DALI's parallel external source (CPU decoding): a run
+    reading that cache equals the DALI run with the teacher on the fly."""
+    dali = ("data.loader=dali", "data.num_workers=1", "schedule.total_steps=6",
+            "checkpoint.every_steps=6")
+    cache = tmp_path / "cache"
+    manifest = build_cache(load_config(None, overrides(synthetic_data, teacher_file, *dali,
+                                                       f"teacher.cache={cache}")),
+                           shard_samples=SHARD)
+    assert manifest["identity"]["preprocessing"]["decoder"] == "dali-cpu"
+    for name, extra in (("fly", ()), ("cached", (f"teacher.cache={cache}",))):
+        train(load_config(None, overrides(synthetic_data, teacher_file, *dali, *extra,
+                                          f"run.output_dir={tmp_path / name}")))
+    assert_bitwise(final(tmp_path / "fly", 6), final(tmp_path / "cached", 6))
+
+
 # -- refusals --------------------------------------------------------------------------------
 def check(data: Path, teacher: Path, directory: Path, *extra: str) -> dict:
     cfg = load_config(None, overrides(data, teacher, f"teacher.cache={directory}", *extra))
