@@ -93,6 +93,13 @@ class ModelConfig:
     compile: bool = setting(False, "torch.compile the student")
     freeze_bn: bool = setting(False, "keep the student BatchNorm layers on its running statistics "
                                      "(batch-statistics-free training)")
+    init: str = setting("", "weights file a fresh run starts the student from (fr_distill "
+                            "checkpoint of the same backbone and width, or InsightFace state dict), "
+                            "loaded strictly; a resumed run ignores it; empty = random "
+                            "initialization")
+    init_skip: list[str] = setting([], "patterns (fnmatch) of student parameter and buffer names "
+                                       "model.init leaves at their fresh initialization, e.g. "
+                                       "[features.*, fc.*] for another embedding size")
 
 
 @dataclass
@@ -614,8 +621,10 @@ KD_TERMS = ("iled", "rpsd", "l2", "fc", "rkd")
 def check_paths(cfg: Config, cache_exists: bool = True) -> None:
     """Fail before any model is built when an input the config names is missing.
 
-    Also refuses distillation terms without a teacher (a config may omit the teacher path
-    and receive it as an override, so this is checked here, not in :func:`validate`).
+    Also refuses keys that need another one left empty: distillation terms or
+    ``teacher.cache`` without a teacher, ``model.init_skip`` without ``model.init`` (a config
+    may omit a path and receive it as an override, so this is checked here, not in
+    :func:`validate`).
     """
     if not cfg.data.train:
         raise ConfigError("config key 'data.train' is empty: name an image folder or train.rec")
@@ -623,12 +632,17 @@ def check_paths(cfg: Config, cache_exists: bool = True) -> None:
     if kd_terms and not cfg.teacher.path:
         raise ConfigError(f"config key 'teacher.path' is empty but distillation terms "
                           f"{', '.join('loss.' + t for t in kd_terms)} have weight > 0")
+    if cfg.model.init_skip and not cfg.model.init:
+        raise ConfigError("config key 'model.init' is empty but model.init_skip is set: name the "
+                          "weights file the student starts from")
     if cfg.teacher.cache and not cfg.teacher.path:
         raise ConfigError("config key 'teacher.path' is empty but teacher.cache is set: name the "
                           "teacher file the cache was built from (its sha256 is checked)")
     wanted = [("data.train", cfg.data.train)]
     if cfg.teacher.path:
         wanted.append(("teacher.path", cfg.teacher.path))
+    if cfg.model.init:
+        wanted.append(("model.init", cfg.model.init))
     wanted += [(f"eval.bin_sets[{i}]", p) for i, p in enumerate(cfg.eval.bin_sets)]
     wanted += [(f"teacher.check_sets[{i}]", p) for i, p in enumerate(cfg.teacher.check_sets)]
     if cfg.teacher.cache and cache_exists:  # cache-teacher creates it

@@ -66,7 +66,7 @@ class Plan:
         return "\n".join([
             f"data      {cfg.data.train} ({self.data_format}): {self.num_samples} images, "
             f"{self.num_classes} identities",
-            f"student   {cfg.model.name} width {cfg.model.width:g}, {cfg.model.embedding_dim}-d",
+            _student_line(cfg, self.resume_path),
             _teacher_line(cfg),
             f"objective {' + '.join(terms) or 'none'}",
             f"batch     {self.batch_per_rank}/rank x {self.world_size} rank(s) = "
@@ -81,6 +81,18 @@ class Plan:
             f"resume    {resume}",
             f"eval      {', '.join(cfg.eval.bin_sets) or 'none'}",
         ])
+
+
+def _student_line(cfg: Config, resume_path: Path | None) -> str:
+    """The student's architecture and where its weights start."""
+    line = f"student   {cfg.model.name} width {cfg.model.width:g}, {cfg.model.embedding_dim}-d"
+    if not cfg.model.init:
+        return line
+    if resume_path:
+        return line + f"; model.init {cfg.model.init} ignored (the checkpoint's student resumes)"
+    skip = (f", leaving {', '.join(cfg.model.init_skip)} at their fresh initialization"
+            if cfg.model.init_skip else "")
+    return line + f", initialized from {cfg.model.init}{skip}"
 
 
 def _teacher_line(cfg: Config) -> str:

@@ -1,14 +1,16 @@
 """The training loop: distill a frozen teacher into a student under torchrun DDP.
 
 ``train(cfg)`` reads top to bottom: process group → pre-flight (config paths, data, resume
-checkpoint, the run directory claimed (:mod:`fr_distill.engine.run_dir`), batch plan) →
-models (student under DDP; the frozen teacher run on the fly, or with ``teacher.cache`` its
-checked rows (:mod:`fr_distill.teacher_cache`); the objective with its head and memory bank)
-→ optimizer, schedule, scaler, loader → restore the checkpoint → loop. One optimizer step is :func:`fr_distill.engine.step.train_step`:
-``accumulation`` micro-steps of teacher forward, student forward, objective and backward, one
-all-reduce on which every rank agrees whether the step was finite and whether to stop (the
-step's one host read), then the optimizer, schedule and memory bank advance. Checkpointing,
-evaluation and logging are callbacks (:mod:`fr_distill.engine.callbacks`,
+checkpoint, a fresh start's ``model.init`` file read, the run directory claimed
+(:mod:`fr_distill.engine.run_dir`), batch plan) → models (the student, loaded from
+``model.init`` on a fresh start, under DDP; the frozen teacher run on the fly, or with
+``teacher.cache`` its checked rows (:mod:`fr_distill.teacher_cache`); the objective with its
+head and memory bank) → optimizer, schedule, scaler, loader → restore the checkpoint → loop.
+One optimizer step is :func:`fr_distill.engine.step.train_step`: ``accumulation``
+micro-steps of teacher forward, student forward, objective and backward, one all-reduce on
+which every rank agrees whether the step was finite and whether to stop (the step's one host
+read), then the optimizer, schedule and memory bank advance. Checkpointing, evaluation and
+logging are callbacks (:mod:`fr_distill.engine.callbacks`,
 :mod:`fr_distill.engine.run_log`).
 
 Nothing here branches on the rank: the collectives of ``dist`` are no-ops on one process,
@@ -48,6 +50,7 @@ from fr_distill.engine.teacher_check import check_sets, check_teacher
 from fr_distill.eval.runner import check_bin_sets
 from fr_distill.losses import build_objective
 from fr_distill.models import build_student, load_frozen_model
+from fr_distill.models.weights import load_init_weights, read_init_weights
 from fr_distill.teacher_cache import open_cache
 
 log = logging.getLogger(__name__)
@@ -92,12 +95,18 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
     dist.run_on_main(check_bin_sets, list(cfg.teacher.check_sets))
     resume_path = find_resume(cfg)
     store = checkpoint_store(cfg)
+    # read before the claim, which may move a checkpoint model.init names aside
+    init_state, init_kind = (read_init_weights(cfg.model.init, cfg.model)
+                             if cfg.model.init and resume_path is None else (None, ""))
     claim_run_dir(cfg.run.output_dir, store, fresh_start=resume_path is None,
                   resume=cfg.checkpoint.resume)
     resumed = checkpoint.load(resume_path) if resume_path is not None else None
     plan = make_plan(cfg, data_info, info.world_size, resume_path, resumed)
     if resume_path is not None:
         log.info("resuming from %s (step %d)", resume_path, plan.resume_step)
+        if cfg.model.init:
+            log.info("model.init %s ignored: a resumed run takes the student from its checkpoint",
+                     cfg.model.init)
     configure_determinism(cfg.run.deterministic)
     amp_dtype = precision.amp_dtype(cfg.precision.amp, device)
 
@@ -105,6 +114,12 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
     seed_everything(cfg.run.seed)
     memory_format = image_layout(cfg, device)
     student = build_student(cfg.model).to(device, memory_format=memory_format)
+    if init_state is not None:  # a fresh start from pretrained weights (draws no random numbers)
+        skipped = load_init_weights(student, init_state, cfg.model.init, cfg.model)
+        log.info("student initialized from %s (%s): %d tensors loaded strictly; left at their "
+                 "fresh initialization (model.init_skip): %s", cfg.model.init, init_kind,
+                 len(student.state_dict()) - len(skipped), ", ".join(skipped) or "none")
+        del init_state
     teacher, teacher_accuracy, teacher_cache = None, None, None
     if cfg.teacher.cache:  # the teacher's rows, read instead of running it (METHOD §4)
         teacher_cache = open_cache(cfg, data_info, device, plan.batch_per_rank)
