@@ -1,7 +1,8 @@
 """The training loop: distill a frozen teacher into a student under torchrun DDP.
 
-``train(cfg)`` reads top to bottom: process group → pre-flight (config paths, data, resume
-checkpoint, the run directory claimed (:mod:`fr_distill.engine.run_dir`), batch plan) →
+``train(cfg)`` reads top to bottom: process group → pre-flight (config paths, the logging
+packages, data, resume checkpoint, the run directory claimed
+(:mod:`fr_distill.engine.run_dir`), batch plan) →
 models (student under DDP; the frozen teacher run on the fly, or with ``teacher.cache`` its
 checked rows (:mod:`fr_distill.teacher_cache`); the objective with its head and memory bank)
 → optimizer, schedule, scaler, loader → restore the checkpoint → loop. One optimizer step is :func:`fr_distill.engine.step.train_step`:
@@ -37,7 +38,7 @@ from fr_distill.data.loader import select_backend
 from fr_distill.engine import checkpoint
 from fr_distill.engine.callbacks import Callback, CallbackList, CheckpointCallback, EvalCallback
 from fr_distill.engine.faults import NonFiniteGuard, StopSignal, TrainingError
-from fr_distill.engine.run_log import LoggingCallback, setup_console
+from fr_distill.engine.run_log import LoggingCallback, check_logging, setup_console
 from fr_distill.engine.optim import build_optimizer
 from fr_distill.engine.plan import checkpoint_store, find_resume, make_plan
 from fr_distill.engine.run_dir import claim_run_dir, release as release_run_dir
@@ -87,6 +88,7 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
     device = info.device
     # -- pre-flight: before any model is built -------------------------------------------------
     check_paths(cfg)
+    dist.run_on_main(check_logging, cfg)
     data_info = apply_decode_check(preflight(cfg.data), cfg.data, select_backend(cfg.data.loader))
     dist.run_on_main(check_bin_sets, list(cfg.eval.bin_sets), cfg.eval.best_metric)
     dist.run_on_main(check_bin_sets, list(cfg.teacher.check_sets))
