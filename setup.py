@@ -23,6 +23,7 @@ EXTRAS = {
     "onnx": ["onnx", "onnxruntime", "onnx2torch", "onnxscript"],
     "timm": ["timm"],
     "eval": ["scikit-learn", "matplotlib"],
+    "wandb": ["wandb>=0.19.10"],  # reinit="finish_previous"
     "dev": ["pytest", "pytest-timeout"],
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})

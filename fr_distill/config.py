@@ -58,6 +58,9 @@ def _known_backbone(name: str) -> bool:
 
 
 BACKBONE = Rule(_known_backbone, "iresnet18/34/50/100/200, mobilefacenet or timm:<name>")
+# what wandb accepts as a project name
+WANDB_PROJECT = Rule(lambda v: 0 < len(v) <= 128 and not set(v) & set("/\\#?%:"),
+                     "1-128 characters, none of / \\ # ? % :")
 
 
 def setting(default: Any, help: str, rule: Rule | None = None,
@@ -328,6 +331,15 @@ class LoggingConfig:
     diagnostics: bool = setting(True, "on logging steps, each term's gradient norm and share on "
                                       "the student embeddings, and ILED/RPSD mining fractions "
                                       "(METHOD D1)")
+    wandb: bool = setting(False, "also send the logged scalars (train/, diagnostics/, eval/, as "
+                                 "TensorBoard gets them) and the resolved config to a Weights & "
+                                 "Biases run (rank 0; the wandb extra); a resumed run continues "
+                                 "it")
+    wandb_project: str = setting("fr_distill", "Weights & Biases project of the run",
+                                 WANDB_PROJECT)
+    wandb_mode: Literal["online", "offline"] = setting(
+        "online", "online (synced while training), or offline (written to run.output_dir/wandb "
+                  "for a later wandb sync); the WANDB_MODE environment variable overrides it")
 
 
 @dataclass

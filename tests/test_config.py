@@ -176,6 +176,8 @@ RULED_KEYS = {
     "checkpoint.every_steps": "> 0", "checkpoint.keep_last": "> 0",
     "eval.every_steps": ">= 0", "eval.batch_size": "> 0",
     "logging.every_steps": "> 0", "logging.progress_bar": "one of auto, always, never",
+    "logging.wandb_project": "1-128 characters, none of / \\ # ? % :",
+    "logging.wandb_mode": "one of online, offline",
     "distributed.backend": "one of auto, nccl, gloo", "distributed.device": "one of auto, cuda, cpu",
     "distributed.timeout_s": "> 0",
     "run.max_nonfinite_steps": "> 0",

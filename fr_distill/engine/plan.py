@@ -23,6 +23,7 @@ from fr_distill.engine.checkpoint import CheckpointStore
 from fr_distill.engine.faults import TrainingError
 from fr_distill.engine.optim import scaled_lr
 from fr_distill.engine.run_dir import probe_run_dir
+from fr_distill.engine.run_log import check_logging
 from fr_distill.engine.teacher_check import check_sets
 from fr_distill.eval.runner import check_bin_sets
 from fr_distill.teacher_cache import check_cache
@@ -139,9 +140,11 @@ def make_plan(cfg: Config, info: DatasetInfo, world_size: int, resume_path: Path
 
 
 def dry_run(cfg: Config) -> str:
-    """Validate paths, data, evaluation sets, the teacher cache and the run directory and
-    describe the run, without building models, training or changing any file."""
+    """Validate paths, the logging packages, data, evaluation sets, the teacher cache and the
+    run directory and describe the run, without building models, training or changing any
+    file."""
     check_paths(cfg)
+    check_logging(cfg)
     info = apply_decode_check(preflight(cfg.data), cfg.data, select_backend(cfg.data.loader))
     check_bin_sets(list(cfg.eval.bin_sets), cfg.eval.best_metric)
     check_bin_sets(list(cfg.teacher.check_sets))

@@ -13,9 +13,10 @@ broadcasts the outcome, so every rank raises the same one-line error):
   traceback at the first checkpoint.
 * **Checkpoints belong to a run.** A fresh start (``checkpoint.resume=false``, or no valid
   checkpoint to resume from) in a directory holding an earlier run's checkpoints moves them,
-  with that run's ``metrics.jsonl`` and ``tensorboard/``, into
-  ``earlier_runs/<YYYYmmdd-HHMMSS>/`` and says so: the new run's pruning can then only ever
-  delete the new run's own files, and a later resume can only pick the new run.
+  with that run's ``metrics.jsonl``, ``tensorboard/`` and Weights & Biases records
+  (``wandb_run_id``, ``wandb/``), into ``earlier_runs/<YYYYmmdd-HHMMSS>/`` and says so: the
+  new run's pruning can then only ever delete the new run's own files, and a later resume can
+  only pick the new run.
 """
 from __future__ import annotations
 
@@ -36,8 +37,10 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 EARLIER_RUNS = "earlier_runs"
+#: The file holding the run's Weights & Biases run id (``logging.wandb``).
+WANDB_RUN_ID = "wandb_run_id"
 #: What belongs to one run besides its checkpoints (moved aside with them).
-RUN_RECORDS = ("metrics.jsonl", "tensorboard")
+RUN_RECORDS = ("metrics.jsonl", "tensorboard", WANDB_RUN_ID, "wandb")
 
 _held_locks: dict[Path, int] = {}  # directory -> open lock fd, for the life of the process
 

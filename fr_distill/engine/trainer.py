@@ -1,12 +1,12 @@
 """The training loop: distill a frozen teacher into a student under torchrun DDP.
 
-``train(cfg)`` reads top to bottom: process group → pre-flight (config paths, data, resume
-checkpoint, a fresh start's ``model.init`` file read, the run directory claimed
-(:mod:`fr_distill.engine.run_dir`), batch plan) → models (the student, loaded from
-``model.init`` on a fresh start, under DDP; the frozen teacher run on the fly, or with
-``teacher.cache`` its checked rows (:mod:`fr_distill.teacher_cache`); the objective with its
-head and memory bank) → optimizer, schedule, scaler, loader → restore the checkpoint → loop.
-One optimizer step is :func:`fr_distill.engine.step.train_step`: ``accumulation``
+``train(cfg)`` reads top to bottom: process group → pre-flight (config paths, the logging
+packages, data, resume checkpoint, a fresh start's ``model.init`` file read, the run
+directory claimed (:mod:`fr_distill.engine.run_dir`), batch plan) → models (the student,
+loaded from ``model.init`` on a fresh start, under DDP; the frozen teacher run on the fly, or
+with ``teacher.cache`` its checked rows (:mod:`fr_distill.teacher_cache`); the objective with
+its head and memory bank) → optimizer, schedule, scaler, loader → restore the checkpoint →
+loop. One optimizer step is :func:`fr_distill.engine.step.train_step`: ``accumulation``
 micro-steps of teacher forward, student forward, objective and backward, one all-reduce on
 which every rank agrees whether the step was finite and whether to stop (the step's one host
 read), then the optimizer, schedule and memory bank advance. Checkpointing, evaluation and
@@ -39,7 +39,7 @@ from fr_distill.data.loader import select_backend
 from fr_distill.engine import checkpoint
 from fr_distill.engine.callbacks import Callback, CallbackList, CheckpointCallback, EvalCallback
 from fr_distill.engine.faults import NonFiniteGuard, StopSignal, TrainingError
-from fr_distill.engine.run_log import LoggingCallback, setup_console
+from fr_distill.engine.run_log import LoggingCallback, check_logging, setup_console
 from fr_distill.engine.optim import build_optimizer
 from fr_distill.engine.plan import checkpoint_store, find_resume, make_plan
 from fr_distill.engine.run_dir import claim_run_dir, release as release_run_dir
@@ -90,6 +90,7 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
     device = info.device
     # -- pre-flight: before any model is built -------------------------------------------------
     check_paths(cfg)
+    dist.run_on_main(check_logging, cfg)
     data_info = apply_decode_check(preflight(cfg.data), cfg.data, select_backend(cfg.data.loader))
     dist.run_on_main(check_bin_sets, list(cfg.eval.bin_sets), cfg.eval.best_metric)
     dist.run_on_main(check_bin_sets, list(cfg.teacher.check_sets))
