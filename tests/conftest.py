@@ -42,6 +42,20 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float 
     return proc
 
 
+def assert_checkpoints_bitwise(a: dict, b: dict) -> None:
+    """Two checkpoints hold bitwise equal student, objective (head, bank) and SGD momentum."""
+    import torch
+
+    for part in ("student", "objective"):
+        assert a[part].keys() == b[part].keys()
+        for key, value in a[part].items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, b[part][key]), f"{part}.{key} differs"
+    momentum_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    momentum_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b, strict=True))
+
+
 @pytest.fixture
 def torchrun():
     return run_torchrun

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_checkpoints_bitwise
 from fr_distill.config import ConfigError, load_config
 from fr_distill.data import preflight
 from fr_distill.engine import checkpoint, train
@@ -52,14 +53,6 @@ def cache(synthetic_data, teacher_file, tmp_path_factory) -> Path:
 
 def final(run_dir: Path, step: int = STEPS) -> dict:
     return checkpoint.load(run_dir / "checkpoints" / f"step_{step:08d}.pt")
-
-
-def assert_bitwise(a: dict, b: dict) -> None:
-    for part in ("student", "objective"):
-        assert a[part].keys() == b[part].keys()
-        for key, value in a[part].items():
-            if torch.is_tensor(value):
-                assert torch.equal(value, b[part][key]), f"{part}.{key} differs"
 
 
 def test_manifest_records_identity_shards_and_checksums(cache, synthetic_data, teacher_file):
@@ -114,7 +107,7 @@ def test_training_from_the_cache_is_bitwise_the_teacher_on_the_fly_and_resumes_e
                                                f"teacher.cache={cache}")))
     assert cached.teacher is None and fly.teacher is not None
     for step in (10, 20, 30):
-        assert_bitwise(final(tmp_path / "fly", step), final(tmp_path / "cached", step))
+        assert_checkpoints_bitwise(final(tmp_path / "fly", step), final(tmp_path / "cached", step))
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(tmp_path / "cached", resumed_dir)
     for step in (20, 30):
@@ -123,7 +116,7 @@ def test_training_from_the_cache_is_bitwise_the_teacher_on_the_fly_and_resumes_e
                                                 f"run.output_dir={resumed_dir}",
                                                 f"teacher.cache={cache}")))
     assert (resumed.start_step, resumed.step) == (10, STEPS)
-    assert_bitwise(final(tmp_path / "fly"), final(resumed_dir))
+    assert_checkpoints_bitwise(final(tmp_path / "fly"), final(resumed_dir))
 
 
 def test_the_dali_loader_builds_and_reads_the_cache_exactly(synthetic_data, teacher_file,
@@ -140,7 +133,7 @@ def test_the_dali_loader_builds_and_reads_the_cache_exactly(synthetic_data, teac
     for name, extra in (("fly", ()), ("cached", (f"teacher.cache={cache}",))):
         train(load_config(None, overrides(synthetic_data, teacher_file, *dali, *extra,
                                           f"run.output_dir={tmp_path / name}")))
-    assert_bitwise(final(tmp_path / "fly", 6), final(tmp_path / "cached", 6))
+    assert_checkpoints_bitwise(final(tmp_path / "fly", 6), final(tmp_path / "cached", 6))
 
 
 # -- refusals --------------------------------------------------------------------------------

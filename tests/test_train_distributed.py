@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_torchrun
+from conftest import REPO, assert_checkpoints_bitwise, run_torchrun
 from fr_distill.config import load_config
 from fr_distill.engine import REQUEUE_EXIT_CODE, REQUEUE_MARKER, checkpoint
 from fr_distill.models import get_backbone
@@ -63,17 +63,6 @@ def _run(setup, name: str, *extra: str, torchrun_args=(), check=True, worker_arg
 
 def _final(run_dir: Path, step: int = STEPS) -> dict:
     return checkpoint.load(run_dir / "checkpoints" / f"step_{step:08d}.pt")
-
-
-def _assert_bitwise(a: dict, b: dict) -> None:
-    for part in ("student", "objective"):
-        assert a[part].keys() == b[part].keys()
-        for key, value in a[part].items():
-            if torch.is_tensor(value):
-                assert torch.equal(value, b[part][key]), f"{part}.{key} differs"
-    momentum_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
-    momentum_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
-    assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b, strict=True))
 
 
 def _losses(run_dir: Path) -> dict[int, dict]:
@@ -158,7 +147,7 @@ def test_killed_worker_restarts_and_ends_bitwise_equal(setup, reference):
     assert (out / "killed_once").read_text() == str(step)
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "completed" and result["start_step"] == step - step % 2, step
-    _assert_bitwise(_final(reference), _final(out))
+    assert_checkpoints_bitwise(_final(reference), _final(out))
 
 
 def test_worker_killed_during_evaluation_loses_nothing_saved(setup, reference):
@@ -176,7 +165,7 @@ def test_worker_killed_during_evaluation_loses_nothing_saved(setup, reference):
     evals = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
              if "eval" in r]
     assert evals == [2, 4, 6, 8]  # step 4's interrupted evaluation was done after the restart
-    _assert_bitwise(_final(reference), _final(out))
+    assert_checkpoints_bitwise(_final(reference), _final(out))
 
 
 def test_sigterm_checkpoints_requeues_and_resumes_exactly(setup, reference):
@@ -197,7 +186,7 @@ def test_sigterm_checkpoints_requeues_and_resumes_exactly(setup, reference):
     result = json.loads((out / "result.json").read_text())
     assert (result["status"], result["start_step"]) == ("completed", stopped)
     assert not (out / REQUEUE_MARKER).exists()
-    _assert_bitwise(_final(reference), _final(out))
+    assert_checkpoints_bitwise(_final(reference), _final(out))
 
 
 def test_training_from_a_teacher_cache_equals_the_teacher_on_the_fly(setup, reference, tmp_path):
@@ -215,4 +204,4 @@ def test_training_from_a_teacher_cache_equals_the_teacher_on_the_fly(setup, refe
                  "teacher.cache_dtype=float32", nproc=1, torchrun_args=("-m",), timeout=300)
     assert (cache / "embeddings.bin").read_bytes() == (one_rank / "embeddings.bin").read_bytes()
     cached, _ = _run(setup, "cached", f"teacher.cache={cache}", "teacher.cache_dtype=float32")
-    _assert_bitwise(_final(reference), _final(cached))
+    assert_checkpoints_bitwise(_final(reference), _final(cached))
