@@ -1,8 +1,9 @@
 """Evaluation runs: `.bin` sets (V1) and IJB sets (V2, V3) for any loadable model.
 
-:func:`evaluate_bin_sets` is the trainer's periodic evaluation; :func:`evaluate_model` adds the
-IJB sets, the ROC figures and the JSON/console report; :func:`run_evaluation` is the body of
-``launch/eval.py`` (``torchrun … launch/eval.py --model M --bin a.bin --ijb DIR --out OUT``).
+:func:`evaluate_bin_sets` is the trainer's periodic evaluation; :func:`evaluate_model` adds
+folders of aligned faces scored as `.bin` sets (:mod:`.folder`), the IJB sets, the ROC figures
+and the JSON/console report; :func:`run_evaluation` is the body of ``launch/eval.py``
+(``torchrun … launch/eval.py --model M --bin a.bin --folder DIR --ijb DIR --out OUT``).
 All ranks call these; images are sharded across ranks, scores computed on rank 0 and the
 results returned on every rank.
 """
@@ -12,6 +13,8 @@ import argparse
 import difflib
 import hashlib
 import importlib.util
+from collections.abc import Iterable, Sequence
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +36,8 @@ from .ijb_meta import IJBMeta, load_ijb_meta
 from .plots import plot_roc
 from .report import format_table, log_scalars, write_json
 from .roc import roc_curve
-from .verification import METRICS, evaluate, read_bin
-
-
-def _set_name(path: str) -> str:
-    return Path(path).name.removesuffix(".bin")
+from .folder import folder_pair_set
+from .verification import METRICS, PairSet, bin_pair_set, bin_set_name, evaluate, read_bin
 
 
 def check_bin_sets(paths: list[str], best_metric: str = "") -> None:
@@ -51,7 +51,7 @@ def check_bin_sets(paths: list[str], best_metric: str = "") -> None:
         images = EncodedImages(payloads, path)
         for start, stop in shard_bounds(len(images), 1024):
             images.load(start, stop)
-        name = _set_name(path)
+        name = bin_set_name(path)
         if name in first_of:
             raise EvalDataError(f"eval.bin_sets[{i}] {path}: same set name '{name}' as "
                                 f"eval.bin_sets[{first_of[name]}]; their results would collide")
@@ -69,15 +69,26 @@ def evaluate_bin_sets(model: torch.nn.Module, paths: list[str], device, batch_si
                       amp_dtype: torch.dtype | None = None, cache_root: str | Path | None = None,
                       cache_key: dict | None = None, progress: bool = False,
                       shard_size: int = SHARD_SIZE, outcomes: dict | None = None) -> dict[str, dict]:
-    """V1 metrics of ``model`` on each `.bin` in ``paths``: ``{set name: metrics}`` on every rank.
+    """V1 metrics of ``model`` on each `.bin` in ``paths``: ``{set name: metrics}`` on every rank
+    (:func:`evaluate_pair_sets`; each file is read when its turn comes)."""
+    return evaluate_pair_sets(model, (bin_pair_set(path) for path in paths), device, batch_size,
+                              amp_dtype, cache_root, cache_key, progress, shard_size, outcomes)
+
+
+def evaluate_pair_sets(model: torch.nn.Module, sets: Iterable[PairSet], device,
+                       batch_size: int = 128, amp_dtype: torch.dtype | None = None,
+                       cache_root: str | Path | None = None, cache_key: dict | None = None,
+                       progress: bool = False, shard_size: int = SHARD_SIZE,
+                       outcomes: dict | None = None) -> dict[str, dict]:
+    """V1 metrics of ``model`` on each pair set (`.bin` or folder): ``{set name: metrics}``.
 
     With ``outcomes``, ``outcomes[set name]`` receives the per-pair verdicts of
     :func:`~fr_distill.eval.verification.evaluate` (``{"correct": bool [N]}``).
 
     With ``cache_root`` the features of each set are cached per shard under
-    ``cache_root/<set>`` (keyed by ``cache_key``), so an interrupted run resumes. A DDP
-    wrapper is looked through: ranks run different numbers of forward passes here, which
-    DDP's per-forward buffer broadcast would turn into a hang.
+    ``cache_root/<set>`` (keyed by ``cache_key`` and the set's ``cache_id``), so an interrupted
+    run resumes. A DDP wrapper is looked through: ranks run different numbers of forward passes
+    here, which DDP's per-forward buffer broadcast would turn into a hang.
     """
     if isinstance(model, DistributedDataParallel):
         model = model.module
@@ -85,15 +96,16 @@ def evaluate_bin_sets(model: torch.nn.Module, paths: list[str], device, batch_si
     model.eval()
     results = {}
     try:
-        for path in paths:
-            payloads, issame = read_bin(path)
+        for pair_set in sets:
+            name = pair_set.name
             cache = None if cache_root is None else prepare_cache(
-                Path(cache_root) / _set_name(path), {**(cache_key or {}), "set": str(path)})
-            feats = extract_features(model, EncodedImages(payloads, path), device, batch_size,
-                                     amp_dtype, cache, shard_size, progress, _set_name(path))
-            pairs = outcomes.setdefault(_set_name(path), {}) if outcomes is not None else None
-            results[_set_name(path)] = evaluate(torch.nn.functional.normalize(feats, dim=1), issame,
-                                                outcomes=pairs)
+                Path(cache_root) / name, {**(cache_key or {}), "set": pair_set.cache_id})
+            feats = extract_features(model, EncodedImages(pair_set.payloads, pair_set.source),
+                                     device, batch_size, amp_dtype, cache, shard_size, progress,
+                                     name)
+            pairs = outcomes.setdefault(name, {}) if outcomes is not None else None
+            results[name] = evaluate(torch.nn.functional.normalize(feats, dim=1),
+                                     pair_set.issame, outcomes=pairs)
     finally:
         model.train(was_training)
     return results
@@ -171,8 +183,12 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
                    batch_size: int = 128, amp_dtype: torch.dtype | None = None,
                    use_faceness: bool = True, cache_key: dict | None = None, writer=None,
                    step: int = 0, shard_size: int = SHARD_SIZE, aligner: str = "auto",
-                   roc_curves: dict | None = None, outcomes: dict | None = None) -> dict:
+                   roc_curves: dict | None = None, outcomes: dict | None = None,
+                   pair_sets: Sequence[PairSet] = ()) -> dict:
     """Evaluate ``model`` on `.bin` sets and IJB sets ``[(root, name)]`` (METHOD V1–V3).
+
+    ``pair_sets`` (folders of aligned faces, :mod:`fr_distill.eval.folder`) are scored after
+    the `.bin` sets and reported as `.bin` sets are, under ``results["bin"]``.
 
     With ``out_dir``: per-shard feature caches under ``out_dir/features``, ``results.json``
     and ``roc_<name>.png`` per IJB set (rank 0). With a TensorBoard ``writer``: scalars at
@@ -186,9 +202,10 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
     out = Path(out_dir) if out_dir is not None else None
     features_root = out / "features" if out is not None else None
     bin_outcomes = outcomes.setdefault("bin", {}) if outcomes is not None else None
-    results: dict = {"bin": evaluate_bin_sets(model, list(bin_paths), device, batch_size,
-                                              amp_dtype, features_root, cache_key, True,
-                                              shard_size, bin_outcomes)}
+    sets = chain((bin_pair_set(path) for path in bin_paths), pair_sets)
+    results: dict = {"bin": evaluate_pair_sets(model, sets, device, batch_size, amp_dtype,
+                                               features_root, cache_key, True, shard_size,
+                                               bin_outcomes)}
     if ijb_sets:
         results["ijb"] = {}
     model.eval()
@@ -219,7 +236,8 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Evaluate a face model on verification .bin sets and IJB-B/IJB-C "
+        description="Evaluate a face model on verification .bin sets, folders of aligned faces "
+                    "and IJB-B/IJB-C "
                     "(run under torchrun to shard the images over ranks).")
     parser.add_argument("--model", required=True, help="fr_distill checkpoint, InsightFace "
                         "state dict (with --arch), ONNX or TorchScript file")
@@ -231,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "127.5, or raw pixels for an ONNX graph that normalizes itself)")
     parser.add_argument("--input-std", type=float, default=None, help="see --input-mean")
     parser.add_argument("--bin", nargs="*", default=[], help="verification .bin files")
+    parser.add_argument("--folder", nargs="*", default=[], help="folders of aligned 112x112 "
+                        "faces, one sub-folder per identity, scored as .bin sets are")
+    parser.add_argument("--pairs", nargs="*", default=[], help="an LFW-format pairs.txt per "
+                        "--folder (default: every genuine pair plus sampled impostor pairs)")
+    parser.add_argument("--impostors", type=int, default=None, help="impostor pairs sampled per "
+                        "--folder without --pairs (default: as many as its genuine pairs)")
+    parser.add_argument("--pair-seed", type=int, default=0, help="seed of the impostor sampling")
     parser.add_argument("--ijb", nargs="*", default=[], help="IJB release roots (loose_crop/, meta/)")
     parser.add_argument("--ijb-name", nargs="*", default=[], help="set name per --ijb (IJBB, IJBC)")
     parser.add_argument("--out", required=True, help="output directory (results, caches, plots)")
@@ -246,6 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _require_distinct_names(sets: list[tuple[str, str]]) -> None:
+    """Refuse two sets (``(name, source)``) of one name: their results would collide."""
+    first: dict[str, str] = {}
+    for name, source in sets:
+        if name in first:
+            raise EvalDataError(f"{source}: same set name '{name}' as {first[name]}; their "
+                                f"results would collide (rename one)")
+        first[name] = source
+
+
 def run_evaluation(argv: list[str] | None = None) -> dict:
     """``launch/eval.py``: load the model, evaluate, print the table (rank 0); returns results."""
     parser = build_parser()
@@ -253,9 +288,17 @@ def run_evaluation(argv: list[str] | None = None) -> dict:
     if len(args.ijb) != len(args.ijb_name):
         parser.error(f"{len(args.ijb)} --ijb roots but {len(args.ijb_name)} --ijb-name (one "
                      f"name per root, e.g. --ijb /data/IJB_release/IJBC --ijb-name IJBC)")
-    if not args.bin and not args.ijb:
-        parser.error("nothing to evaluate: give --bin FILE ... and/or --ijb ROOT ... --ijb-name NAME ...")
+    if args.pairs and len(args.pairs) != len(args.folder):
+        parser.error(f"{len(args.folder)} --folder but {len(args.pairs)} --pairs (one pairs.txt "
+                     f"per folder, or none)")
+    if not args.bin and not args.ijb and not args.folder:
+        parser.error("nothing to evaluate: give --bin FILE ..., --folder DIR ... and/or "
+                     "--ijb ROOT ... --ijb-name NAME ...")
     require_writable_dir(Path(args.out), "--out")
+    pair_sets = [folder_pair_set(folder, pairs, args.impostors, args.pair_seed) for folder, pairs
+                 in zip(args.folder, args.pairs or [None] * len(args.folder))]
+    _require_distinct_names([(bin_set_name(path), path) for path in args.bin]
+                            + [(pair_set.name, pair_set.source) for pair_set in pair_sets])
     from fr_distill.models import load_frozen_model
 
     info = dist.init(device=args.device)
@@ -270,7 +313,8 @@ def run_evaluation(argv: list[str] | None = None) -> dict:
         results = evaluate_model(model, info.device, args.bin, list(zip(args.ijb, args.ijb_name)),
                                  args.out, args.batch_size, amp,
                                  not args.no_faceness, cache_key={"model": digest},
-                                 shard_size=args.shard_size, aligner=args.aligner)
+                                 shard_size=args.shard_size, aligner=args.aligner,
+                                 pair_sets=pair_sets)
         if info.is_main:
             print(format_table(results))
             print(f"results written to {Path(args.out) / 'results.json'}")

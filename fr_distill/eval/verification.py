@@ -19,8 +19,16 @@ restricted unpickler of :mod:`fr_distill.eval.safe_pickle` and decodes the image
   and the true-accept rate at it on the held-out fold, averaged over folds.
 
 Similarity for the ROC-based metrics is ``-distance``. All rates are fractions in [0, 1].
+
+A :class:`PairSet` is a set in the `.bin` layout, whatever its source: :func:`bin_pair_set`
+reads a `.bin`, :func:`fr_distill.eval.folder.folder_pair_set` pairs a folder of aligned faces.
 """
 from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +42,9 @@ from .safe_pickle import safe_load
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
 VAL_FAR_TARGET = 1e-3
+NROF_FOLDS = 10
+MIN_PAIRS = NROF_FOLDS  # one pair per fold at least
+ALIGNED_SIZE = (112, 112)  # (H, W) of the aligned faces every set holds
 
 #: The metrics :func:`evaluate` returns for each set (``eval.best_metric`` = ``<set>/<metric>``).
 METRICS = ("accuracy_mean", "accuracy_std", "best_threshold_accuracy", "eer", "auc",
@@ -62,7 +73,51 @@ def read_bin(path: str) -> tuple[list[bytes], np.ndarray]:
     return list(bins), issame.astype(bool)
 
 
-def load_bin(path: str, image_size: tuple[int, int] = (112, 112)) -> tuple[np.ndarray, np.ndarray]:
+@dataclass
+class PairSet:
+    """A verification set in the `.bin` layout: ``payloads[2k]``, ``payloads[2k + 1]`` (encoded
+    images) form pair ``k``, ``issame[k]`` its label. ``source`` (file or folder) names the set
+    in messages; ``cache_id`` identifies its content for the feature cache."""
+
+    name: str
+    source: str
+    payloads: list[bytes]
+    issame: np.ndarray
+    cache_id: str
+
+
+def write_bin(pair_set: PairSet, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``pair_set`` as a verification `.bin` InsightFace's tools read too: a pickle
+    (protocol 4) of ``(list of bytes, list of bool)``, which its ``load_bin`` unpickles (plain or
+    with ``encoding="bytes"``) and decodes image by image. Written atomically; an existing
+    file is refused unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise EvalDataError(f"{path} already exists; remove it or pass --force to overwrite")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            pickle.dump(([bytes(p) for p in pair_set.payloads],
+                         [bool(same) for same in pair_set.issame]), handle, protocol=4)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise EvalDataError(f"{path}: cannot write ({err.strerror})") from None
+    return path
+
+
+def bin_set_name(path: str) -> str:
+    """The name of a `.bin` set in the results: ``lfw`` for ``…/lfw.bin``."""
+    return Path(path).name.removesuffix(".bin")
+
+
+def bin_pair_set(path: str) -> PairSet:
+    """The pairs of a verification `.bin`, named by :func:`bin_set_name`."""
+    payloads, issame = read_bin(path)
+    return PairSet(bin_set_name(path), path, payloads, issame, str(path))
+
+
+def load_bin(path: str, image_size: tuple[int, int] = ALIGNED_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """Read a verification `.bin`: ``(images uint8 [2N, 3, H, W] RGB, issame bool [N])``.
 
     Every image must decode to ``image_size`` (H, W); otherwise :class:`EvalDataError`
@@ -114,7 +169,7 @@ def _pair_distances(embeddings, issame) -> tuple[np.ndarray, np.ndarray]:
     return ((emb[0::2] - emb[1::2]) ** 2).sum(axis=1), same
 
 
-def evaluate(embeddings, issame, nrof_folds: int = 10,
+def evaluate(embeddings, issame, nrof_folds: int = NROF_FOLDS,
              outcomes: dict | None = None) -> dict[str, float]:
     """Verification metrics of pairs ``(2k, 2k+1)`` of ``embeddings`` (METHOD V1; see module doc).
 
