@@ -174,6 +174,10 @@ def test_bad_folders_are_one_line_naming_the_file(tmp_path):
     assert error_of(lambda: folder_pair_set(folder)).startswith(
         f"{folder / 'id002' / '1.jpg'}: image cannot be decoded (")
     (folder / "id002" / "1.jpg").unlink()
+    (folder / "id002" / "1.jpg").symlink_to(tmp_path / "gone.jpg")
+    assert error_of(lambda: folder_pair_set(folder)) == \
+        f"{folder / 'id002' / '1.jpg'}: cannot read image (No such file or directory)"
+    (folder / "id002" / "1.jpg").unlink()
     (folder / "notes.txt").write_text("x")
     assert error_of(lambda: folder_pair_set(folder)).startswith(
         f"{folder / 'notes.txt'}: file outside any identity folder")

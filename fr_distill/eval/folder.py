@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fr_distill import dist
+
 from .errors import EvalDataError
 from .imageio import decode_image
 from .verification import ALIGNED_SIZE, MIN_PAIRS, PairSet
@@ -119,7 +121,7 @@ def generated_pairs(root: str | os.PathLike, impostors: int | None = None,
     """Every genuine pair of the folder and ``impostors`` sampled impostor pairs (see module doc)."""
     identities = list_identities(root)
     singles = [name for name, files in identities.items() if len(files) == 1]
-    if singles:
+    if singles and dist.is_main():
         LOG.warning("%s: %d of %d identities hold one image (e.g. %s): they form no genuine "
                     "pair, only impostor pairs", root, len(singles), len(identities), singles[0])
     genuine = genuine_pairs(identities)

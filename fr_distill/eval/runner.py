@@ -295,14 +295,14 @@ def run_evaluation(argv: list[str] | None = None) -> dict:
         parser.error("nothing to evaluate: give --bin FILE ..., --folder DIR ... and/or "
                      "--ijb ROOT ... --ijb-name NAME ...")
     require_writable_dir(Path(args.out), "--out")
-    pair_sets = [folder_pair_set(folder, pairs, args.impostors, args.pair_seed) for folder, pairs
-                 in zip(args.folder, args.pairs or [None] * len(args.folder))]
-    _require_distinct_names([(bin_set_name(path), path) for path in args.bin]
-                            + [(pair_set.name, pair_set.source) for pair_set in pair_sets])
     from fr_distill.models import load_frozen_model
 
     info = dist.init(device=args.device)
     try:
+        pair_sets = [folder_pair_set(folder, pairs, args.impostors, args.pair_seed) for folder, pairs
+                     in zip(args.folder, args.pairs or [None] * len(args.folder))]
+        _require_distinct_names([(bin_set_name(path), path) for path in args.bin]
+                                + [(pair_set.name, pair_set.source) for pair_set in pair_sets])
         model = load_frozen_model(args.model, name=args.arch, embedding_dim=args.embedding_dim,
                                   width=args.width, device=info.device,
                                   input_mean=args.input_mean, input_std=args.input_std)
