@@ -472,7 +472,7 @@ def paper_student() -> tuple[int, int]:
     from fr_distill.models import get_backbone
 
     student = get_backbone("iresnet18", 512)
-    return (sum(p.numel() for p in student.parameters()),
+    return (sum(p.numel() for p in student.parameters() if p.requires_grad),
             sum(_nbytes(b) for b in student.buffers()))
 
 
@@ -549,12 +549,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="world sizes counted under torchrun (gloo, CPU)")
     parser.add_argument("--scale-worlds", type=int, nargs="+", default=[8, 64, 512],
                         help="GPU counts of the projection to the paper's pair")
+    parser.add_argument("--scale-batch", type=int, default=64,
+                        help="images per GPU of the projection (the paper config: 64)")
     parser.add_argument("--timeout", type=float, default=600.0, help="per torchrun launch, s")
     parser.add_argument("--json", default="", help="write the counts and the projection here")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if min(args.worlds) < 1 or min(args.scale_worlds) < 1:
-        parser.error("--worlds and --scale-worlds must be >= 1")
+    if min(args.worlds) < 1 or min(args.scale_worlds) < 1 or args.scale_batch < 1:
+        parser.error("--worlds, --scale-worlds and --scale-batch must be >= 1")
     return args
 
 
@@ -581,8 +583,9 @@ def main(argv: list[str] | None = None) -> dict:
                                               "same_on_every_rank": same, "match": match})
                     print(format_comparison(world, name, window, rows)
                           + f"\n  counted == predicted: {match}; same on every rank: {same}\n")
-    report["scaling"] = scaling_rows(tuple(args.scale_worlds))
-    print("Paper's pair, per GPU per step (model; assumptions in docs/SCALING.md):")
+    report["scaling"] = scaling_rows(tuple(args.scale_worlds), args.scale_batch)
+    print(f"Paper's pair at {args.scale_batch} images per GPU, per GPU per step (model; "
+          f"assumptions in docs/SCALING.md):")
     print(format_scaling(report["scaling"]))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
