@@ -36,7 +36,7 @@ def test_counted_payload_equals_model_per_term(counted):
             first = ranks[0]["scenarios"][name]
             seen = first["windows"][window]
             assert all(r["scenarios"][name]["windows"][window] == seen for r in ranks)
-            rows = comm.compare(comm.shape_of_window(first["shape"], window), seen)
+            rows = comm.compare(comm.window_shape(first["shape"], window), seen)
             assert not [r for r in rows if r["term"].startswith("unmodeled")], rows
             for row in rows:
                 assert (row["bytes"], row["calls"]) == (row["predicted_bytes"],
@@ -49,7 +49,7 @@ def test_counted_payload_hand_computed(counted):
     2 micro-steps, RKD, projector)."""
     world, ranks = counted
     paper = {r["term"]: r["bytes"] for r in comm.compare(
-        comm.shape_of_window(ranks[0]["scenarios"]["paper"]["shape"], "logging_step"),
+        comm.window_shape(ranks[0]["scenarios"]["paper"]["shape"], "logging_step"),
         ranks[0]["scenarios"]["paper"]["windows"]["logging_step"])}
     assert paper["replicated_grads"] == 4 * (10 * 32 + 1)       # head weight and bias
     assert paper["iled_normalizer"] == 8                         # (sum, count)
@@ -61,7 +61,7 @@ def test_counted_payload_hand_computed(counted):
     student = sum(p.numel() for p in comm_student().parameters() if p.requires_grad)
     assert shape["params"] == student
     sharded = {r["term"]: r["bytes"] for r in comm.compare(
-        comm.shape_of_window(shape, "step"), ranks[0]["scenarios"]["sharded"]["windows"]["step"])}
+        comm.window_shape(shape, "step"), ranks[0]["scenarios"]["sharded"]["windows"]["step"])}
     assert sharded["ddp_gradients"] == 4 * student
     assert sharded["head_features"] == 2 * 4 * 4 * 32
     assert sharded["head_labels"] == 2 * 8 * 4

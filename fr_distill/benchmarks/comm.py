@@ -291,56 +291,76 @@ SCENARIOS = {
                     projector=True, teacher_dim=48, accumulation=2, grad_clip=True),
 }
 TINY = dict(batch=4, classes=10, dim=32, width=0.125)
-COUNTED_STEPS = ("step", "logging_step")  # steps 3 and 4 (logging every 4), after 2 warm-up steps
+WARMUP_STEPS = 2
+COUNTED_STEPS = ("step", "logging_step")  # an ordinary step, then a logging step
 
 
-def count_scenario(name: str, work_dir: Path, counter: CollectiveCounter) -> dict:
-    """Four steps of the trainer's step on tiny IResNet-18s (scenario ``name``), counting the
-    third (ordinary) and fourth (logging) with ``counter``; the shape and the two windows."""
-    from fr_distill.benchmarks.train import calibrate_batchnorm, synthetic_batches
+def student_size(student: torch.nn.Module) -> tuple[int, int]:
+    """``(P, S)``: the trainable parameters (DDP's buckets hold their gradients) and the bytes
+    of the buffers (DDP broadcasts them) of ``student``."""
+    return (sum(p.numel() for p in student.parameters() if p.requires_grad),
+            sum(_nbytes(b) for b in student.buffers()))
+
+
+def tiny_run(name: str, run_dir: Path, counter: CollectiveCounter):
+    """A :class:`~fr_distill.engine.state.Run` of scenario ``name`` on this process group:
+    tiny IResNet-18 student (under the trainer's DDP wrapper, buckets counted by ``counter``)
+    and frozen teacher, the trainer's objective and optimizer, logging every 4 steps."""
+    from fr_distill.benchmarks.train import calibrate_batchnorm
     from fr_distill.config import Config
-    from fr_distill.engine.faults import NonFiniteGuard, StopSignal
+    from fr_distill.engine.faults import NonFiniteGuard
     from fr_distill.engine.optim import build_optimizer
-    from fr_distill.engine.run_log import LoggingCallback
     from fr_distill.engine.state import Run
-    from fr_distill.engine.step import train_step
     from fr_distill.engine.trainer import data_parallel
     from fr_distill.losses import build_objective
     from fr_distill.models import FrozenTeacher, get_backbone
 
     spec, device = SCENARIOS[name], torch.device("cpu")
-    world, B, D = dist.world_size(), TINY["batch"], TINY["dim"]
     cfg = Config()
     cfg.loss.sphereface2.parallel = spec["head"]
     cfg.loss.rkd.weight = 1.0 if "rkd" in spec["terms"] else 0.0
     cfg.optim.grad_clip = 5.0 if spec["grad_clip"] else 0.0
-    cfg.logging.every_steps = len(COUNTED_STEPS) + 2
+    cfg.logging.every_steps = WARMUP_STEPS + len(COUNTED_STEPS)
     torch.manual_seed(0)
-    student = get_backbone("iresnet18", D, width=TINY["width"]).train()
+    student = get_backbone("iresnet18", TINY["dim"], width=TINY["width"]).train()
     teacher_net = get_backbone("iresnet18", spec["teacher_dim"], width=TINY["width"])
     teacher = FrozenTeacher(calibrate_batchnorm(teacher_net, torch.rand(8, 3, 112, 112) * 2 - 1),
                             source="random iresnet18", backend="torch",
                             embedding_dim=spec["teacher_dim"])
-    objective = build_objective(cfg.loss, TINY["classes"], D, spec["teacher_dim"],
-                                world * B * spec["accumulation"], spec["projector"], device)
+    objective = build_objective(cfg.loss, TINY["classes"], TINY["dim"], spec["teacher_dim"],
+                                dist.world_size() * TINY["batch"] * spec["accumulation"],
+                                spec["projector"], device)
     model = data_parallel(student, device)
     if model is not student:
         model.register_comm_hook(None, counter.ddp_hook)
     params = (list(student.parameters()) + objective.replicated_parameters()
               + objective.sharded_parameters())
     optimizer = build_optimizer(params, cfg.optim, lr=0.01)
-    run_dir = work_dir / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = Run(cfg=cfg, info=dist.DistInfo(rank=dist.rank(), world_size=world, device=device),
-              run_dir=run_dir, student=student, model=model, teacher=teacher, objective=objective,
-              optimizer=optimizer,
-              scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-              scaler=torch.amp.GradScaler("cpu", enabled=False), loader=None, amp_dtype=None,
-              accumulation=spec["accumulation"], total_steps=1000,
-              guard=NonFiniteGuard(limit=1))
-    batches = synthetic_batches(B, TINY["classes"], device, seed=dist.rank())
+    return Run(cfg=cfg, info=dist.DistInfo(rank=dist.rank(), world_size=dist.world_size(),
+                                           device=device),
+               run_dir=run_dir, student=student, model=model, teacher=teacher,
+               objective=objective, optimizer=optimizer,
+               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+               scaler=torch.amp.GradScaler("cpu", enabled=False), loader=None, amp_dtype=None,
+               accumulation=spec["accumulation"], total_steps=1000,
+               guard=NonFiniteGuard(limit=1))
+
+
+def count_scenario(name: str, work_dir: Path, counter: CollectiveCounter) -> dict:
+    """The trainer's step and logging callback on :func:`tiny_run`: ``WARMUP_STEPS`` steps
+    (DDP rebuilds its buckets in the second), then one window of ``counter`` per step of
+    :data:`COUNTED_STEPS`; the step's :class:`StepShape` and the windows."""
+    from fr_distill.benchmarks.train import synthetic_batches
+    from fr_distill.engine.faults import StopSignal
+    from fr_distill.engine.run_log import LoggingCallback
+    from fr_distill.engine.step import train_step
+
+    spec = SCENARIOS[name]
+    run = tiny_run(name, work_dir / name, counter)
+    batches = synthetic_batches(TINY["batch"], TINY["classes"], run.info.device, seed=dist.rank())
     logger, stop, windows = LoggingCallback(), StopSignal(), {}
-    for window in (None, None, *COUNTED_STEPS):
+    for window in (None,) * WARMUP_STEPS + COUNTED_STEPS:
         counter.reset()
         stats = train_step(run, batches, stop)
         logger.on_step_end(run, stats)
@@ -348,12 +368,12 @@ def count_scenario(name: str, work_dir: Path, counter: CollectiveCounter) -> dic
             raise RuntimeError(f"comm benchmark: step {run.step} of {name} was non-finite")
         if window is not None:
             windows[window] = counter.reset()
-    shape = StepShape(
-        world=world, batch=B, classes=TINY["classes"], dim=D, teacher_dim=spec["teacher_dim"],
-        params=sum(p.numel() for p in student.parameters() if p.requires_grad),
-        buffer_bytes=sum(_nbytes(b) for b in student.buffers()), head=spec["head"],
-        terms=spec["terms"], projector=spec["projector"], accumulation=spec["accumulation"],
-        grad_clip=spec["grad_clip"], backend="gloo")
+    params, buffer_bytes = student_size(run.student)
+    shape = StepShape(world=dist.world_size(), batch=TINY["batch"], classes=TINY["classes"],
+                      dim=TINY["dim"], teacher_dim=spec["teacher_dim"], params=params,
+                      buffer_bytes=buffer_bytes, head=spec["head"], terms=spec["terms"],
+                      projector=spec["projector"], accumulation=spec["accumulation"],
+                      grad_clip=spec["grad_clip"], backend="gloo")
     return {"shape": asdict(shape), "windows": windows}
 
 
@@ -373,7 +393,8 @@ def worker(out_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------
 # Counted against predicted
 # ------------------------------------------------------------------------------------------
-def shape_of_window(shape: dict, window: str) -> StepShape:
+def window_shape(shape: dict, window: str) -> StepShape:
+    """The :class:`StepShape` of a counted window (a worker's ``shape``, as JSON)."""
     return replace(StepShape(**{**shape, "terms": tuple(shape["terms"])}),
                    logging_step=window == "logging_step")
 
@@ -468,12 +489,10 @@ class Cluster:
 
 
 def paper_student() -> tuple[int, int]:
-    """``(parameters, buffer bytes)`` of the paper's student, IResNet-18 with D = 512."""
+    """:func:`student_size` of the paper's student, IResNet-18 with D = 512."""
     from fr_distill.models import get_backbone
 
-    student = get_backbone("iresnet18", 512)
-    return (sum(p.numel() for p in student.parameters() if p.requires_grad),
-            sum(_nbytes(b) for b in student.buffers()))
+    return student_size(get_backbone("iresnet18", 512))
 
 
 def ddp_buckets(params: int, first_mib: float = 1.0, cap_mib: float = 25.0) -> int:
@@ -575,7 +594,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for window, counted in result["windows"].items():
                     same = all(r["scenarios"][name]["windows"][window] == counted
                                for r in results)
-                    rows = compare(shape_of_window(result["shape"], window), counted)
+                    rows = compare(window_shape(result["shape"], window), counted)
                     match = same and rows_match(rows)
                     report["all_match"] &= match
                     report["counted"].append({"world": world, "scenario": name,
