@@ -12,8 +12,8 @@ import torch
 from fr_distill.benchmarks import comm
 
 MODULE = Path(comm.__file__)
-#: One launch (~30 s on the 2-core VM). Three ranks rather than two: a W-dependent term cannot
-#: pass by coincidence (4·W·B·D against a constant), and C = 10 splits unevenly (4, 3, 3).
+#: One torchrun launch. Three ranks rather than two: a W-dependent term cannot pass by
+#: coincidence (4·W·B·D against a constant), and C = 10 splits unevenly (4, 3, 3).
 #: ``tools/benchmark.py comm`` counts W = 1, 2, 3.
 WORLD = 3
 
@@ -22,10 +22,9 @@ WORLD = 3
 def counted(tmp_path_factory):
     from conftest import run_torchrun
 
-    world = WORLD
-    out = tmp_path_factory.mktemp(f"comm_w{world}")
-    run_torchrun(MODULE, "--worker", str(out), nproc=world, timeout=300)
-    return world, [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    out = tmp_path_factory.mktemp("comm")
+    run_torchrun(MODULE, "--worker", str(out), nproc=WORLD, timeout=300)
+    return WORLD, [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
 @pytest.mark.dist
