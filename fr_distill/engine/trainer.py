@@ -143,10 +143,7 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
     objective = build_objective(cfg.loss, data_info.num_classes, cfg.model.embedding_dim,
                                 teacher_dim, plan.effective_batch,
                                 cfg.model.projector, device)
-    model: nn.Module = student
-    if dist.is_dist():
-        model = DistributedDataParallel(student, device_ids=[device] if device.type == "cuda"
-                                        else None, gradient_as_bucket_view=True)
+    model = data_parallel(student, device)
     if cfg.model.compile and device.type == "cuda":
         model = torch.compile(model)
     elif cfg.model.compile:  # observed here, like channels_last in image_layout
@@ -200,6 +197,15 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
 # ----------------------------------------------------------------------------------------------
 # Helpers of the loop
 # ----------------------------------------------------------------------------------------------
+def data_parallel(student: nn.Module, device: torch.device) -> nn.Module:
+    """The student under DDP (gradients all-reduced in buckets during the backward, BatchNorm
+    buffers broadcast from rank 0 before each synchronized forward), or itself on one process."""
+    if not dist.is_dist():
+        return student
+    return DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True)
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch (CPU and CUDA), numpy and python's ``random``."""
     torch.manual_seed(seed)
