@@ -1,8 +1,9 @@
-"""Evaluation runs: `.bin` sets (V1) and IJB sets (V2, V3) for any loadable model.
+"""Evaluation runs: `.bin` sets (V1), IJB sets (V2, V3) and TinyFace (V4) for any loadable model.
 
 :func:`evaluate_bin_sets` is the trainer's periodic evaluation; :func:`evaluate_model` adds the
-IJB sets, the ROC figures and the JSON/console report; :func:`run_evaluation` is the body of
-``launch/eval.py`` (``torchrun … launch/eval.py --model M --bin a.bin --ijb DIR --out OUT``).
+IJB sets, TinyFace, the ROC figures and the JSON/console report; :func:`run_evaluation` is the
+body of ``launch/eval.py`` (``torchrun … launch/eval.py --model M --bin a.bin --ijb DIR
+--tinyface DIR --out OUT``).
 All ranks call these; images are sharded across ranks, scores computed on rank 0 and the
 results returned on every rank.
 """
@@ -33,6 +34,7 @@ from .ijb_meta import IJBMeta, load_ijb_meta
 from .plots import plot_roc
 from .report import format_table, log_scalars, write_json
 from .roc import roc_curve
+from .tinyface import ResizedImages, load_tinyface, score_tinyface
 from .verification import METRICS, evaluate, read_bin
 
 
@@ -97,6 +99,10 @@ def evaluate_bin_sets(model: torch.nn.Module, paths: list[str], device, batch_si
     finally:
         model.train(was_training)
     return results
+
+
+TINYFACE = "TinyFace"
+"""The set name of TinyFace results (``results["tinyface"]["TinyFace"]``, scalars ``TinyFace/rank1``)."""
 
 
 def _score_device(device: torch.device) -> torch.device:
@@ -171,8 +177,10 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
                    batch_size: int = 128, amp_dtype: torch.dtype | None = None,
                    use_faceness: bool = True, cache_key: dict | None = None, writer=None,
                    step: int = 0, shard_size: int = SHARD_SIZE, aligner: str = "auto",
-                   roc_curves: dict | None = None, outcomes: dict | None = None) -> dict:
-    """Evaluate ``model`` on `.bin` sets and IJB sets ``[(root, name)]`` (METHOD V1–V3).
+                   roc_curves: dict | None = None, outcomes: dict | None = None,
+                   tinyface: str | Path | None = None) -> dict:
+    """Evaluate ``model`` on `.bin` sets, IJB sets ``[(root, name)]`` (METHOD V1–V3) and the
+    TinyFace release at ``tinyface`` (V4; read before any image is, so a bad one stops first).
 
     With ``out_dir``: per-shard feature caches under ``out_dir/features``, ``results.json``
     and ``roc_<name>.png`` per IJB set (rank 0). With a TensorBoard ``writer``: scalars at
@@ -183,6 +191,7 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
     ``labels`` of V2. Returns the results on every rank.
     """
     device = torch.device(device)
+    tinyface_release = load_tinyface(tinyface) if tinyface is not None else None
     out = Path(out_dir) if out_dir is not None else None
     features_root = out / "features" if out is not None else None
     bin_outcomes = outcomes.setdefault("bin", {}) if outcomes is not None else None
@@ -209,6 +218,14 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
             if out is not None:
                 plot_roc({name: scored[1]}, out / f"roc_{name}.png", title=f"ROC on {name}")
         results["ijb"][name] = dist.broadcast_object(scored[0] if scored else None)
+    if tinyface_release is not None:
+        cache = None if features_root is None else prepare_cache(
+            features_root / TINYFACE, {**(cache_key or {}), "set": str(tinyface)})
+        feats = extract_features(model, ResizedImages(tinyface_release.image_paths), device,
+                                 batch_size, amp_dtype, cache, shard_size, desc=TINYFACE)
+        scored = score_tinyface(tinyface_release, feats, _score_device(device)) \
+            if dist.is_main() else None
+        results["tinyface"] = {TINYFACE: dist.broadcast_object(scored)}
     if dist.is_main():
         if out is not None:
             write_json(results, out / "results.json")
@@ -219,7 +236,7 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Evaluate a face model on verification .bin sets and IJB-B/IJB-C "
+        description="Evaluate a face model on verification .bin sets, IJB-B/IJB-C and TinyFace "
                     "(run under torchrun to shard the images over ranks).")
     parser.add_argument("--model", required=True, help="fr_distill checkpoint, InsightFace "
                         "state dict (with --arch), ONNX or TorchScript file")
@@ -233,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bin", nargs="*", default=[], help="verification .bin files")
     parser.add_argument("--ijb", nargs="*", default=[], help="IJB release roots (loose_crop/, meta/)")
     parser.add_argument("--ijb-name", nargs="*", default=[], help="set name per --ijb (IJBB, IJBC)")
+    parser.add_argument("--tinyface", metavar="DIR", help="TinyFace release: the folder "
+                        "holding tinyface/Testing_Set/, or Testing_Set/ itself (Probe/, "
+                        "Gallery_Match/, Gallery_Distractor/)")
     parser.add_argument("--out", required=True, help="output directory (results, caches, plots)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--shard-size", type=int, default=SHARD_SIZE,
@@ -253,8 +273,9 @@ def run_evaluation(argv: list[str] | None = None) -> dict:
     if len(args.ijb) != len(args.ijb_name):
         parser.error(f"{len(args.ijb)} --ijb roots but {len(args.ijb_name)} --ijb-name (one "
                      f"name per root, e.g. --ijb /data/IJB_release/IJBC --ijb-name IJBC)")
-    if not args.bin and not args.ijb:
-        parser.error("nothing to evaluate: give --bin FILE ... and/or --ijb ROOT ... --ijb-name NAME ...")
+    if not args.bin and not args.ijb and not args.tinyface:
+        parser.error("nothing to evaluate: give --bin FILE ..., --ijb ROOT ... --ijb-name NAME ... "
+                     "and/or --tinyface DIR")
     require_writable_dir(Path(args.out), "--out")
     from fr_distill.models import load_frozen_model
 
@@ -270,7 +291,8 @@ def run_evaluation(argv: list[str] | None = None) -> dict:
         results = evaluate_model(model, info.device, args.bin, list(zip(args.ijb, args.ijb_name)),
                                  args.out, args.batch_size, amp,
                                  not args.no_faceness, cache_key={"model": digest},
-                                 shard_size=args.shard_size, aligner=args.aligner)
+                                 shard_size=args.shard_size, aligner=args.aligner,
+                                 tinyface=args.tinyface)
         if info.is_main:
             print(format_table(results))
             print(f"results written to {Path(args.out) / 'results.json'}")
