@@ -160,19 +160,20 @@ def extract_features(model: torch.nn.Module, source: ImageSource, device: torch.
     parts, computed = [], 0
     bar = tqdm(total=sum(stop - start for start, stop in shards), desc=desc, unit="img",
                disable=not (progress and dist.is_main()), leave=False)
-    for start, stop in shards:
-        cached = _shard_file(directory, start, stop) if directory is not None else None
-        if cached is not None and cached.exists():
-            parts.append(torch.from_numpy(np.load(cached)))
-        else:
-            feats = [embed_flip_fused(model, source.load(lo, min(lo + batch_size, stop)), device,
-                                      amp_dtype).cpu() for lo in range(start, stop, batch_size)]
-            parts.append(torch.cat(feats))
-            computed += 1
-            if cached is not None:
-                _save_atomic(cached, parts[-1].numpy())
-        bar.update(stop - start)
-    bar.close()
+    with bar:  # closed (its line cleared) also when an image fails, before the message
+        for start, stop in shards:
+            cached = _shard_file(directory, start, stop) if directory is not None else None
+            if cached is not None and cached.exists():
+                parts.append(torch.from_numpy(np.load(cached)))
+            else:
+                feats = [embed_flip_fused(model, source.load(lo, min(lo + batch_size, stop)),
+                                          device, amp_dtype).cpu()
+                         for lo in range(start, stop, batch_size)]
+                parts.append(torch.cat(feats))
+                computed += 1
+                if cached is not None:
+                    _save_atomic(cached, parts[-1].numpy())
+            bar.update(stop - start)
     last_run["computed_shards"] = computed
     return _gather_rows(parts, device)
 
