@@ -12,6 +12,7 @@ residual misalignment, pose, occlusion and blur of :data:`LOW_RESOLUTION`, then 
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from . import faces
 from .release import RenderJob, run_jobs, subset
 
 LOW_RESOLUTION = faces.Difficulty(yaw=0.6, occlusion_prob=0.1, blur_prob=0.3, noise_max=6.0)
+MAT_DESCRIPTION = b"MATLAB 5.0 MAT-file, fr_distill synthetic TinyFace-style release"
+"""The 116-byte text header of the MATLAB files; scipy would write the current time there."""
 
 
 @dataclass
@@ -79,7 +82,10 @@ def write_tinyface(root: Path, plan: TinyFacePlan, workers: int) -> dict[str, in
         names = np.empty((len(chosen), 1), dtype=object)
         names[:, 0] = [plan.names[i] for i in chosen]
         ids = plan.identities[chosen].astype(np.float64).reshape(-1, 1)
-        scipy.io.savemat(testing_set / file_name, {f"{prefix}_set": names, f"{prefix}_ids": ids})
+        buffer = io.BytesIO()
+        scipy.io.savemat(buffer, {f"{prefix}_set": names, f"{prefix}_ids": ids})
+        (testing_set / file_name).write_bytes(MAT_DESCRIPTION.ljust(116, b"\0")
+                                              + buffer.getvalue()[116:])
         counts[folder.lower()] = len(chosen)
     counts["gallery_distractor"] = plan.folders.count("Gallery_Distractor")
     counts["identities"] = int(plan.identities.max())
