@@ -3,10 +3,9 @@ TinyFace (V4).
 
 ``torchrun --nproc_per_node N launch/eval.py --model M [--arch iresnet100] --bin a.bin b.bin
 --ijb DIR --ijb-name IJBC --tinyface DIR --out OUT [--batch-size 128]`` — images are sharded
-over the N ranks;
-results go to the console, ``OUT/results.json`` and ``OUT/roc_<name>.png``. Feature shards are
-cached under ``OUT/features`` so an interrupted run resumes. Exit status 2 with a one-line
-message for bad input.
+over the N ranks; results go to the console, ``OUT/results.json`` and ``OUT/roc_<name>.png``.
+Feature shards are cached under ``OUT/features`` so an interrupted run resumes. Exit status 2
+with a one-line message for bad input.
 """
 from __future__ import annotations
 
