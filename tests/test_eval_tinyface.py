@@ -16,7 +16,7 @@ from fr_distill.eval import EvalDataError
 from fr_distill.eval.extract import extract_features
 from fr_distill.eval.runner import eval_main
 from fr_distill.eval.tinyface import ResizedImages, cmc, label_of, load_tinyface, mate_ranks
-from tests.eval_data import encode, face_images, tiny_model
+from tests.eval_data import tiny_model, write_tinyface
 
 
 def hand_table() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,19 +59,6 @@ def test_a_file_name_without_an_identity_is_refused(name):
                               f"(expected '<identity>_<n>.jpg', e.g. 1_3.jpg)")
 
 
-def write_release(root: Path, probes=("1_3", "2_3"), matches=("1_1", "2_1", "2_2"),
-                  distractors=("900", "901")) -> Path:
-    """A small TinyFace test set ``root/tinyface/Testing_Set`` of 20×16 JPEGs."""
-    testing_set = root / "tinyface" / "Testing_Set"
-    images = iter(face_images(len(probes) + len(matches) + len(distractors), 20, seed=3))
-    for folder, names in (("Probe", probes), ("Gallery_Match", matches),
-                          ("Gallery_Distractor", distractors)):
-        (testing_set / folder).mkdir(parents=True)
-        for name in names:
-            (testing_set / folder / f"{name}.jpg").write_bytes(encode(next(images)[:, 2:18]))
-    return testing_set
-
-
 def write_pair_file(testing_set: Path, names: list[str], ids: list[int]) -> Path:
     cells = np.empty((len(names), 1), dtype=object)
     cells[:, 0] = names
@@ -81,7 +68,7 @@ def write_pair_file(testing_set: Path, names: list[str], ids: list[int]) -> Path
 
 
 def test_release_layouts_and_order(tmp_path):
-    testing_set = write_release(tmp_path)
+    testing_set = write_tinyface(tmp_path)
     for root in (tmp_path, tmp_path / "tinyface", testing_set):
         release = load_tinyface(root)
         assert release.testing_set == testing_set
@@ -95,7 +82,7 @@ def test_release_layouts_and_order(tmp_path):
 
 
 def test_images_are_resized_whole_to_112_bilinear(tmp_path):
-    testing_set = write_release(tmp_path)
+    testing_set = write_tinyface(tmp_path)
     path = testing_set / "Probe" / "1_3.jpg"
     loaded = ResizedImages([str(path)]).load(0, 1)[0]
     with Image.open(path) as image:
@@ -116,21 +103,21 @@ def test_bad_releases_are_named_in_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     assert message(tmp_path / "empty") == (f"{tmp_path / 'empty'}: not a TinyFace release: no Probe/ "
                                            "folder in it, in Testing_Set/ or in tinyface/Testing_Set/")
-    testing_set = write_release(tmp_path / "a")
+    testing_set = write_tinyface(tmp_path / "a")
     shutil.rmtree(testing_set / "Gallery_Distractor")
     assert message(tmp_path / "a") == (f"{testing_set / 'Gallery_Distractor'}: folder not found (a "
                                        "TinyFace test set has Probe/, Gallery_Match/, Gallery_Distractor/)")
-    testing_set = write_release(tmp_path / "b", distractors=())
+    testing_set = write_tinyface(tmp_path / "b", distractors=())
     assert message(tmp_path / "b") == f"{testing_set / 'Gallery_Distractor'}: no .jpg/.jpeg/.png images in it"
-    testing_set = write_release(tmp_path / "c", matches=("1_1", "two_1"))
+    testing_set = write_tinyface(tmp_path / "c", matches=("1_1", "two_1"))
     assert message(tmp_path / "c").startswith(f"{testing_set / 'Gallery_Match' / 'two_1.jpg'}: cannot read an identity")
-    testing_set = write_release(tmp_path / "d", probes=("1_3", "7_2"))
+    testing_set = write_tinyface(tmp_path / "d", probes=("1_3", "7_2"))
     assert message(tmp_path / "d") == (f"{testing_set / 'Probe' / '7_2.jpg'}: identity 7 has no image "
                                        f"in {testing_set / 'Gallery_Match'}")
 
 
 def test_pair_files_that_disagree_with_the_folders_are_named(tmp_path):
-    testing_set = write_release(tmp_path)
+    testing_set = write_tinyface(tmp_path)
     mat = write_pair_file(testing_set, ["1_3.jpg", "2_3.jpg"], [1, 5])
     assert message(tmp_path) == f"{mat}: 2_3.jpg has identity 5, its file name says 2"
     write_pair_file(testing_set, ["1_3.jpg", "3_3.jpg"], [1, 3])
@@ -144,7 +131,7 @@ def test_pair_files_that_disagree_with_the_folders_are_named(tmp_path):
 
 
 def test_a_corrupt_image_stops_the_command_naming_it(tmp_path, capsys):
-    testing_set = write_release(tmp_path / "data")
+    testing_set = write_tinyface(tmp_path / "data")
     bad = testing_set / "Gallery_Distractor" / "901.jpg"
     bad.write_bytes(bad.read_bytes()[:40])
     torch.jit.script(tiny_model()).save(str(tmp_path / "model.pt"))
