@@ -31,7 +31,7 @@ from fr_distill.data.align import align_face
 from fr_distill.precision import autocast
 
 from .errors import EvalDataError
-from .imageio import decode_image
+from .imageio import decode_image, read_image
 
 SHARD_SIZE = 2048
 
@@ -77,12 +77,7 @@ class AlignedImages:
     def load(self, start: int, stop: int) -> np.ndarray:
         out = np.empty((stop - start, 3, self.size, self.size), dtype=np.uint8)
         for offset, index in enumerate(range(start, stop)):
-            path = self.paths[index]
-            try:
-                payload = Path(path).read_bytes()
-            except OSError as err:
-                raise EvalDataError(f"{path}: cannot read image ({err.strerror})") from None
-            image = decode_image(payload, path, "image")
+            image = read_image(self.paths[index])
             out[offset] = align_face(image, self.landmarks[index], self.size).transpose(2, 0, 1)
         return out
 

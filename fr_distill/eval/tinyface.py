@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from .errors import EvalDataError
-from .imageio import decode_image
+from .imageio import read_image
 
 FOLDERS = ("Probe", "Gallery_Match", "Gallery_Distractor")
 EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -152,12 +152,7 @@ class ResizedImages:
     def load(self, start: int, stop: int) -> np.ndarray:
         out = np.empty((stop - start, 3, self.size, self.size), dtype=np.uint8)
         for offset, index in enumerate(range(start, stop)):
-            path = self.paths[index]
-            try:
-                payload = Path(path).read_bytes()
-            except OSError as err:
-                raise EvalDataError(f"{path}: cannot read image ({err.strerror})") from None
-            image = Image.fromarray(decode_image(payload, path, "image"))
+            image = Image.fromarray(read_image(self.paths[index]))
             resized = image.resize((self.size, self.size), Image.Resampling.BILINEAR)
             out[offset] = np.asarray(resized).transpose(2, 0, 1)
         return out
