@@ -14,6 +14,7 @@ from PIL import Image
 
 from fr_distill.eval import EvalDataError
 from fr_distill.eval.extract import extract_features
+from fr_distill.eval.report import flat_scalars
 from fr_distill.eval.runner import eval_main
 from fr_distill.eval.tinyface import ResizedImages, cmc, label_of, load_tinyface, mate_ranks
 from tests.eval_data import tiny_model, write_tinyface
@@ -164,6 +165,8 @@ def test_synthetic_release_through_the_command(synthetic_data, tmp_path, capsys)
         counts["probe"], counts["gallery_match"], counts["gallery_distractor"])
     assert 0.0 <= result["rank1"] <= result["rank5"] <= result["rank20"] <= 1.0
     assert result["rank20"] > result["rank1"]  # a random network: not a degenerate ranking
+    assert flat_scalars({"tinyface": {"TinyFace": result}}) == {
+        f"TinyFace/rank{k}": result[f"rank{k}"] for k in (1, 5, 20)}
     release = load_tinyface(synthetic_data / "tinyface")
     feats = extract_features(model, ResizedImages(release.image_paths), "cpu", 32, progress=False)
     expected = reference_cmc(feats.numpy().astype(np.float64), release.labels, release.num_probes)
