@@ -1,4 +1,5 @@
-"""Hand-made evaluation inputs for the eval tests: `.bin` files, an IJB-style release, a tiny model."""
+"""Hand-made evaluation inputs for the eval tests: `.bin` files, an IJB-style release, a
+TinyFace-style test set, a tiny model."""
 from __future__ import annotations
 
 import io
@@ -90,3 +91,16 @@ def write_ijb(root: Path, name: str = "IJBC", subjects: int = 6, templates_per_s
     (root / "meta" / f"{lower}_1N_probe_mixed.csv").write_text(
         header + "".join(f"{t},{template_subject[t]},x.jpg\n" for t in probes))
     return root
+
+
+def write_tinyface(root: Path, probes=("1_3", "2_3"), matches=("1_1", "2_1", "2_2"),
+                   distractors=("900", "901")) -> Path:
+    """A small TinyFace test set ``root/tinyface/Testing_Set`` of 20×16 JPEGs."""
+    testing_set = root / "tinyface" / "Testing_Set"
+    images = iter(face_images(len(probes) + len(matches) + len(distractors), 20, seed=3))
+    for folder, names in (("Probe", probes), ("Gallery_Match", matches),
+                          ("Gallery_Distractor", distractors)):
+        (testing_set / folder).mkdir(parents=True)
+        for name in names:
+            (testing_set / folder / f"{name}.jpg").write_bytes(encode(next(images)[:, 2:18]))
+    return testing_set

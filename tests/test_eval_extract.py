@@ -1,5 +1,5 @@
-"""Feature extraction: alignment, 2-rank sharding equal to 1 rank, resume from cached shards,
-launch/eval.py end to end, and the synthetic `.bin` and IJB-style sets."""
+"""Feature extraction: alignment, 2-rank sharding equal to 1 rank (`.bin`, IJB, TinyFace),
+resume from cached shards, launch/eval.py end to end, and the synthetic `.bin` and IJB-style sets."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ from fr_distill.eval.runner import evaluate_model
 from fr_distill.eval.verification import read_bin
 from launch import eval as launch_eval
 from tests.conftest import REPO, run_torchrun
-from tests.eval_data import tiny_model, write_bin, write_ijb
+from tests.eval_data import tiny_model, write_bin, write_ijb, write_tinyface
 
 
 def blob_image(points: np.ndarray, size: int, sigma: float = 1.5) -> np.ndarray:
@@ -88,10 +88,13 @@ def assert_results_close(a: dict, b: dict) -> None:
 def test_two_ranks_equal_one_rank_and_resume(tmp_path):
     write_bin(tmp_path / "s.bin", 20, seed=4)
     ijb = write_ijb(tmp_path / "IJBC", subjects=6, templates_per_subject=3)
+    tinyface = write_tinyface(tmp_path, matches=("1_1", "2_1", "2_2", "2_4"),
+                              distractors=tuple(map(str, range(900, 912))))
     single = evaluate_model(tiny_model(), "cpu", [str(tmp_path / "s.bin")], [(str(ijb), "IJBC")],
-                            tmp_path / "one", batch_size=4, shard_size=8)
+                            tmp_path / "one", batch_size=4, shard_size=8, tinyface=tinyface)
+    assert single["tinyface"]["TinyFace"]["distractors"] == 12
     run_torchrun(REPO / "tests/workers/worker_eval_shards.py", tmp_path / "two", tmp_path / "s.bin",
-                 ijb, nproc=2, timeout=240)
+                 ijb, tinyface, nproc=2, timeout=240)
     report = json.loads((tmp_path / "two" / "worker.json").read_text())
     assert report["world"] == 2
     assert_results_close(report["results"], to_jsonable(single))
@@ -102,6 +105,7 @@ def test_two_ranks_equal_one_rank_and_resume(tmp_path):
     assert np.allclose(np.load(tmp_path / "two" / "feats.npy"), one_rank.numpy(), atol=1e-6)
     ijb_shards = sorted((tmp_path / "two" / "features" / "IJBC").glob("feats_*.npy"))
     assert len(ijb_shards) > 2  # the IJB images were spread over both ranks' shards
+    assert len(list((tmp_path / "two" / "features" / "TinyFace").glob("feats_*.npy"))) == 3
 
 
 def test_launch_eval_script(tmp_path, capsys):

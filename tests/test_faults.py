@@ -367,8 +367,8 @@ def test_a_failed_periodic_evaluation_lets_training_go_on(synthetic_data, tmp_pa
 # -- command lines and messages ---------------------------------------------------------------
 @pytest.mark.parametrize("args, message", [
     (["--ijb", "/data/IJBC"], "1 --ijb roots but 0 --ijb-name"),
-    ([], "nothing to evaluate: give --bin FILE ..., --folder DIR ... and/or --ijb ROOT ... "
-         "--ijb-name NAME ..."),
+    ([], "nothing to evaluate: give --bin FILE ..., --folder DIR ..., --ijb ROOT ... "
+         "--ijb-name NAME ... and/or --tinyface DIR"),
 ])
 def test_evaluation_usage_errors_exit_2(tmp_path, capsys, args, message):
     from fr_distill.eval.runner import eval_main

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate the synthetic face data set (training folder + RecordIO, .bin sets, IJB-style release).
+"""Generate the synthetic face data set (training folder + RecordIO, .bin sets, IJB- and TinyFace-style releases).
 
     python tools/make_synthetic.py data/synthetic --identities 1000 --images 20 --seed 0
 
@@ -41,6 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ijb-max-images", type=int, default=3, help="images per media: 1..max")
     parser.add_argument("--ijb-crop-sizes", type=int, nargs=2, default=(150, 200),
                         metavar=("MIN", "MAX"), help="loose-crop side range in pixels")
+    parser.add_argument("--tinyface-identities", type=int, default=20,
+                        help="identities of the TinyFace-style release (tinyface/Testing_Set/)")
+    parser.add_argument("--tinyface-gallery", type=int, default=2,
+                        help="Gallery_Match images per identity")
+    parser.add_argument("--tinyface-probes", type=int, default=2, help="Probe images per identity")
+    parser.add_argument("--tinyface-distractors", type=int, default=60,
+                        help="Gallery_Distractor images (one identity each)")
+    parser.add_argument("--tinyface-sizes", type=int, nargs=2, default=(16, 32),
+                        metavar=("MIN", "MAX"), help="low-resolution face height range in pixels")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality")
     parser.add_argument("--workers", type=int, default=None,
                         help="render processes (default: one per CPU)")
@@ -58,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
             bin_identities=args.bin_identities, bin_pairs=args.bin_pairs, ijb_name=args.ijb_name,
             ijb_subjects=args.ijb_subjects, ijb_probe_templates=args.ijb_probe_templates,
             ijb_max_media=args.ijb_max_media, ijb_max_images=args.ijb_max_images,
-            ijb_crop_sizes=tuple(args.ijb_crop_sizes), quality=args.quality,
+            ijb_crop_sizes=tuple(args.ijb_crop_sizes), tinyface_identities=args.tinyface_identities,
+            tinyface_gallery=args.tinyface_gallery, tinyface_probes=args.tinyface_probes,
+            tinyface_distractors=args.tinyface_distractors,
+            tinyface_sizes=tuple(args.tinyface_sizes), quality=args.quality,
             workers=args.workers, force=args.force)
         teachers = {} if source is None else write_onnx_teachers(
             source, Path(args.out_dir) / "onnx_teachers")

@@ -31,7 +31,7 @@ from fr_distill.data.align import align_face
 from fr_distill.precision import autocast
 
 from .errors import EvalDataError
-from .imageio import decode_image
+from .imageio import decode_image, read_image
 
 SHARD_SIZE = 2048
 
@@ -77,12 +77,7 @@ class AlignedImages:
     def load(self, start: int, stop: int) -> np.ndarray:
         out = np.empty((stop - start, 3, self.size, self.size), dtype=np.uint8)
         for offset, index in enumerate(range(start, stop)):
-            path = self.paths[index]
-            try:
-                payload = Path(path).read_bytes()
-            except OSError as err:
-                raise EvalDataError(f"{path}: cannot read image ({err.strerror})") from None
-            image = decode_image(payload, path, "image")
+            image = read_image(self.paths[index])
             out[offset] = align_face(image, self.landmarks[index], self.size).transpose(2, 0, 1)
         return out
 
@@ -160,19 +155,20 @@ def extract_features(model: torch.nn.Module, source: ImageSource, device: torch.
     parts, computed = [], 0
     bar = tqdm(total=sum(stop - start for start, stop in shards), desc=desc, unit="img",
                disable=not (progress and dist.is_main()), leave=False)
-    for start, stop in shards:
-        cached = _shard_file(directory, start, stop) if directory is not None else None
-        if cached is not None and cached.exists():
-            parts.append(torch.from_numpy(np.load(cached)))
-        else:
-            feats = [embed_flip_fused(model, source.load(lo, min(lo + batch_size, stop)), device,
-                                      amp_dtype).cpu() for lo in range(start, stop, batch_size)]
-            parts.append(torch.cat(feats))
-            computed += 1
-            if cached is not None:
-                _save_atomic(cached, parts[-1].numpy())
-        bar.update(stop - start)
-    bar.close()
+    with bar:  # closed (its line cleared) also when an image fails, before the message
+        for start, stop in shards:
+            cached = _shard_file(directory, start, stop) if directory is not None else None
+            if cached is not None and cached.exists():
+                parts.append(torch.from_numpy(np.load(cached)))
+            else:
+                feats = [embed_flip_fused(model, source.load(lo, min(lo + batch_size, stop)),
+                                          device, amp_dtype).cpu()
+                         for lo in range(start, stop, batch_size)]
+                parts.append(torch.cat(feats))
+                computed += 1
+                if cached is not None:
+                    _save_atomic(cached, parts[-1].numpy())
+            bar.update(stop - start)
     last_run["computed_shards"] = computed
     return _gather_rows(parts, device)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import simplejpeg
@@ -19,3 +20,12 @@ def decode_image(payload: bytes, file: str, what: str) -> np.ndarray:
             return np.asarray(image.convert("RGB"))
     except Exception as err:  # any decoder failure is a bad record
         raise EvalDataError(f"{file}: {what} cannot be decoded ({err})") from None
+
+
+def read_image(path: str) -> np.ndarray:
+    """RGB ``H×W×3`` uint8 of the image file ``path``; :class:`EvalDataError` naming it."""
+    try:
+        payload = Path(path).read_bytes()
+    except OSError as err:
+        raise EvalDataError(f"{path}: cannot read image ({err.strerror})") from None
+    return decode_image(payload, path, "image")

@@ -1,6 +1,7 @@
 """Presenting evaluation results: console table, JSON file, TensorBoard scalars.
 
-Results are nested dicts ``{"bin": {set: metrics}, "ijb": {set: {...}}}`` as returned by
+Results are nested dicts ``{"bin": {set: metrics}, "ijb": {set: {...}}, "tinyface": {set:
+{...}}}`` as returned by
 :func:`fr_distill.eval.runner.evaluate_model`; rates are fractions, shown as percentages.
 """
 from __future__ import annotations
@@ -44,6 +45,9 @@ def flat_scalars(results: dict) -> dict[str, float]:
                     scalars[f"{name}/{key}@{fpir:g}"] = float(tpir)
             elif key.startswith("rank"):
                 scalars[f"{name}/{key}"] = float(value)
+    for name, ranks in results.get("tinyface", {}).items():
+        scalars.update({f"{name}/{key}": float(value) for key, value in ranks.items()
+                        if key.startswith("rank")})
     return scalars
 
 
@@ -80,4 +84,8 @@ def format_table(results: dict) -> str:
                              for fpir, v in ident["tpir_at_fpir"].items())
             lines.append(f"1:N rank-1 {100 * ident['rank1']:.2f}  rank-5 {100 * ident['rank5']:.2f}"
                          f"  rank-10 {100 * ident['rank10']:.2f}  {tpir}")
+    for name, tiny in results.get("tinyface", {}).items():
+        lines += ["", f"{name} 1:N rank-1 {100 * tiny['rank1']:.2f}  rank-5 {100 * tiny['rank5']:.2f}"
+                      f"  rank-20 {100 * tiny['rank20']:.2f}  ({tiny['probes']} probes; gallery "
+                      f"{tiny['gallery_match']} matches + {tiny['distractors']} distractors)"]
     return "\n".join(lines)

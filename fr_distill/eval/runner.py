@@ -1,9 +1,10 @@
-"""Evaluation runs: `.bin` sets (V1) and IJB sets (V2, V3) for any loadable model.
+"""Evaluation runs: `.bin` sets (V1), IJB sets (V2, V3) and TinyFace (V4) for any loadable model.
 
 :func:`evaluate_bin_sets` is the trainer's periodic evaluation; :func:`evaluate_model` adds
-folders of aligned faces scored as `.bin` sets (:mod:`.folder`), the IJB sets, the ROC figures
-and the JSON/console report; :func:`run_evaluation` is the body of ``launch/eval.py``
-(``torchrun … launch/eval.py --model M --bin a.bin --folder DIR --ijb DIR --out OUT``).
+folders of aligned faces scored as `.bin` sets (:mod:`.folder`), the IJB sets, TinyFace, the
+ROC figures and the JSON/console report; :func:`run_evaluation` is the body of
+``launch/eval.py`` (``torchrun … launch/eval.py --model M --bin a.bin --folder DIR --ijb DIR
+--tinyface DIR --out OUT``).
 All ranks call these; images are sharded across ranks, scores computed on rank 0 and the
 results returned on every rank.
 """
@@ -37,6 +38,7 @@ from .plots import plot_roc
 from .report import format_table, log_scalars, write_json
 from .roc import roc_curve
 from .folder import folder_pair_set
+from .tinyface import ResizedImages, load_tinyface, score_tinyface
 from .verification import METRICS, PairSet, bin_pair_set, bin_set_name, evaluate, read_bin
 
 
@@ -109,6 +111,10 @@ def evaluate_pair_sets(model: torch.nn.Module, sets: Iterable[PairSet], device,
     finally:
         model.train(was_training)
     return results
+
+
+TINYFACE = "TinyFace"
+"""The set name of TinyFace results (``results["tinyface"]["TinyFace"]``, scalars ``TinyFace/rank1``)."""
 
 
 def _score_device(device: torch.device) -> torch.device:
@@ -184,8 +190,10 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
                    use_faceness: bool = True, cache_key: dict | None = None, writer=None,
                    step: int = 0, shard_size: int = SHARD_SIZE, aligner: str = "auto",
                    roc_curves: dict | None = None, outcomes: dict | None = None,
-                   pair_sets: Sequence[PairSet] = ()) -> dict:
-    """Evaluate ``model`` on `.bin` sets and IJB sets ``[(root, name)]`` (METHOD V1–V3).
+                   pair_sets: Sequence[PairSet] = (),
+                   tinyface: str | Path | None = None) -> dict:
+    """Evaluate ``model`` on `.bin` sets, IJB sets ``[(root, name)]`` (METHOD V1–V3) and the
+    TinyFace release at ``tinyface`` (V4; read before any image is, so a bad one stops first).
 
     ``pair_sets`` (folders of aligned faces, :mod:`fr_distill.eval.folder`) are scored after
     the `.bin` sets and reported as `.bin` sets are, under ``results["bin"]``.
@@ -199,6 +207,7 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
     ``labels`` of V2. Returns the results on every rank.
     """
     device = torch.device(device)
+    tinyface_release = load_tinyface(tinyface) if tinyface is not None else None
     out = Path(out_dir) if out_dir is not None else None
     features_root = out / "features" if out is not None else None
     bin_outcomes = outcomes.setdefault("bin", {}) if outcomes is not None else None
@@ -226,6 +235,14 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
             if out is not None:
                 plot_roc({name: scored[1]}, out / f"roc_{name}.png", title=f"ROC on {name}")
         results["ijb"][name] = dist.broadcast_object(scored[0] if scored else None)
+    if tinyface_release is not None:
+        cache = None if features_root is None else prepare_cache(
+            features_root / TINYFACE, {**(cache_key or {}), "set": str(tinyface)})
+        feats = extract_features(model, ResizedImages(tinyface_release.image_paths), device,
+                                 batch_size, amp_dtype, cache, shard_size, desc=TINYFACE)
+        scored = score_tinyface(tinyface_release, feats, _score_device(device)) \
+            if dist.is_main() else None
+        results["tinyface"] = {TINYFACE: dist.broadcast_object(scored)}
     if dist.is_main():
         if out is not None:
             write_json(results, out / "results.json")
@@ -236,8 +253,8 @@ def evaluate_model(model: torch.nn.Module, device, bin_paths: list[str] = (),
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Evaluate a face model on verification .bin sets, folders of aligned faces "
-                    "and IJB-B/IJB-C "
+        description="Evaluate a face model on verification .bin sets, folders of aligned faces, "
+                    "IJB-B/IJB-C and TinyFace "
                     "(run under torchrun to shard the images over ranks).")
     parser.add_argument("--model", required=True, help="fr_distill checkpoint, InsightFace "
                         "state dict (with --arch), ONNX or TorchScript file")
@@ -258,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pair-seed", type=int, default=0, help="seed of the impostor sampling")
     parser.add_argument("--ijb", nargs="*", default=[], help="IJB release roots (loose_crop/, meta/)")
     parser.add_argument("--ijb-name", nargs="*", default=[], help="set name per --ijb (IJBB, IJBC)")
+    parser.add_argument("--tinyface", metavar="DIR", help="TinyFace release: the folder "
+                        "holding tinyface/Testing_Set/, or Testing_Set/ itself (Probe/, "
+                        "Gallery_Match/, Gallery_Distractor/)")
     parser.add_argument("--out", required=True, help="output directory (results, caches, plots)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--shard-size", type=int, default=SHARD_SIZE,
@@ -291,9 +311,9 @@ def run_evaluation(argv: list[str] | None = None) -> dict:
     if args.pairs and len(args.pairs) != len(args.folder):
         parser.error(f"{len(args.folder)} --folder but {len(args.pairs)} --pairs (one pairs.txt "
                      f"per folder, or none)")
-    if not args.bin and not args.ijb and not args.folder:
-        parser.error("nothing to evaluate: give --bin FILE ..., --folder DIR ... and/or "
-                     "--ijb ROOT ... --ijb-name NAME ...")
+    if not args.bin and not args.ijb and not args.folder and not args.tinyface:
+        parser.error("nothing to evaluate: give --bin FILE ..., --folder DIR ..., --ijb ROOT ... "
+                     "--ijb-name NAME ... and/or --tinyface DIR")
     require_writable_dir(Path(args.out), "--out")
     from fr_distill.models import load_frozen_model
 
@@ -314,7 +334,7 @@ def run_evaluation(argv: list[str] | None = None) -> dict:
                                  args.out, args.batch_size, amp,
                                  not args.no_faceness, cache_key={"model": digest},
                                  shard_size=args.shard_size, aligner=args.aligner,
-                                 pair_sets=pair_sets)
+                                 pair_sets=pair_sets, tinyface=args.tinyface)
         if info.is_main:
             print(format_table(results))
             print(f"results written to {Path(args.out) / 'results.json'}")

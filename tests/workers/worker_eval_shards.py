@@ -1,6 +1,6 @@
 """2-rank evaluation under torchrun: evaluate_model with sharded, cached features, then resume.
 
-Args: OUT_DIR BIN_PATH IJB_ROOT. Rank 0 writes OUT_DIR/worker.json (results, shards computed
+Args: OUT_DIR BIN_PATH IJB_ROOT TINYFACE_ROOT. Rank 0 writes OUT_DIR/worker.json (results, shards computed
 per rank on the resumed pass) and OUT_DIR/feats.npy (features of the `.bin`).
 """
 from __future__ import annotations
@@ -20,13 +20,13 @@ from fr_distill.eval.verification import read_bin
 from tests.eval_data import tiny_model
 
 
-def main(out_dir: str, bin_path: str, ijb_root: str) -> None:
+def main(out_dir: str, bin_path: str, ijb_root: str, tinyface_root: str) -> None:
     torch.set_num_threads(1)
     info = dist.init(backend="gloo", device="cpu")
     out = Path(out_dir)
     model = tiny_model()
     results = evaluate_model(model, info.device, [bin_path], [(ijb_root, "IJBC")], out,
-                             batch_size=4, shard_size=8)
+                             batch_size=4, shard_size=8, tinyface=tinyface_root)
     cache = out / "features" / Path(bin_path).stem
     payloads, _ = read_bin(bin_path)
     if dist.is_main():
@@ -43,4 +43,4 @@ def main(out_dir: str, bin_path: str, ijb_root: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

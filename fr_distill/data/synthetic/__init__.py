@@ -24,6 +24,11 @@
                                     SUBJECT_ID, FILENAME, SIGHTING_ID (= media id), FACE_X,
                                     FACE_Y, FACE_WIDTH, FACE_HEIGHT; one row per image
                       <name>_align_truth.txt        img + the exact 2×3 loose → aligned map
+      tinyface/Testing_Set/         TinyFace-style release (:mod:`.tinyface`): low-resolution
+                                    faces (16–32 px high, about 4:5) of a fourth pool of
+                                    identities; Gallery_Match/<id>_<n>.jpg, Probe/<id>_<n>.jpg,
+                                    Gallery_Distractor/<k>.jpg, gallery_match_img_ID_pairs.mat
+                                    and probe_img_ID_pairs.mat
       manifest.json                 parameters, counts, file sizes
 
 What the images hold (:mod:`.faces`): each identity is a parametric face — face ellipse and
@@ -36,14 +41,15 @@ brightness, blur, noise and occlusion (sunglasses, lower-face mask, random patch
 the aligned frame the five landmarks sit at their least-squares fit onto the ArcFace
 template, so alignment by the listed IJB landmarks recovers the rendering exactly.
 
-Training, verification and IJB identities are separate pools: disjoint. Every byte is a
+Training, verification, IJB and TinyFace identities are separate pools: disjoint. Every byte is a
 function of the arguments (not of ``workers``); a second call with the same arguments
 reuses the files (decided by ``manifest.json``). Speed, measured on a 2-core x86_64 VM:
 about 1.9 ms of CPU per 112×112 training image (render + JPEG); 1,000 identities × 20
 images plus the default .bin (2 × 600 pairs) and IJB (474 crops) sets take about 50 s of
 CPU in all (``tools/make_synthetic.py``, start-up included), spread over the worker
 processes (default: one per core), so about 25–30 s of wall time when both cores are free;
-reusing an existing set takes under 2 s.
+reusing an existing set takes under 2 s. The default TinyFace-style release (140 images) adds
+about 0.5 s of CPU (``plan_tinyface`` + ``write_tinyface``, one worker, same VM).
 
 Teachers in the model zoo's ONNX forms: ``write_onnx_teachers(model, out_dir)``
 (:mod:`.onnx_teachers`; ``tools/make_synthetic.py --onnx-teachers MODEL``) writes a trained

@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from . import faces, release
+from . import faces, release, tinyface
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # bump whenever the rendered bytes change, so old outputs are not reused
-POOLS = {"train": 1, "verification": 4, "ijb": 7}
-"""Random streams of the three identity pools; separate pools make the splits disjoint."""
+POOLS = {"train": 1, "verification": 4, "ijb": 7, "tinyface": 10}
+"""Random streams of the four identity pools; separate pools make the splits disjoint."""
 
 
 def identity_pool(seed: int, pool: str, num: int, family_size: int) -> np.ndarray:
-    """Latent vectors ``[num, dims]`` of one identity pool (``train``/``verification``/``ijb``)."""
+    """Latent vectors ``[num, dims]`` of one identity pool (a key of :data:`POOLS`)."""
     rng = np.random.default_rng([seed, POOLS[pool], 0])
     return faces.sample_identities(rng, num, family_size)
 
@@ -38,6 +38,12 @@ def _check(parameters: dict) -> None:
         ("ijb_crop_sizes", 112 < p["ijb_crop_sizes"][0] <= p["ijb_crop_sizes"][1] <= 1024,
          "min <= max, both in 113..1024 (loose crops are larger than 112)"),
         ("ijb_name", p["ijb_name"].isalnum(), "letters and digits only"),
+        ("tinyface_identities", p["tinyface_identities"] >= 2, "at least 2"),
+        ("tinyface_gallery", p["tinyface_gallery"] >= 1, "at least 1"),
+        ("tinyface_probes", p["tinyface_probes"] >= 1, "at least 1"),
+        ("tinyface_distractors", p["tinyface_distractors"] >= 0, "at least 0"),
+        ("tinyface_sizes", 4 <= p["tinyface_sizes"][0] <= p["tinyface_sizes"][1] <= 112,
+         "min <= max, both in 4..112 (low-resolution faces)"),
         ("quality", 1 <= p["quality"] <= 100, "in 1..100"),
     ]
     for key, ok, need in rules:
@@ -48,7 +54,7 @@ def _check(parameters: dict) -> None:
 def _owned_paths(out_dir: Path, ijb_name: str) -> list[Path]:
     return [out_dir / "train", out_dir / "train.rec", out_dir / "train.idx",
             *(out_dir / f"{spec.name}.bin" for spec in release.BIN_SETS),
-            out_dir / "ijb" / ijb_name]
+            out_dir / "ijb" / ijb_name, out_dir / "tinyface"]
 
 
 def _file_sizes(out_dir: Path, paths: list[Path]) -> dict[str, int]:
@@ -97,7 +103,9 @@ def generate(out_dir: str | os.PathLike, num_identities: int = 200, images_per_i
              seed: int = 0, *, family_size: int = 4, bin_identities: int = 100,
              bin_pairs: int = 600, ijb_name: str = "IJBS", ijb_subjects: int = 40,
              ijb_probe_templates: int = 2, ijb_max_media: int = 3, ijb_max_images: int = 3,
-             ijb_crop_sizes: tuple[int, int] = (150, 200), quality: int = 90,
+             ijb_crop_sizes: tuple[int, int] = (150, 200), tinyface_identities: int = 20,
+             tinyface_gallery: int = 2, tinyface_probes: int = 2, tinyface_distractors: int = 60,
+             tinyface_sizes: tuple[int, int] = (16, 32), quality: int = 90,
              workers: int | None = None, force: bool = False) -> dict:
     """Write the synthetic face data set into ``out_dir`` and return its manifest.
 
@@ -105,7 +113,7 @@ def generate(out_dir: str | os.PathLike, num_identities: int = 200, images_per_i
     other than ``workers`` (render processes; default: all CPU cores) and ``force``: when
     ``out_dir/manifest.json`` records a complete generation with the same arguments and its
     files are intact, nothing is rendered (``force=True`` regenerates anyway). Training,
-    verification and IJB identities are three separate pools, so they are disjoint.
+    verification, IJB and TinyFace identities are four separate pools, so they are disjoint.
     """
     out_dir = Path(out_dir)
     parameters = {
@@ -116,6 +124,9 @@ def generate(out_dir: str | os.PathLike, num_identities: int = 200, images_per_i
         "ijb_probe_templates": int(ijb_probe_templates), "ijb_max_media": int(ijb_max_media),
         "ijb_max_images": int(ijb_max_images),
         "ijb_crop_sizes": [int(ijb_crop_sizes[0]), int(ijb_crop_sizes[1])],
+        "tinyface_identities": int(tinyface_identities), "tinyface_gallery": int(tinyface_gallery),
+        "tinyface_probes": int(tinyface_probes), "tinyface_distractors": int(tinyface_distractors),
+        "tinyface_sizes": [int(tinyface_sizes[0]), int(tinyface_sizes[1])],
         "quality": int(quality),
     }
     _check(parameters)
@@ -144,12 +155,20 @@ def generate(out_dir: str | os.PathLike, num_identities: int = 200, images_per_i
                             tuple(ijb_crop_sizes), seed, quality)
     ijb_counts = release.write_ijb(ijb_root, ijb_name, plan, workers)
 
+    tinyface_root = out_dir / "tinyface"
+    tinyface_latent = identity_pool(seed, "tinyface", tinyface_identities + tinyface_distractors,
+                                    family_size)
+    tinyface_plan = tinyface.plan_tinyface(tinyface_latent, tinyface_identities, tinyface_gallery,
+                                           tinyface_probes, tuple(tinyface_sizes), seed, quality)
+    tinyface_counts = tinyface.write_tinyface(tinyface_root, tinyface_plan, workers)
+
     files = [out_dir / "train.rec", out_dir / "train.idx",
-             *(out_dir / f"{name}.bin" for name in bins), *sorted((ijb_root / "meta").iterdir())]
+             *(out_dir / f"{name}.bin" for name in bins), *sorted((ijb_root / "meta").iterdir()),
+             *sorted((tinyface_root / "Testing_Set").glob("*.mat"))]
     manifest.update({
         "complete": True,
         "counts": {"train_identities": num_identities, "train_images": num_train,
-                   "bin_pairs": bins, "ijb": ijb_counts},
+                   "bin_pairs": bins, "ijb": ijb_counts, "tinyface": tinyface_counts},
         "files": _file_sizes(out_dir, files),
     })
     _write_manifest(out_dir, manifest)

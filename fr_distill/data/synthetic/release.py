@@ -19,6 +19,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import simplejpeg
+from PIL import Image
 
 from ..recordio import RecordIOWriter
 from . import faces
@@ -33,7 +34,9 @@ class RenderJob:
     """One batch to render: ``B`` latents, conditions, aligned-frame → pixel maps ``[B, 3, 3]``.
 
     Images are rendered on a ``size × size`` canvas; ``crop`` (per image) keeps the top-left
-    ``crop[i] × crop[i]`` part (loose crops of varying size), ``None`` keeps the whole canvas.
+    ``crop[i] × crop[i]`` part (loose crops of varying size), ``None`` keeps the whole canvas;
+    ``shrink`` (per image ``(width, height)``) then resizes it down with PIL's antialiasing
+    bilinear filter (low-resolution faces).
     """
 
     latent: np.ndarray
@@ -43,6 +46,7 @@ class RenderJob:
     seed: tuple[int, ...]
     quality: int
     crop: np.ndarray | None = None
+    shrink: np.ndarray | None = None
 
 
 def render_job(job: RenderJob) -> list[bytes]:
@@ -53,6 +57,9 @@ def render_job(job: RenderJob) -> list[bytes]:
     for i, img in enumerate(images):
         if job.crop is not None:
             img = img[:job.crop[i], :job.crop[i]]
+        if job.shrink is not None:
+            size = (int(job.shrink[i][0]), int(job.shrink[i][1]))
+            img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BILINEAR))
         out.append(simplejpeg.encode_jpeg(np.ascontiguousarray(img), quality=job.quality,
                                           colorspace="RGB"))
     return out
