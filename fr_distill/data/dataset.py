@@ -337,10 +337,8 @@ def _index_recordio(rec_path: Path, idx_path: Path, check: bool
 # --------------------------------------------------------------------------------------
 # The pre-flight check
 # --------------------------------------------------------------------------------------
-def train_entries(train: str | list[str]) -> list[str]:
-    """The sets ``data.train`` names: a string is one set, a list one set per entry."""
-    if isinstance(train, str):
-        return [train]
+def _check_entries(train: list[str]) -> None:
+    """Refuse an empty list, an empty entry, and a set listed twice (by its real path)."""
     if not train:
         raise DataError("config key 'data.train' is an empty list: name one or more image "
                         "folders or train.rec files")
@@ -354,7 +352,6 @@ def train_entries(train: str | list[str]) -> list[str]:
             raise DataError(f"data.train[{i}] {entry}: the same set as data.train[{seen[same]}]; "
                             f"a set listed twice would give its identities two labels")
         seen[same] = i
-    return list(train)
 
 
 def concat(parts: list[DatasetInfo]) -> DatasetInfo:
@@ -377,8 +374,9 @@ def scan(train: str | list[str], fmt: str = "auto", check: bool = True) -> Datas
     ``data.format`` applies to every entry (``auto``: each entry detected on its own)."""
     if isinstance(train, str):
         return _scan_one(train, fmt, check)
+    _check_entries(train)
     parts = []
-    for i, entry in enumerate(train_entries(train)):
+    for i, entry in enumerate(train):
         try:
             parts.append(_scan_one(entry, fmt, check))
         except DataError as err:
