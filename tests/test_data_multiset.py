@@ -142,18 +142,18 @@ def test_teacher_cache_of_two_sets_is_refused_for_one_set_or_the_other_order(two
         cfg = load_config(None, [f"data.train={json.dumps(train)}", "data.loader=torch"])
         return cfg, identity(cfg, scan(train), torch.device("cpu"), "0" * 64, True)
 
-    _, built = run([a, b])
-    assert first_difference(built, run([a, b])[1], "C", run([a, b])[0]) is None
-    for train, key, theirs in (([a], "format", "folder"), ([b, a], "format", "recordio+folder"),
-                               ([a, b, c], "format", "folder+recordio+folder")):
+    cfg, built = run([a, b])
+    assert first_difference(built, run([a, b])[1], "C", cfg) is None
+    for train, theirs in (([a], "folder"), ([b, a], "recordio+folder"),
+                          ([a, b, c], "folder+recordio+folder")):
         cfg, other = run(train)
         assert first_difference(built, other, "C", cfg) == (
-            f"teacher.cache C was built for other data: its {key} is folder+recordio, data.train "
+            f"teacher.cache C was built for other data: its format is folder+recordio, data.train "
             f"[{', '.join(train)}] has {theirs}")
     _, folders = run([a, c])
     cfg, swapped = run([c, a])
     assert first_difference(folders, swapped, "C", cfg).startswith(
-        f"teacher.cache C was built for other data: its digest is ")
+        "teacher.cache C was built for other data: its digest is ")
 
 
 def test_decode_check_drops_samples_within_their_set(two_sets):
