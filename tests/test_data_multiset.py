@@ -7,6 +7,7 @@ import itertools
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from fr_distill.config import ConfigError, DataConfig, check_paths, load_config
 from fr_distill.data import DataError, build_train_loader, preflight, scan
 from fr_distill.data.convert import folder_to_recordio
 from fr_distill.data.dataset import SampleBytes
-from fr_distill.data.decode_check import without
+from fr_distill.data.decode_check import apply_decode_check, without
 from fr_distill.engine.plan import make_plan
 from fr_distill.teacher_cache.identity import data_identity, first_difference, identity
 
@@ -154,6 +155,24 @@ def test_teacher_cache_of_two_sets_is_refused_for_one_set_or_the_other_order(two
     cfg, swapped = run([c, a])
     assert first_difference(folders, swapped, "C", cfg).startswith(
         "teacher.cache C was built for other data: its digest is ")
+
+
+def test_decode_check_names_and_skips_an_undecodable_image_of_the_second_set(two_sets):
+    """Headers intact, no scan data: only the decode check finds it."""
+    a, b = two_sets
+    header = (Path(a) / "id001" / "0.jpg").read_bytes()
+    broken = Path(a) / "id001" / "0a.jpg"  # sorts after 0.jpg: global index 10 + 5
+    broken.write_bytes(header[:header.index(b"\xff\xda")] + b"\xff\xd9")
+    cfg = DataConfig(train=[b, a], decode_check="on", num_workers=0)
+    with pytest.raises(DataError) as err:
+        apply_decode_check(preflight(cfg), cfg, "torch")
+    assert str(err.value).startswith(f"{broken}: cannot decode image")
+    cfg.skip_bad = True
+    info = preflight(cfg)
+    kept = apply_decode_check(info, cfg, "torch")
+    assert kept.num_samples == 22 and [p.num_samples for p in kept.parts] == [10, 12]
+    np.testing.assert_array_equal(kept.labels, np.delete(info.labels, 15))
+    assert all(SampleBytes(kept).name(i) != str(broken) for i in range(22))
 
 
 def test_decode_check_drops_samples_within_their_set(two_sets):
