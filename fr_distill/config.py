@@ -655,6 +655,9 @@ def check_paths(cfg: Config, cache_exists: bool = True) -> None:
         wanted = [("data.train", cfg.data.train)]
     else:
         wanted = [(f"data.train[{i}]", p) for i, p in enumerate(cfg.data.train)]
+        for key, p in wanted:
+            if not p:
+                raise ConfigError(f"config key '{key}' is empty: name an image folder or train.rec")
     kd_terms = [n for n in KD_TERMS if get_key(cfg, f"loss.{n}.weight") > 0]
     if kd_terms and not cfg.teacher.path:
         raise ConfigError(f"config key 'teacher.path' is empty but distillation terms "

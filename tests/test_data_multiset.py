@@ -95,6 +95,9 @@ def test_config_takes_a_list_from_an_override_or_yaml(two_sets, tmp_path):
         check_paths(load_config(config, [f"data.train=[{a}, {tmp_path / 'gone'}]"]))
     assert str(err.value) == f"config key 'data.train[1]': path not found: {tmp_path / 'gone'}"
     with pytest.raises(ConfigError) as err:
+        check_paths(load_config(config, [f"data.train=[{a}, '']"]))
+    assert str(err.value) == "config key 'data.train[1]' is empty: name an image folder or train.rec"
+    with pytest.raises(ConfigError) as err:
         load_config(None, ["data.train=5"])
     assert str(err.value) == "command line: config key 'data.train' must be str or list, got 5"
     with pytest.raises(ConfigError, match=r"config key 'data.train\[1\]' must be str, got 3"):
