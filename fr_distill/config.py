@@ -143,10 +143,12 @@ class TeacherConfig:
 class DataConfig:
     """Training data (METHOD §4)."""
 
-    train: str = setting("", "training set: image folder, train.rec, or a folder holding "
-                             "train.rec/train.idx")
+    train: str | list[str] = setting("", "training set: image folder, train.rec, or a folder "
+                                         "holding train.rec/train.idx; a list of them trains on "
+                                         "all, identities numbered set after set")
     format: Literal["auto", "folder", "recordio"] = setting(
-        "auto", "training set format (auto: from what data.train holds)")
+        "auto", "training set format, for every data.train entry (auto: each from what it "
+                "holds)")
     loader: Literal["auto", "dali", "torch"] = setting(
         "auto", "input pipeline: auto (DALI when installed), dali, torch")
     batch_size: int = setting(64, "images per rank per micro-step (global batch = batch_size x "
@@ -466,7 +468,16 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], key, source)
+        lists = [a for a in args if typing.get_origin(a) is list]
+        if lists and isinstance(value, (list, tuple)):
+            return _coerce(value, lists[0], key, source)
+        try:
+            return _coerce(value, args[0], key, source)
+        except ConfigError:
+            if len(args) == 1:
+                raise
+            raise ConfigError(f"{source}: config key '{key}' must be {_type_name(hint)}, "
+                              f"got {value!r}") from None
     if origin is Literal:
         rule = _one_of(typing.get_args(hint))
         if isinstance(value, bool) and rule.check(_YAML_SWITCH[value]):
@@ -640,6 +651,13 @@ def check_paths(cfg: Config, cache_exists: bool = True) -> None:
     """
     if not cfg.data.train:
         raise ConfigError("config key 'data.train' is empty: name an image folder or train.rec")
+    if isinstance(cfg.data.train, str):
+        wanted = [("data.train", cfg.data.train)]
+    else:
+        wanted = [(f"data.train[{i}]", p) for i, p in enumerate(cfg.data.train)]
+        for key, p in wanted:
+            if not p:
+                raise ConfigError(f"config key '{key}' is empty: name an image folder or train.rec")
     kd_terms = [n for n in KD_TERMS if get_key(cfg, f"loss.{n}.weight") > 0]
     if kd_terms and not cfg.teacher.path:
         raise ConfigError(f"config key 'teacher.path' is empty but distillation terms "
@@ -650,7 +668,6 @@ def check_paths(cfg: Config, cache_exists: bool = True) -> None:
     if cfg.teacher.cache and not cfg.teacher.path:
         raise ConfigError("config key 'teacher.path' is empty but teacher.cache is set: name the "
                           "teacher file the cache was built from (its sha256 is checked)")
-    wanted = [("data.train", cfg.data.train)]
     if cfg.teacher.path:
         wanted.append(("teacher.path", cfg.teacher.path))
     if cfg.model.init:

@@ -148,6 +148,22 @@ def test_bad_specs_get_one_line_before_any_training(tmp_path, change, message):
     assert proc.stderr.startswith("error: ") and not out.exists()
 
 
+def test_a_spec_trains_on_a_list_of_sets(tmp_path, synthetic_data):
+    from fr_distill.study.runner import plan_runs, prepare_data
+
+    folder, rec = synthetic_data / "train", synthetic_data / "train.rec"
+    body = GOOD.replace(GOOD[GOOD.index("data:"):GOOD.index("teacher:")],
+                        f"data: {{train: [{folder}, {rec}], bin_sets: "
+                        f"[{synthetic_data / 'synth_lfw.bin'}]}}\n")
+    spec = load_spec(write_spec(tmp_path, body))
+    assert spec.train == [str(folder), str(rec)]
+    teacher, students = plan_runs(spec, prepare_data(spec, tmp_path / "out"), tmp_path / "out")
+    assert all(run.config.data.train == [str(folder), str(rec)] for run in [teacher, *students])
+    with pytest.raises(StudyError) as err:
+        load_spec(write_spec(tmp_path, body.replace(str(rec), str(tmp_path / "gone"))))
+    assert str(err.value).endswith(f"'data.train[1]' not found: {tmp_path / 'gone'}")
+
+
 # ----------------------------------------------------------------------------------------------
 # A reduced study end to end
 # ----------------------------------------------------------------------------------------------

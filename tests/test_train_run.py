@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, assert_checkpoints_bitwise
 from fr_distill.config import load_config
 from fr_distill.engine import NonFiniteLossError, checkpoint, train
 from fr_distill.engine.callbacks import Callback
@@ -152,6 +152,25 @@ def test_truncated_newest_checkpoint_falls_back_and_resumes_exactly(
     again = checkpoint.load(newest)
     _assert_identical(uninterrupted["student"], again["student"])
     _assert_identical(uninterrupted["objective"], again["objective"])
+
+
+def test_two_sets_resume_mid_epoch_exactly(synthetic_data, teacher_file, tmp_path, single_thread):
+    """data.train = [the folder, the RecordIO pair] of the synthetic set: 2 × 24 identities
+    (the head has 48 rows), 48 steps per epoch; resuming at step 2 ends bitwise equal."""
+    out = tmp_path / "run"
+    sets = f"data.train=[{synthetic_data / 'train'}, {synthetic_data / 'train.rec'}]"
+    cfg = load_config(None, _overrides(synthetic_data, out, teacher_file) + [
+        sets, "data.batch_size=8", "schedule.total_steps=4", "checkpoint.every_steps=2"])
+    assert train(cfg).start_step == 0
+    store = checkpoint.CheckpointStore(out / "checkpoints", keep_last=3)
+    uninterrupted = checkpoint.load(store.step_path(4))
+    assert uninterrupted["objective"]["head.weight"].shape[0] == 48
+    assert uninterrupted["data"]["format"] == "folder+recordio"
+    for suffix in ("", ".sha256"):
+        Path(f"{store.step_path(4)}{suffix}").unlink()
+    result = train(cfg)
+    assert (result.start_step, result.step, result.status) == (2, 4, "completed")
+    assert_checkpoints_bitwise(uninterrupted, checkpoint.load(store.step_path(4)))
 
 
 def test_nonfinite_loss_skips_steps_then_stops_with_one_line(synthetic_data, teacher_file,

@@ -2,6 +2,7 @@
 
     python tools/validate_data.py data/train_folder          # or data/train.rec
     python tools/validate_data.py data/train.rec --counts counts.csv
+    python tools/validate_data.py data/set_a data/set_b/train.rec   # several sets, as data.train
 """
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from fr_distill.data.validate import validate_dataset
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("train", help="image folder, .rec file, or folder holding train.rec")
+    parser.add_argument("train", nargs="+", help="image folder, .rec file, or folder holding "
+                                                 "train.rec; several: their concatenation")
     parser.add_argument("--format", choices=("auto", "folder", "recordio"), default="auto")
     parser.add_argument("--counts", help="write per-class image counts to this CSV file")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
-        report = validate_dataset(args.train, args.format, progress=not args.no_progress)
+        train = args.train[0] if len(args.train) == 1 else args.train
+        report = validate_dataset(train, args.format, progress=not args.no_progress)
     except FrDistillError as err:
         return exit_with(err)
     counts = report.class_counts

@@ -2,10 +2,12 @@
 
 Python worker processes (batch mode: each prepares whole batches) read the encoded bytes
 (image folder or RecordIO, any layout the project's reader accepts, including InsightFace's
-header record) in the exact order of :class:`~fr_distill.data.sampler.GlobalSampler`, together with the sampler's flip
-flag and the data-set index. DALI decodes (``device="mixed"`` on a GPU, ``"cpu"`` otherwise;
-same graph), mirrors by the flag and normalizes ``(x - 127.5) / 127.5`` to CHW float32 in
-one ``crop_mirror_normalize``. Batches come out as torch tensors on the rank's device.
+header record, or several such sets concatenated, which DALI's own one-source readers could
+not mix) in the exact order of :class:`~fr_distill.data.sampler.GlobalSampler`, together
+with the sampler's flip flag and the data-set index. DALI decodes (``device="mixed"`` on a
+GPU, ``"cpu"`` otherwise; same graph), mirrors by the flag and normalizes
+``(x - 127.5) / 127.5`` to CHW float32 in one ``crop_mirror_normalize``. Batches come out
+as torch tensors on the rank's device.
 
 Worker start: ``fork`` while CUDA is not initialized in this process (fast), else ``spawn``
 (the source object is picklable; the RecordIO reader reopens its file in each worker).

@@ -1,7 +1,10 @@
 """Training-set indexing and the pre-flight check (METHOD §4).
 
 A training set is an image folder (one sub-folder per identity, aligned 112×112 JPEG/PNG
-images; labels are the sorted folder positions) or an InsightFace RecordIO pair. :func:`preflight`
+images; labels are the sorted folder positions) or an InsightFace RecordIO pair; ``data.train``
+names one, or a list of several, trained on as their concatenation (:func:`concat`: set k's
+samples follow those of the sets before it, its labels are offset by their class counts, so
+identities of different sets never share a label). :func:`preflight`
 lists every sample and checks it from headers and sizes only (no decoding): image magic,
 JPEG end-of-image marker / PNG ``IEND``, width×height from the JPEG SOF or PNG IHDR,
 non-empty files and class folders; for RecordIO also ``.idx``/``.rec`` agreement, each
@@ -43,7 +46,9 @@ class DatasetInfo:
     """What the pre-flight check found: sample count, classes, format, the bad entries skipped.
 
     ``samples`` are folder-relative paths (bytes) or positions in the RecordIO reader's image
-    list, ``labels`` their int64 labels; ``root`` is the folder or the ``.rec`` file.
+    list, ``labels`` their int64 labels; ``root`` is the folder or the ``.rec`` file. A
+    concatenation of several sets holds them in ``parts`` (its ``samples`` are the global
+    indices, its ``labels`` the offset labels, its ``format`` e.g. ``folder+recordio``).
     """
 
     num_samples: int
@@ -55,6 +60,24 @@ class DatasetInfo:
     samples: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64), repr=False)
     labels: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64), repr=False)
     class_names: list[str] = field(default_factory=list, repr=False)
+    parts: list[DatasetInfo] = field(default_factory=list, repr=False)
+
+    def sets(self) -> list[DatasetInfo]:
+        """The single sets: ``parts``, or this set alone."""
+        return self.parts or [self]
+
+    def label_offsets(self) -> list[int]:
+        """The first label of each of :meth:`sets` (the class counts of the sets before it)."""
+        return _starts([p.num_classes for p in self.sets()])
+
+    def sample_starts(self) -> list[int]:
+        """The first global sample index of each of :meth:`sets`."""
+        return _starts([p.num_samples for p in self.sets()])
+
+
+def _starts(counts: list[int]) -> list[int]:
+    """Where each of consecutive runs of ``counts`` items starts."""
+    return np.cumsum([0] + counts)[:-1].tolist()
 
 
 # --------------------------------------------------------------------------------------
@@ -146,6 +169,33 @@ def _check_file(path: str) -> str | None:
     return image_problem(head, tail, size)
 
 
+def _listing(folder: Path) -> list[os.DirEntry]:
+    """The entries of ``folder`` that are data (not hidden), sorted; none if unreadable."""
+    try:
+        return sorted((e for e in os.scandir(folder) if not e.name.startswith(".")),
+                      key=lambda e: e.name)
+    except OSError:
+        return []
+
+
+def _depth_problem(root: Path, class_dirs: list[str], stray_files: int) -> str | None:
+    """Why a folder none of whose sub-folders holds images is probably the wrong level, with
+    the path ``data.train`` should name (one line), or None when it does not look like it."""
+    for name in class_dirs[:8]:
+        for inner in _listing(root / name):
+            if inner.is_dir() and any(not e.is_dir() for e in _listing(Path(inner.path))):
+                others = (f", or a list of all {len(class_dirs)} sub-folders of {root}"
+                          if len(class_dirs) > 1 else "")
+                return (f"{root}: its sub-folders hold folders of images (e.g. "
+                        f"{root / name / inner.name}), one level too deep: set data.train to "
+                        f"{root / name}{others}")
+    if stray_files:
+        return (f"{root}: holds {stray_files} files but no identity sub-folder with images, one "
+                f"level too shallow (is this one identity's folder?): data.train must name the "
+                f"folder holding one sub-folder per identity, e.g. {root.parent}")
+    return None
+
+
 def _index_folder(root: Path, check: bool) -> tuple[list[str], list[bytes], list[int], list[str]]:
     """Class names, relative paths, labels and bad entries of an image folder."""
     bad: list[str] = []
@@ -172,10 +222,18 @@ def _index_folder(root: Path, check: bool) -> tuple[list[str], list[bytes], list
         if not files:
             bad.append(f"{root / name}: empty class folder")
             continue
+        if "train.rec" in files:
+            raise DataError(f"{root}: a RecordIO set in its sub-folder {root / name}, one level "
+                            f"too deep: set data.train to {root / name}")
         label = len(names)
         names.append(name)
         rel_paths += [f"{name}/{f}".encode() for f in files]
         labels += [label] * len(files)
+    if not names:
+        stray = sum(1 for entry in entries if not entry.name.startswith(".") and not entry.is_dir())
+        problem = _depth_problem(root, class_dirs, stray)
+        if problem:
+            raise DataError(problem)
     if check and rel_paths:
         def check_chunk(chunk: list[bytes]) -> list[str | None]:
             return [_check_file(os.path.join(root, p.decode())) for p in chunk]
@@ -279,8 +337,55 @@ def _index_recordio(rec_path: Path, idx_path: Path, check: bool
 # --------------------------------------------------------------------------------------
 # The pre-flight check
 # --------------------------------------------------------------------------------------
-def scan(train: str, fmt: str = "auto", check: bool = True) -> DatasetInfo:
-    """Index the training set and list (not raise) every bad entry in ``DatasetInfo.bad``."""
+def _check_entries(train: list[str]) -> None:
+    """Refuse an empty list, an empty entry, and a set listed twice (by its real path)."""
+    if not train:
+        raise DataError("config key 'data.train' is an empty list: name one or more image "
+                        "folders or train.rec files")
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(train):
+        if not entry:
+            raise DataError(f"config key 'data.train[{i}]' is empty: name an image folder or a "
+                            f"train.rec")
+        same = os.path.realpath(entry)
+        if same in seen:
+            raise DataError(f"data.train[{i}] {entry}: the same set as data.train[{seen[same]}]; "
+                            f"a set listed twice would give its identities two labels")
+        seen[same] = i
+
+
+def concat(parts: list[DatasetInfo]) -> DatasetInfo:
+    """One training set of several: samples in order of the sets, labels of set k offset by
+    the class counts of the sets before it."""
+    if len(parts) == 1:
+        return parts[0]
+    offsets = _starts([p.num_classes for p in parts])
+    labels = np.concatenate([p.labels + offset for p, offset in zip(parts, offsets)])
+    names = [f"{k}:{name}" for k, p in enumerate(parts)
+             for name in (p.class_names or [str(label) for label in range(p.num_classes)])]
+    return DatasetInfo(len(labels), sum(p.num_classes for p in parts),
+                       "+".join(p.format for p in parts), [b for p in parts for b in p.bad],
+                       ", ".join(p.root for p in parts), "", np.arange(len(labels), dtype=np.int64),
+                       labels.astype(np.int64), names, list(parts))
+
+
+def scan(train: str | list[str], fmt: str = "auto", check: bool = True) -> DatasetInfo:
+    """Index the training set(s) and list (not raise) every bad entry in ``DatasetInfo.bad``;
+    ``data.format`` applies to every entry (``auto``: each entry detected on its own)."""
+    if isinstance(train, str):
+        return _scan_one(train, fmt, check)
+    _check_entries(train)
+    parts = []
+    for i, entry in enumerate(train):
+        try:
+            parts.append(_scan_one(entry, fmt, check))
+        except DataError as err:
+            raise DataError(f"data.train[{i}]: {err}") from None
+    return concat(parts)
+
+
+def _scan_one(train: str, fmt: str, check: bool) -> DatasetInfo:
+    """Index one set: an image folder or a RecordIO pair."""
     kind, root, idx_path = resolve(train, fmt)
     if kind == "folder":
         names, rel_paths, labels, bad = _index_folder(root, check)
@@ -306,8 +411,9 @@ def preflight(data_cfg) -> DatasetInfo:
                             f"or set data.skip_bad=true to skip bad records")
         LOG.warning("data pre-flight: skipping %d bad entries of %s, e.g. %s", len(info.bad),
                     info.root, info.bad[0])
-    if info.num_samples == 0:
-        raise DataError(f"{info.root}: no usable training samples")
+    for part in info.sets():
+        if part.num_samples == 0:
+            raise DataError(f"{part.root}: no usable training samples")
     return info
 
 
@@ -315,24 +421,38 @@ def preflight(data_cfg) -> DatasetInfo:
 # Reading encoded samples (used by both loaders; picklable for worker processes)
 # --------------------------------------------------------------------------------------
 class SampleBytes:
-    """``images[i]`` → the encoded bytes of data-set sample ``i`` of a :class:`DatasetInfo`."""
+    """``images[i]`` → the encoded bytes of data-set sample ``i`` of a :class:`DatasetInfo`
+    (of a concatenation: of the set holding global index ``i``)."""
 
     def __init__(self, info: DatasetInfo) -> None:
         self.format, self.samples = info.format, info.samples
         self.root = Path(info.root)
         self.root_str = str(self.root)
         self.reader = RecordIOReader(info.root, info.idx_path) if info.format == "recordio" else None
+        self.parts = [SampleBytes(p) for p in info.parts]
+        self.starts = np.asarray(info.sample_starts(), dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _locate(self, i: int) -> tuple[SampleBytes, int]:
+        """The set holding global sample ``i`` and ``i``'s index in it."""
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[k], int(i) - int(self.starts[k])
+
     def name(self, i: int) -> str:
         """The file or record of sample ``i``, for messages."""
+        if self.parts:
+            part, j = self._locate(i)
+            return part.name(j)
         if self.reader is not None:
             return f"{self.reader.rec_path} record {int(self.reader.keys[int(self.samples[i])])}"
         return str(self.root / self.samples[i].decode())
 
     def __getitem__(self, i: int) -> bytes:
+        if self.parts:
+            part, j = self._locate(i)
+            return part[j]
         if self.reader is not None:
             return self.reader.read(int(self.samples[i]))[1]
         path = os.path.join(self.root_str, self.samples[i].decode())

@@ -24,7 +24,7 @@ import numpy as np
 
 from fr_distill import dist
 
-from .dataset import DatasetInfo, SampleBytes
+from .dataset import DatasetInfo, SampleBytes, concat
 from .decode import decode_rgb
 from .errors import DataError
 from .torch_loader import worker_context
@@ -77,7 +77,14 @@ def find_undecodable(info: DatasetInfo, workers: int) -> list[tuple[int, str]]:
 
 
 def without(info: DatasetInfo, drop: list[int], problems: list[str]) -> DatasetInfo:
-    """``info`` without the samples ``drop``, with ``problems`` added to its bad entries."""
+    """``info`` without the samples ``drop``, with ``problems`` added to its bad entries (of a
+    concatenation: each set without its samples among ``drop``; the label offsets stay)."""
+    if info.parts:
+        drop = np.asarray(drop, dtype=np.int64)
+        parts = [without(part, (drop[(drop >= start) & (drop < start + part.num_samples)]
+                                - start).tolist(), [])
+                 for part, start in zip(info.parts, info.sample_starts())]
+        return dataclasses.replace(concat(parts), bad=info.bad + problems)
     keep = np.setdiff1d(np.arange(info.num_samples), np.asarray(drop, dtype=np.int64))
     return dataclasses.replace(info, num_samples=len(keep), samples=info.samples[keep],
                                labels=info.labels[keep], bad=info.bad + problems)

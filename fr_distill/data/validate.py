@@ -2,7 +2,8 @@
 
 First the pre-flight header/size check lists every bad entry (corrupt, truncated, non-image,
 wrong size, empty class, index problems); then every remaining image is fully decoded.
-The report holds all problems by file/record name and the per-class image counts.
+The report holds all problems by file/record name and the per-class image counts (classes of
+several sets named ``k:name``, set ``k`` of the list).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ class ValidationReport:
         return not self.problems
 
 
-def validate_dataset(train: str, fmt: str = "auto", progress: bool = True) -> ValidationReport:
+def validate_dataset(train: str | list[str], fmt: str = "auto", progress: bool = True
+                     ) -> ValidationReport:
     """Check headers, then decode every image of ``train``; collects problems instead of raising
     (except for errors that make the whole set unreadable, such as a missing ``.idx``)."""
     info = scan(train, fmt, check=True)

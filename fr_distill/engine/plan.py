@@ -8,7 +8,7 @@ its data order, memory-bank size and learning rate continue unchanged. ``launch/
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +45,8 @@ class Plan:
     data_format: str
     resume_path: Path | None
     resume_step: int
+    data_sets: list[tuple[str, str, int, int, int]] = field(default_factory=list)
+    """Of several training sets: (root, format, images, identities, first label) of each."""
 
     @property
     def effective_batch(self) -> int:
@@ -64,9 +66,13 @@ class Plan:
         epochs = cfg.schedule.total_steps / max(self.steps_per_epoch, 1)
         resume = (f"{self.resume_path} (step {self.resume_step})" if self.resume_path
                   else "none (fresh start)")
+        data = f"{len(self.data_sets)} sets" if self.data_sets else cfg.data.train
         return "\n".join([
-            f"data      {cfg.data.train} ({self.data_format}): {self.num_samples} images, "
+            f"data      {data} ({self.data_format}): {self.num_samples} images, "
             f"{self.num_classes} identities",
+            *[f"  set {k}   {root} ({kind}): {images} images, {classes} identities, labels "
+              f"{first}-{first + classes - 1}"
+              for k, (root, kind, images, classes, first) in enumerate(self.data_sets)],
             _student_line(cfg, self.resume_path),
             _teacher_line(cfg),
             f"objective {' + '.join(terms) or 'none'}",
@@ -136,7 +142,9 @@ def make_plan(cfg: Config, info: DatasetInfo, world_size: int, resume_path: Path
                 lr=scaled_lr(cfg.optim, global_batch * accumulation),
                 num_samples=info.num_samples, num_classes=info.num_classes,
                 data_format=info.format, resume_path=resume_path,
-                resume_step=int(resumed["step"]) if resumed is not None else 0)
+                resume_step=int(resumed["step"]) if resumed is not None else 0,
+                data_sets=[(p.root, p.format, p.num_samples, p.num_classes, first)
+                           for p, first in zip(info.parts, info.label_offsets())])
 
 
 def dry_run(cfg: Config) -> str:

@@ -89,7 +89,7 @@ def _duration(seconds: float) -> str:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class StudyData:
-    train: str
+    train: str | list[str]
     bin_sets: list[str]
     ijb_sets: list[IJBSet]
 
@@ -130,7 +130,8 @@ def plan_runs(spec: StudySpec, data: StudyData, out: Path) -> tuple[StudyRun | N
     """The teacher run (None when the spec names a teacher file) and the student runs, in
     the order they train: seed by seed, every variant within a seed, so that a study stopped
     early holds complete seeds."""
-    common = [f"data.train={data.train}"]
+    # a list as a YAML flow sequence of quoted paths (JSON), a single path as it is
+    common = [f"data.train={data.train if isinstance(data.train, str) else json.dumps(data.train)}"]
     teacher = None
     if spec.teacher_config is not None:
         run_dir = out / "runs" / TEACHER

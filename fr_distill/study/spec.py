@@ -5,6 +5,7 @@ A spec is a YAML file (``configs/study/study.yaml``)::
     data:                      # a synthetic data set, generated (and reused) in OUT/data ...
       synthetic: {identities: 200, images_per_identity: 24, bin_pairs: 3000, ...}
     # data: {train: DIR, bin_sets: [a.bin, ...], ijb_sets: [{root: DIR, name: IJBC}]}  # ... or yours
+    #   (train: a folder or train.rec, or a list of them: [DIR_A, DIR_B/train.rec])
     teacher: {config: teacher.yaml}     # trained once by the study, or {path: FILE}
     student: student.yaml               # the config every variant overlays
     variants:                           # name -> dotted overrides of the student config
@@ -63,7 +64,7 @@ class StudySpec:
     teacher_config: Path | None = None
     teacher_path: Path | None = None
     synthetic: dict | None = None        # generate() arguments, or None for user data
-    train: str | None = None
+    train: str | list[str] | None = None   # one training set, or a list of several
     bin_sets: list[str] = field(default_factory=list)
     ijb_sets: list[IJBSet] = field(default_factory=list)
     nproc: int = 2
@@ -106,9 +107,15 @@ def _parse_data(raw: dict, base: Path, spec: Path) -> dict:
             raise StudyError(f"{spec}: 'data.synthetic' makes its own evaluation sets; remove "
                              f"{', '.join(sorted(set(raw) - {'synthetic'}))}")
         return {"synthetic": {SYNTHETIC_KEYS[k]: v for k, v in synthetic.items()}}
-    train = (base / str(raw["train"])).resolve()
-    if not train.exists():
-        raise StudyError(f"{spec}: 'data.train' not found: {train}")
+    entries = raw["train"] if isinstance(raw["train"], list) else [raw["train"]]
+    if not entries:
+        raise StudyError(f"{spec}: 'data.train' is an empty list: name one or more training sets")
+    paths = [str((base / str(entry)).resolve()) for entry in entries]
+    for i, path in enumerate(paths):
+        if not os.path.exists(path):
+            where = f"data.train[{i}]" if isinstance(raw["train"], list) else "data.train"
+            raise StudyError(f"{spec}: '{where}' not found: {path}")
+    train = paths if isinstance(raw["train"], list) else paths[0]
     bins = [str(_file(base, b, "data.bin_sets", spec)) for b in raw.get("bin_sets") or []]
     ijb = []
     for entry in raw.get("ijb_sets") or []:
@@ -120,7 +127,7 @@ def _parse_data(raw: dict, base: Path, spec: Path) -> dict:
         ijb.append(IJBSet(str(root), str(entry.get("name", ""))))
     if not bins and not ijb:
         raise StudyError(f"{spec}: 'data' names no evaluation set (bin_sets or ijb_sets)")
-    return {"train": str(train), "bin_sets": bins, "ijb_sets": ijb}
+    return {"train": train, "bin_sets": bins, "ijb_sets": ijb}
 
 
 def _parse_seeds(raw, spec: Path) -> list[int]:

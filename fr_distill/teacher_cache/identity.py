@@ -12,6 +12,7 @@ a row (batch size, precision, memory layout, compilation, device) are recorded u
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,14 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
 def data_identity(info: DatasetInfo) -> dict:
     """Format, sample and class counts, and a digest of the sample list: relative file paths
     and labels of an image folder; record keys, offsets, labels and the file size of RecordIO
-    (the samples pre-flight kept, in order, so skipped bad records count)."""
+    (the samples pre-flight kept, in order, so skipped bad records count). A concatenation of
+    sets: the digest of its sets' identities in their order (``[a, b]`` is not ``[b, a]``)."""
+    if info.parts:
+        digest = hashlib.sha256(info.format.encode())
+        for part in info.parts:
+            digest.update(json.dumps(data_identity(part), sort_keys=True).encode())
+        return {"format": info.format, "num_samples": int(info.num_samples),
+                "num_classes": int(info.num_classes), "digest": digest.hexdigest()}
     digest = hashlib.sha256(info.format.encode())
     if info.format == "folder":
         for name in info.samples.tolist():
@@ -114,10 +122,11 @@ def first_difference(cache: dict, run: dict, where: str, cfg: Config) -> str | N
                 size = " (embedding size)" if key == "embedding_dim" else ""
                 return (f"teacher.cache {where} was built with teacher.{key}={mine[key]}{size}, "
                         f"the config has teacher.{key}={theirs[key]}")
+    train = cfg.data.train if isinstance(cfg.data.train, str) else f"[{', '.join(cfg.data.train)}]"
     for key in ("format", "num_samples", "num_classes", "digest"):
         if data[key] != run["data"][key]:
             return (f"teacher.cache {where} was built for other data: its {key} is "
-                    f"{data[key]}, data.train {cfg.data.train} has {run['data'][key]}")
+                    f"{data[key]}, data.train {train} has {run['data'][key]}")
     if pre["decoder"] != run["preprocessing"]["decoder"]:
         return (f"teacher.cache {where} was built from images decoded by {pre['decoder']}, this "
                 f"run decodes with {run['preprocessing']['decoder']} (data.loader, device); "
