@@ -7,6 +7,7 @@
 ``fr-distill cache-teacher --config C [...]``          the teacher's embeddings of the training set (torchrun)
 ``fr-distill study SPEC [--out DIR] [--dry-run]``     variants x seeds with uncertainty (docs/STUDY.md)
 ``fr-distill demo [--quick] [--out DIR]``             the end-to-end demo on synthetic faces (make demo)
+``fr-distill export --checkpoint C --out DIR [...]``   verified deployment files (ONNX, TorchScript) and a report
 """
 from __future__ import annotations
 
@@ -58,12 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from fr_distill.engine.entry import train_main
     from fr_distill.demo import demo_main
+    from fr_distill.deploy import export_main
     from fr_distill.eval.runner import eval_main
     from fr_distill.study import study_main
     from fr_distill.teacher_cache.build import cache_teacher_main
 
     commands = {"config": _config_command, "train": train_main, "eval": eval_main,
-                "study": study_main, "demo": demo_main, "cache-teacher": cache_teacher_main}
+                "study": study_main, "demo": demo_main, "cache-teacher": cache_teacher_main,
+                "export": export_main}
     if not argv or argv[0] not in commands:
         print(__doc__.strip())
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2

@@ -1,36 +1,16 @@
-"""Export a trained student from an fr_distill checkpoint for deployment.
+"""Export a trained student for deployment: the same as ``fr-distill export``.
 
-    python tools/export.py --checkpoint runs/x/checkpoints/step_80000.pt --out export/ [--onnx]
+    python tools/export.py --checkpoint runs/x/checkpoints/best.pt --out exported/
 
-Writes ``backbone.pth`` (InsightFace-compatible state dict, loads with ``strict=True`` into
-an InsightFace IResNet/MobileFaceNet of the same size) and, with ``--onnx``, ``backbone.onnx``
-(dynamic batch, verified against the torch model with onnxruntime).
+Writes ``backbone.pth`` (InsightFace-layout state dict), ``backbone.onnx``,
+``backbone_fp16.onnx`` and ``backbone_torchscript.pt``, each verified against the PyTorch model,
+and ``export.json`` (see ``--help`` and README, "Teachers and exporting the student").
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 
-from fr_distill.errors import FrDistillError, exit_with
-from fr_distill.models.export import export_student
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="fr_distill checkpoint file")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--onnx", action="store_true", help="also write a verified backbone.onnx")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        written = export_student(args.checkpoint, args.out, onnx=args.onnx)
-    except FrDistillError as err:
-        return exit_with(err)
-    for kind, path in written.items():
-        print(f"{kind}: {path}")
-    return 0
-
+from fr_distill.deploy import export_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(export_main())

@@ -1,16 +1,14 @@
-"""Exporting a trained student from an fr_distill checkpoint for deployment.
+"""Reading a student out of an fr_distill checkpoint, and the verified ONNX export.
 
-``backbone.pth`` is the student's plain state dict — for IResNet and MobileFaceNet students
-exactly InsightFace arcface_torch's layout, so InsightFace tooling loads it with
-``strict=True``. ``backbone.onnx`` (optional) has a dynamic batch axis, input ``input``
-[B,3,112,112] and output ``embedding`` [B,D]; it is verified with onnxruntime against the
-torch model before the export is reported as done.
+:func:`export_onnx` writes a model with a dynamic batch axis, input ``input`` [B,3,112,112]
+and output ``embedding`` [B,D], and checks it with onnxruntime against the torch model; the
+deployment files of ``fr-distill export`` (:mod:`fr_distill.deploy`) and the synthetic ONNX
+teachers are written with it.
 """
 from __future__ import annotations
 
 import contextlib
 import io
-import logging
 from pathlib import Path
 
 import torch
@@ -19,10 +17,10 @@ from torch import nn
 from fr_distill.errors import FrDistillError
 from fr_distill.models.errors import ModelLoadError
 from fr_distill.models.onnx_teacher import ort_session
-from fr_distill.models.weights import (is_fr_distill_checkpoint, load_strict,
-                                       model_from_checkpoint, safe_torch_load, state_dict_of)
-
-logger = logging.getLogger("fr_distill")
+from fr_distill.config import ModelConfig
+from fr_distill.models.weights import (checkpoint_model_config, is_fr_distill_checkpoint,
+                                       load_strict, model_from_checkpoint, safe_torch_load,
+                                       state_dict_of)
 
 ONNX_OPSET = 18
 VERIFY_BATCH = 3
@@ -35,8 +33,9 @@ class ExportError(FrDistillError, RuntimeError):
     exit_code = 1
 
 
-def load_student(checkpoint_path: str) -> nn.Module:
-    """The student of an fr_distill checkpoint, weights loaded strictly, in eval mode."""
+def load_student(checkpoint_path: str) -> tuple[nn.Module, ModelConfig, int | None]:
+    """The student of an fr_distill checkpoint (a step checkpoint or ``best.pt``), weights
+    loaded strictly, in eval mode; with its ``config.model`` and the checkpoint's step."""
     payload = safe_torch_load(checkpoint_path)
     if not is_fr_distill_checkpoint(payload):
         raise ModelLoadError(f"{checkpoint_path} is not an fr_distill checkpoint "
@@ -44,7 +43,7 @@ def load_student(checkpoint_path: str) -> nn.Module:
     model, label = model_from_checkpoint(payload, checkpoint_path)
     load_strict(model, state_dict_of(payload["student"], checkpoint_path), checkpoint_path,
                 label)
-    return model.eval()
+    return model.eval(), checkpoint_model_config(payload, checkpoint_path), payload.get("step")
 
 
 def export_onnx(model: nn.Module, path: Path) -> float:
@@ -66,20 +65,3 @@ def export_onnx(model: nn.Module, path: Path) -> float:
         raise ExportError(f"{path}: onnxruntime output differs from the torch model by "
                           f"{error:.2e} relative (> {VERIFY_RTOL:g})")
     return error
-
-
-def export_student(checkpoint_path: str, out_dir: str, onnx: bool = False) -> dict[str, str]:
-    """Write ``backbone.pth`` (and with ``onnx`` a verified ``backbone.onnx``) for the student
-    of ``checkpoint_path`` into ``out_dir``; returns file kind → written path."""
-    model = load_student(checkpoint_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = {"state_dict": str(out / "backbone.pth")}
-    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    torch.save(state, written["state_dict"])
-    logger.info("wrote %s (%d tensors)", written["state_dict"], len(state))
-    if onnx:
-        written["onnx"] = str(out / "backbone.onnx")
-        error = export_onnx(model, Path(written["onnx"]))
-        logger.info("wrote %s (onnxruntime vs torch relative error %.1e)", written["onnx"], error)
-    return written

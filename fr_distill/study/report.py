@@ -216,7 +216,8 @@ def plot_curves(by_variant: dict[str, dict[int, StudyRun]], out: Path) -> list[P
 # ----------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------
-def _machine() -> str:
+def machine_description() -> str:
+    """``<CPU model>, <N> cores, torch <version>, python <version>``: where a report was made."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -259,7 +260,7 @@ def markdown(spec: StudySpec, out: Path, summary: dict, diffs: dict, failed: lis
         "cosine" in s for s in summary.values()) else [])
     lines = [f"# Study report: {spec.path.name}", "",
              f"- command: `{command}`",
-             f"- machine: {_machine()}",
+             f"- machine: {machine_description()}",
              f"- finished: {datetime.datetime.now().isoformat(timespec='seconds')}, wall time of "
              f"this invocation {datetime.timedelta(seconds=int(wall_s))}",
              f"- seeds: {', '.join(map(str, spec.seeds))}; baseline: `{spec.baseline}`; "
@@ -312,7 +313,7 @@ def write_report(spec: StudySpec, out: Path, teacher: StudyRun, students: list[S
     figures = plot_rocs(teacher, by_variant, out) + plot_curves(by_variant, out)
     command = " ".join(["fr-distill", "study", *sys.argv[2:]]) if sys.argv[1:2] == ["study"] \
         else " ".join(sys.argv)
-    report = {"spec": str(spec.path), "machine": _machine(), "wall_s": wall_s,
+    report = {"spec": str(spec.path), "machine": machine_description(), "wall_s": wall_s,
               "seeds": spec.seeds, "baseline": spec.baseline, "summary": summary,
               "differences": diffs,
               "runs": [{"name": r.name, "variant": r.variant, "seed": r.seed, "status": r.status,

@@ -173,3 +173,20 @@ def generate(out_dir: str | os.PathLike, num_identities: int = 200, images_per_i
     })
     _write_manifest(out_dir, manifest)
     return manifest
+
+
+def write_verification_bin(path: str | os.PathLike, num_pairs: int, seed: int = 0, *,
+                           bin_identities: int = 100, family_size: int = 4, quality: int = 90,
+                           workers: int | None = None) -> Path:
+    """Write only the frontal verification set of :func:`generate` (``synth_lfw``: its
+    identities, pairs and rendering for these arguments) to ``path``, an InsightFace ``.bin``
+    of ``num_pairs`` pairs; for checks that need a `.bin` but no training data."""
+    if num_pairs < 2 or bin_identities < 2 or family_size < 1:
+        raise DataError(f"synthetic verification set: num_pairs={num_pairs}, bin_identities="
+                        f"{bin_identities}, family_size={family_size} (need at least 2, 2, 1)")
+    latent = identity_pool(seed, "verification", bin_identities, family_size)
+    jobs, issame = release.bin_jobs(0, release.BIN_SETS[0], latent, num_pairs, family_size, seed,
+                                    quality)
+    path = Path(path)
+    release.write_bin(path, jobs, issame, int(workers) if workers else (os.cpu_count() or 1))
+    return path

@@ -1,0 +1,215 @@
+"""``fr-distill export``: deployment files of a student, each verified, with a report.
+
+Order of work: every input is checked first (formats and their packages, the output
+directory, the checkpoint, the `.bin` sets, the numbers), so bad input costs nothing. Then the
+files are written into a staging directory inside ``--out``, loaded back and verified
+(:mod:`fr_distill.deploy.verify`); only when all of them pass are they moved into ``--out``,
+``export.json`` written last and the table printed. A failed export removes the staging
+directory and leaves ``--out`` as it was.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fr_distill.errors import FrDistillError, exit_with
+from fr_distill.eval.runner import check_bin_sets
+from fr_distill.data.synthetic.build import write_verification_bin
+from fr_distill.models.export import ExportError, load_student
+from fr_distill.models.registry import build_student
+from fr_distill.models.weights import architecture
+from fr_distill.study.report import machine_description
+from fr_distill.paths import require_writable_dir
+
+from . import report as costs
+from .artifacts import FORMATS, STATE_DICT, WRITERS, Format, insightface_input, load_artifact
+from .verify import DEFAULT_ACCURACY_TOLERANCE, embedding_bound, reference_sets, verify_artifact
+
+logger = logging.getLogger("fr_distill")
+
+REPORT = "export.json"
+STAGING_PREFIX = ".export-staging-"
+SYNTHETIC_SET = "synth_lfw.bin"
+
+
+class ExportInputError(FrDistillError, ValueError):
+    """A flag of ``fr-distill export`` cannot be used (one line, exit 2)."""
+
+
+def installed_formats() -> list[str]:
+    return [name for name, fmt in FORMATS.items() if not fmt.missing_packages()]
+
+
+def parse_formats(text: str | None) -> list[Format]:
+    """The formats of ``--formats`` (comma-separated); by default every format whose packages
+    are installed. An unknown name or a named format with a package missing is refused."""
+    names = installed_formats() if text is None else [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        if name not in FORMATS:
+            raise ExportInputError(f"--formats: unknown format '{name}'; choose from "
+                                   f"{', '.join(FORMATS)}")
+        missing = FORMATS[name].missing_packages()
+        if missing:
+            raise ExportInputError(f"--formats: {name} needs the package(s) {', '.join(missing)} "
+                                   "(pip install -e '.[onnx]')")
+    return [STATE_DICT] + [fmt for name, fmt in FORMATS.items() if name in names]
+
+
+def _positive_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ExportInputError(f"{flag}: '{text}' is not a comma-separated list of positive integers")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fr-distill export",
+        description="Write a student's deployment files (backbone.pth and ONNX float32/float16, "
+                    "TorchScript), verify each against the PyTorch model (embeddings and 10-fold "
+                    "accuracy on .bin sets), and report size, GFLOPs and CPU latency (export.json).")
+    parser.add_argument("--checkpoint", required=True,
+                        help="fr_distill checkpoint (step_*.pt or best.pt)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--formats", default=None,
+                        help=f"comma-separated, from {', '.join(FORMATS)} (default: every format "
+                             "whose packages are installed); backbone.pth is always written")
+    parser.add_argument("--bin", action="append", default=[], metavar="PATH",
+                        help="verification .bin set (repeatable; default: a synthetic synth_lfw "
+                             "set of --synthetic-pairs pairs)")
+    parser.add_argument("--synthetic-pairs", type=int, default=600,
+                        help="pairs of the synthetic set used without --bin (default 600)")
+    for precision, default in DEFAULT_ACCURACY_TOLERANCE.items():
+        parser.add_argument(f"--tolerance-{precision}", type=float, default=default,
+                            help=f"largest accuracy difference of a {precision} file to the "
+                                 f"PyTorch model, in points (default {default:g})")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="CPU threads for torch and onnxruntime (default: torch's, "
+                             f"{torch.get_num_threads()} here)")
+    parser.add_argument("--latency-batches", default="1,64", help="batch sizes timed (default 1,64)")
+    parser.add_argument("--latency-warmup", type=int, default=3, help="untimed runs (default 3)")
+    parser.add_argument("--latency-repeats", type=int, default=20,
+                        help="timed runs, the median is reported (default 20)")
+    parser.add_argument("--batch-size", type=int, default=64, help="verification batch size")
+    return parser
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for flag in ("synthetic_pairs", "threads", "latency_repeats", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise ExportInputError(f"--{flag.replace('_', '-')} must be at least 1, got "
+                                   f"{getattr(args, flag)}")
+    if args.synthetic_pairs < 10:
+        raise ExportInputError(f"--synthetic-pairs must be at least 10 (10 folds), got "
+                               f"{args.synthetic_pairs}")
+    if args.latency_warmup < 0:
+        raise ExportInputError(f"--latency-warmup must be at least 0, got {args.latency_warmup}")
+    for precision in DEFAULT_ACCURACY_TOLERANCE:
+        value = getattr(args, f"tolerance_{precision}")
+        if not value >= 0:
+            raise ExportInputError(f"--tolerance-{precision} must be at least 0 points, got {value}")
+
+
+def _write_and_verify(fmt: Format, model: torch.nn.Module, staging: Path, sets: list,
+                      fresh_student, args: argparse.Namespace) -> dict:
+    """Write ``fmt``'s file into ``staging``, load it back, verify it and time it."""
+    path = staging / fmt.file
+    WRITERS[fmt.name](model, path)
+    if fmt.runtime == "onnxruntime" and insightface_input(path) != (127.5, 127.5):
+        raise ExportError(f"{fmt.name} artifact {fmt.file}: InsightFace's loader would feed it "
+                          "raw 0-255 pixels (node names Sub* and Mul* among its first 8 nodes)")
+    module = load_artifact(fmt, path, fresh_student, args.threads)
+    tolerance = getattr(args, f"tolerance_{fmt.precision}")
+    results = verify_artifact(fmt, module, sets, tolerance, args.batch_size)
+    logger.info("%s: verified (largest relative embedding error %.1e)", fmt.file,
+                max(results["embedding_rel_error"].values()))
+    latency = {str(batch): costs.latency_ms(module, batch, args.latency_warmup,
+                                            args.latency_repeats)
+               for batch in args.latency_batches}
+    return {"format": fmt.name, "file": fmt.file, "precision": fmt.precision,
+            "runtime": fmt.runtime, "bytes": path.stat().st_size, "verified": True,
+            "embedding_bound": embedding_bound(fmt), "accuracy_tolerance_points": tolerance,
+            **results, "latency_ms": latency}
+
+
+def _publish(staging: Path, out: Path, artifacts: list[dict], report: dict) -> None:
+    """Move the verified files into ``out``, remove other formats' files of an earlier export
+    there, and write ``export.json`` last."""
+    written = {art["file"] for art in artifacts}
+    for art in artifacts:
+        os.replace(staging / art["file"], out / art["file"])
+    for fmt in [STATE_DICT, *FORMATS.values()]:
+        if fmt.file not in written:
+            (out / fmt.file).unlink(missing_ok=True)
+    tmp = staging / REPORT
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out / REPORT)
+
+
+def export_for_deployment(args: argparse.Namespace) -> dict:
+    """The whole export (see the module docstring); returns the report written to export.json."""
+    formats = parse_formats(args.formats)
+    args.latency_batches = _positive_ints(args.latency_batches, "--latency-batches")
+    _check_numbers(args)
+    out = Path(args.out)
+    require_writable_dir(out, "--out")
+    if not Path(args.checkpoint).is_file():
+        raise ExportInputError(f"--checkpoint: no such file {args.checkpoint}")
+    model, model_cfg, step = load_student(args.checkpoint)
+    if args.bin:
+        check_bin_sets(args.bin)
+    torch.set_num_threads(args.threads)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    try:
+        bins = args.bin or [str(write_verification_bin(staging / SYNTHETIC_SET,
+                                                       args.synthetic_pairs))]
+        sets = reference_sets(model, bins, args.batch_size)
+        artifacts = [_write_and_verify(fmt, model, staging, sets,
+                                       lambda: build_student(model_cfg), args)
+                     for fmt in formats]
+        report = {
+            "checkpoint": str(args.checkpoint), "step": step,
+            "architecture": architecture(model_cfg),
+            "parameters": costs.parameter_count(model),
+            "gflops_per_image": costs.gflops_per_image(model),
+            "flop_convention": costs.FLOP_CONVENTION,
+            "machine": machine_description(),
+            "latency": {"device": "cpu", "threads": args.threads, "batches": args.latency_batches,
+                        "warmup": args.latency_warmup, "repeats": args.latency_repeats,
+                        "statistic": "median ms per batch"},
+            "verification_sets": [{"name": s.name, "path": None if not args.bin else s.path,
+                                   "pairs": len(s.issame), "synthetic": not args.bin}
+                                  for s in sets],
+            "reference": {"runtime": "torch (eager), float32",
+                          "accuracy": {s.name: s.accuracy for s in sets}},
+            "artifacts": artifacts,
+        }
+        _publish(staging, out, artifacts, report)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """``fr-distill export`` (and ``tools/export.py``): exit 0 when every file is verified,
+    2 for bad input, 1 when a file fails its verification."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(message)s")  # other libraries' loggers: warnings only
+    logger.setLevel(logging.INFO)
+    try:
+        report = export_for_deployment(args)
+    except FrDistillError as err:
+        return exit_with(err)
+    print(costs.format_table(report))
+    print(f"wrote {Path(args.out) / REPORT}")
+    return 0
