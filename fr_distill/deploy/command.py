@@ -124,6 +124,7 @@ def _write_and_verify(fmt: Format, model: torch.nn.Module, staging: Path, sets: 
                       fresh_student, args: argparse.Namespace) -> dict:
     """Write ``fmt``'s file into ``staging``, load it back, verify it and time it."""
     path = staging / fmt.file
+    logger.info("writing and verifying %s (%s)", fmt.file, fmt.name)
     WRITERS[fmt.name](model, path)
     if fmt.runtime == "onnxruntime" and insightface_input(path) != (127.5, 127.5):
         raise ExportError(f"{fmt.name} artifact {fmt.file}: InsightFace's loader would feed it "
@@ -174,6 +175,9 @@ def export_for_deployment(args: argparse.Namespace) -> dict:
         bins = args.bin or [str(write_verification_bin(staging / SYNTHETIC_SET,
                                                        args.synthetic_pairs))]
         sets = reference_sets(model, bins, args.batch_size)
+        for vset in sets:
+            logger.info("PyTorch model on %s (%d pairs): 10-fold accuracy %.3f %%", vset.name,
+                        len(vset.issame), vset.accuracy)
         artifacts = [_write_and_verify(fmt, model, staging, sets,
                                        lambda: build_student(model_cfg), args)
                      for fmt in formats]
