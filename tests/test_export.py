@@ -264,6 +264,17 @@ def test_a_file_that_fails_verification_fails_the_export(student, small_bin, tmp
         f"(tolerance 0)\n")
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
+    def exporter_fails(model, path):
+        path.write_bytes(b"half a file")
+        raise RuntimeError("unsupported operator\ndetails")
+
+    monkeypatch.setitem(artifacts.WRITERS, "torchscript", exporter_fails)
+    code, _, stderr = run_export(argv)
+    assert code == 1 and stderr == ("error: torchscript artifact backbone_torchscript.pt: cannot "
+                                    "be written and loaded back: RuntimeError: unsupported "
+                                    "operator\n")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
 
 def test_a_passing_export_replaces_an_earlier_one(student, small_bin, tmp_path):
     out = tmp_path / "out"

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
+from fr_distill.data.synthetic.build import write_verification_bin
 from fr_distill.errors import FrDistillError, exit_with
 from fr_distill.eval.runner import check_bin_sets
-from fr_distill.data.synthetic.build import write_verification_bin
 from fr_distill.models.export import ExportError, load_student
 from fr_distill.models.registry import build_student
 from fr_distill.models.weights import architecture
-from fr_distill.study.report import machine_description
 from fr_distill.paths import require_writable_dir
+from fr_distill.study.report import machine_description
 
 from . import report as costs
 from .artifacts import FORMATS, STATE_DICT, WRITERS, Format, insightface_input, load_artifact
@@ -125,11 +125,17 @@ def _write_and_verify(fmt: Format, model: torch.nn.Module, staging: Path, sets: 
     """Write ``fmt``'s file into ``staging``, load it back, verify it and time it."""
     path = staging / fmt.file
     logger.info("writing and verifying %s (%s)", fmt.file, fmt.name)
-    WRITERS[fmt.name](model, path)
+    try:
+        WRITERS[fmt.name](model, path)
+        module = load_artifact(fmt, path, fresh_student, args.threads)
+    except FrDistillError:
+        raise
+    except Exception as err:  # exporters and runtimes raise their own exception types
+        raise ExportError(f"{fmt.name} artifact {fmt.file}: cannot be written and loaded back: "
+                          f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}") from None
     if fmt.runtime == "onnxruntime" and insightface_input(path) != (127.5, 127.5):
         raise ExportError(f"{fmt.name} artifact {fmt.file}: InsightFace's loader would feed it "
                           "raw 0-255 pixels (node names Sub* and Mul* among its first 8 nodes)")
-    module = load_artifact(fmt, path, fresh_student, args.threads)
     tolerance = getattr(args, f"tolerance_{fmt.precision}")
     results = verify_artifact(fmt, module, sets, tolerance, args.batch_size)
     logger.info("%s: verified (largest relative embedding error %.1e)", fmt.file,
@@ -147,6 +153,7 @@ def _publish(staging: Path, out: Path, artifacts: list[dict], report: dict) -> N
     """Move the verified files into ``out``, remove other formats' files of an earlier export
     there, and write ``export.json`` last."""
     written = {art["file"] for art in artifacts}
+    (out / REPORT).unlink(missing_ok=True)  # an earlier report must not describe these files
     for art in artifacts:
         os.replace(staging / art["file"], out / art["file"])
     for fmt in [STATE_DICT, *FORMATS.values()]:
