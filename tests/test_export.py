@@ -108,6 +108,7 @@ def conv_and_linear_flops(model: nn.Module) -> int:
     return sum(total)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_every_format_is_written_verified_and_reported(student, exported):
     model, checkpoint = student
     out, stdout = exported
