@@ -311,6 +311,10 @@ class CheckpointConfig:
                                POSITIVE)
     keep_last: int = setting(3, "checkpoints kept", POSITIVE)
     resume: bool = setting(True, "resume from the newest valid checkpoint of run.output_dir")
+    format: Literal["file", "dcp"] = setting(
+        "file", "step checkpoints: file (one torch.save file, rank 0 gathers a class-sharded "
+                "head) or dcp (a torch.distributed.checkpoint directory, each rank writes its "
+                "own head rows); either format resumes")
 
 
 @dataclass

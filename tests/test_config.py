@@ -174,6 +174,7 @@ RULED_KEYS = {
     "schedule.min_lr": ">= 0",
     "precision.amp": "one of bf16, fp16, fp32, off",
     "checkpoint.every_steps": "> 0", "checkpoint.keep_last": "> 0",
+    "checkpoint.format": "one of file, dcp",
     "eval.every_steps": ">= 0", "eval.batch_size": "> 0",
     "logging.every_steps": "> 0", "logging.progress_bar": "one of auto, always, never",
     "logging.wandb_project": "1-128 characters, none of / \\ # ? % :",
