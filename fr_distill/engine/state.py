@@ -90,15 +90,11 @@ class Run:
         """The checkpoint of this step (collective: call on every rank). ``sharded``: this
         rank's view for a sharded checkpoint, whose class-sharded rows (head and momentum)
         stay this rank's (:func:`fr_distill.dist.row_block`) instead of being gathered."""
-        sharded_params = self.objective.sharded_parameters()
         return {
             "format": checkpoint.FORMAT, "version": checkpoint.VERSION, "step": self.step,
             "config": to_dict(self.cfg),
             "student": _to_cpu(self.student.state_dict()),
-            "objective": _to_cpu(self.objective.sharded_state_dict() if sharded
-                                 else self.objective.state_dict()),
-            "optimizer": _to_cpu(_tag_sharded_state(self.optimizer, sharded_params) if sharded
-                                 else _gather_sharded_state(self.optimizer, sharded_params)),
+            **objective_state(self.objective, self.optimizer, sharded),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "data": {**self.loader.state_dict(), "position": self.step * self.accumulation,
@@ -123,43 +119,12 @@ class Run:
         refused (:class:`checkpoint.CheckpointError` naming ``path``) before anything is read."""
         if sharded_checkpoint.TENSOR_PATHS not in ckpt:
             return ckpt
-        rows = self._row_blocks()
-
-        def destination(key: str, size: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-            if key not in rows:
-                return torch.empty(size, dtype=dtype)
-            head = self.objective.head
-            if tuple(size) != (head.num_classes, head.dim):
-                raise checkpoint.CheckpointError(
-                    f"{path}: '{key}' is {list(size)}; this run's head is [{head.num_classes}, "
-                    f"{head.dim}] (num_classes, embedding dim): not this run's checkpoint")
-            block = torch.empty((head.end - head.start, *size[1:]), dtype=dtype)
-            return dist.row_block(block, head.start, head.num_classes)
-
-        try:
-            return sharded_checkpoint.load(path, ckpt, destination)
-        except checkpoint.CheckpointError:
-            raise
-        except Exception as err:  # a file changed since it was verified: one line
-            raise checkpoint.CheckpointError(
-                f"{path}: cannot be loaded ({type(err).__name__}: {err})") from None
-
-    def _row_blocks(self) -> set[str]:
-        """Keys of a sharded checkpoint holding the head's ``[C, D]`` rows: the weight and its
-        optimizer state (this rank reads its own rows of them)."""
-        head = self.objective.head
-        if head is None:
-            return set()
-        index = _param_index(self.optimizer)[id(head.weight)]
-        return {"objective/head.weight", f"optimizer/state/{index}/momentum_buffer"}
+        return load_sharded(path, ckpt, self.objective, self.optimizer)
 
     def load_state_dict(self, ckpt: dict) -> None:
         """Restore a checkpoint written by :meth:`state_dict` (any world size)."""
         self.student.load_state_dict(ckpt["student"])
-        self.objective.load_state_dict(ckpt["objective"])
-        self.optimizer.load_state_dict(
-            _slice_sharded_state(ckpt["optimizer"], self.optimizer,
-                                 self.objective.sharded_parameters()))
+        load_objective_state(ckpt, self.objective, self.optimizer)
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.guard.load_state_dict(ckpt["faults"])
@@ -172,6 +137,57 @@ class Run:
             log.warning("resuming on %d ranks from a checkpoint of %d: random states re-seeded "
                         "(the data order and the memory bank do not depend on them)",
                         self.info.world_size, rng["world_size"])
+
+
+def objective_state(objective: nn.Module, optimizer: torch.optim.Optimizer,
+                    sharded: bool) -> dict:
+    """The checkpoint's ``objective`` and ``optimizer`` entries on the CPU: a class-sharded
+    head and its momentum gathered whole (a collective), or with ``sharded`` this rank's rows
+    (:func:`fr_distill.dist.row_block`)."""
+    params = objective.sharded_parameters()
+    return {"objective": _to_cpu(objective.sharded_state_dict() if sharded
+                                 else objective.state_dict()),
+            "optimizer": _to_cpu(_tag_sharded_state(optimizer, params) if sharded
+                                 else _gather_sharded_state(optimizer, params))}
+
+
+def load_sharded(path: Path, state: dict, objective: nn.Module,
+                 optimizer: torch.optim.Optimizer) -> dict:
+    """The sharded checkpoint ``path`` (its ``state.pt`` read as ``state``) with its tensors:
+    this rank's rows of the head and its momentum, the replicated tensors whole. A head of
+    another size is refused (:class:`checkpoint.CheckpointError` naming ``path``) before
+    any tensor is read."""
+    head = objective.head
+    rows = set()
+    if head is not None:  # the keys holding the head's [C, D] rows
+        index = _param_index(optimizer)[id(head.weight)]
+        rows = {"objective/head.weight", f"optimizer/state/{index}/momentum_buffer"}
+
+    def destination(key: str, size: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        if key not in rows:
+            return torch.empty(size, dtype=dtype)
+        if tuple(size) != (head.num_classes, head.dim):
+            raise checkpoint.CheckpointError(
+                f"{path}: '{key}' is {list(size)}; this run's head is [{head.num_classes}, "
+                f"{head.dim}] (num_classes, embedding dim): not this run's checkpoint")
+        block = torch.empty((head.end - head.start, *size[1:]), dtype=dtype)
+        return dist.row_block(block, head.start, head.num_classes)
+
+    try:
+        return sharded_checkpoint.load(path, state, destination)
+    except checkpoint.CheckpointError:
+        raise
+    except Exception as err:  # a file changed since it was verified: one line
+        raise checkpoint.CheckpointError(
+            f"{path}: cannot be loaded ({type(err).__name__}: {err})") from None
+
+
+def load_objective_state(ckpt: dict, objective: nn.Module,
+                         optimizer: torch.optim.Optimizer) -> None:
+    """Restore the ``objective`` and ``optimizer`` entries of a checkpoint (either format)."""
+    objective.load_state_dict(ckpt["objective"])
+    optimizer.load_state_dict(_slice_sharded_state(ckpt["optimizer"], optimizer,
+                                                   objective.sharded_parameters()))
 
 
 def _to_cpu(value):

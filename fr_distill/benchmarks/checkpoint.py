@@ -1,0 +1,179 @@
+"""Checkpoint save and load of a class-sharded SphereFace2 head: single file against DCP.
+
+The objective alone (no backbone): a ``[C, D]`` float32 head, class-sharded over the ranks of
+``torchrun`` (gloo on the CPU), with its SGD momentum, checkpointed by the two paths of
+:mod:`fr_distill.engine.state`:
+
+* ``file`` (``checkpoint.format=file``) — every rank gathers the head and its momentum whole
+  into host memory, rank 0 writes one file; on load every rank reads the whole file and
+  keeps its rows;
+* ``dcp`` (``checkpoint.format=dcp``) — every rank writes its own rows into a checkpoint
+  directory and reads back only the rows it holds.
+
+Each (path, save|load) runs in fresh worker processes, so each peak resident memory
+(``VmHWM``) is that phase's alone; the worker reports it with the resident memory before the
+phase (the head and its momentum) and the phase's wall time (slowest rank, between
+barriers). Prints the table with old/new ratios, the bytes each rank wrote, and the per-row
+costs the projection to other sizes uses; ``--json PATH`` writes them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = ("file", "dcp")
+PHASES = ("save", "load")
+
+
+def _memory_kib(field: str) -> int:
+    """``VmHWM`` (peak) or ``VmRSS`` (now) of this process, in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _build(classes: int, dim: int):
+    """An objective holding only the class-sharded head, and an SGD optimizer with momentum
+    over it (one step taken, so the momentum exists)."""
+    import torch
+
+    from fr_distill.losses.objective import Objective
+    from fr_distill.losses.sphereface2 import SphereFace2Head
+
+    torch.manual_seed(0)
+    head = SphereFace2Head(classes, dim, class_sharded=True)
+    optimizer = torch.optim.SGD([head.weight, head.bias], lr=0.1, momentum=0.9)
+    head.weight.grad = torch.full_like(head.weight, 1e-3)
+    head.bias.grad = torch.zeros_like(head.bias)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return Objective(classes, dim, dim, head, 1.0, {}, None), optimizer
+
+
+def worker(variant: str, phase: str, directory: Path, classes: int, dim: int) -> dict:
+    """One phase in this process (a torchrun worker); rank 0 returns the ranks' records."""
+    from fr_distill import dist
+    from fr_distill.engine import checkpoint, sharded_checkpoint
+    from fr_distill.engine.state import load_objective_state, load_sharded, objective_state
+
+    dist.init("gloo", "cpu")
+    objective, optimizer = _build(classes, dim)
+    file = directory / "step.pt"
+    before = _memory_kib("VmRSS")
+    dist.barrier()
+    start = time.perf_counter()
+    if phase == "save":
+        payload = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "step": 1,
+                   **objective_state(objective, optimizer, sharded=variant == "dcp")}
+        if variant == "dcp":
+            sharded_checkpoint.save(payload, directory / "step")
+        elif dist.is_main():
+            checkpoint.save(payload, file)
+        del payload
+    else:
+        if variant == "dcp":
+            path = directory / "step"
+            ckpt = load_sharded(path, sharded_checkpoint.read_state(path), objective, optimizer)
+        else:
+            ckpt = checkpoint.load(file)
+        load_objective_state(ckpt, objective, optimizer)
+        del ckpt
+    dist.barrier()
+    seconds = time.perf_counter() - start
+    written = sum(p.stat().st_size for p in (directory / "step").glob(f"__{dist.rank()}_*")) \
+        if variant == "dcp" else (file.stat().st_size if dist.is_main() else 0)
+    record = {"rank": dist.rank(), "seconds": seconds, "rss_before_kib": before,
+              "peak_kib": _memory_kib("VmHWM"), "bytes_written": written if phase == "save" else 0,
+              "rows": int(objective.head.weight.shape[0])}
+    records = dist.all_gather_object(record)
+    dist.shutdown()
+    return {"ranks": records} if records[0]["rank"] == record["rank"] == 0 else {}
+
+
+def _run_phase(variant: str, phase: str, directory: Path, args) -> dict:
+    out = directory / f"{variant}_{phase}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(args.port), "-m",
+           "fr_distill.benchmarks.checkpoint", "--worker", variant, phase, "--dir",
+           str(directory), "--classes", str(args.classes), "--dim", str(args.dim),
+           "--result", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def _summary(records: list[dict]) -> dict:
+    gib = 1024 ** 2  # KiB per GiB
+    return {"seconds": max(r["seconds"] for r in records),
+            "peak_gib": max(r["peak_kib"] for r in records) / gib,
+            "state_gib": max(r["rss_before_kib"] for r in records) / gib,
+            "above_state_gib": max(r["peak_kib"] - r["rss_before_kib"] for r in records) / gib,
+            "max_bytes_written_per_rank": max(r["bytes_written"] for r in records),
+            "bytes_written": sum(r["bytes_written"] for r in records),
+            "rows_per_rank": max(r["rows"] for r in records)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="benchmark.py checkpoint",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--classes", type=int, default=500_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--nproc", type=int, default=2, help="torchrun ranks (gloo, CPU)")
+    parser.add_argument("--port", type=int, default=29731)
+    parser.add_argument("--workdir", help="where the checkpoints are written (default: a "
+                                          "temporary directory, removed afterwards)")
+    parser.add_argument("--json", help="write the results to this JSON file")
+    parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "PHASE"), help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        result = worker(*args.worker, Path(args.dir), args.classes, args.dim)
+        if result:
+            Path(args.result).write_text(json.dumps(result))
+        return result
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="fr_distill_ckpt_bench_"))
+    root.mkdir(parents=True, exist_ok=True)
+    results: dict = {"classes": args.classes, "dim": args.dim, "ranks": args.nproc}
+    try:
+        for variant in VARIANTS:
+            for phase in PHASES:
+                records = _run_phase(variant, phase, root, args)["ranks"]
+                results[f"{variant}_{phase}"] = {**_summary(records), "per_rank": records}
+    finally:
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+    _report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _report(results: dict) -> None:
+    gib = 1024 ** 3
+    print(f"head [{results['classes']}, {results['dim']}] float32 + SGD momentum, class-sharded "
+          f"over {results['ranks']} ranks (gloo, CPU)")
+    print(f"{'phase':<6} {'path':<5} {'seconds':>8} {'peak GiB/rank':>14} "
+          f"{'above state GiB':>16} {'written GiB/rank':>17}")
+    for phase in PHASES:
+        for variant in VARIANTS:
+            r = results[f"{variant}_{phase}"]
+            print(f"{phase:<6} {variant:<5} {r['seconds']:8.2f} {r['peak_gib']:14.2f} "
+                  f"{r['above_state_gib']:16.2f} {r['max_bytes_written_per_rank'] / gib:17.2f}")
+        old, new = results[f"file_{phase}"], results[f"dcp_{phase}"]
+        print(f"{phase:<6} ratio file/dcp: time {old['seconds'] / new['seconds']:.2f}x, peak "
+              f"memory {old['peak_gib'] / new['peak_gib']:.2f}x, memory above the state "
+              f"{old['above_state_gib'] / max(new['above_state_gib'], 1e-9):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
