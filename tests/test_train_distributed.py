@@ -29,6 +29,7 @@ from conftest import REPO, assert_checkpoints_bitwise, run_torchrun
 from fr_distill.config import load_config
 from fr_distill.engine import REQUEUE_EXIT_CODE, REQUEUE_MARKER, checkpoint
 from fr_distill.models import get_backbone
+from fr_distill.models.export import load_student
 
 WORKER = REPO / "tests" / "workers" / "worker_train_run.py"
 STEPS = 8
@@ -267,6 +268,9 @@ def test_sharded_checkpoints_equal_the_single_file_ones_bitwise(reference, shard
     best = checkpoint.load(checkpoints / "best.pt")
     assert set(best) == {"format", "version", "step", "config", "student", "metrics"}
     assert all(torch.equal(v, ours["student"][k]) for k, v in best["student"].items())
+    # export, evaluation, teacher.path and model.init read a directory as they read a file
+    exported = load_student(str(checkpoints / "step_00000008")).state_dict()
+    assert all(torch.equal(v, ours["student"][k]) for k, v in exported.items())
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ The objective alone (no backbone): a ``[C, D]`` float32 head, class-sharded over
 
 Each (path, save|load) runs in fresh worker processes, so each peak resident memory
 (``VmHWM``) is that phase's alone; the worker reports it with the resident memory before the
-phase (the head and its momentum) and the phase's wall time (slowest rank, between
+phase (the head's rows, and for a save their momentum) and the phase's wall time (slowest rank, between
 barriers). Prints the table with old/new ratios, the bytes each rank wrote, and the per-row
 costs the projection to other sizes uses; ``--json PATH`` writes them.
 """
@@ -41,9 +41,10 @@ def _memory_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _build(classes: int, dim: int):
-    """An objective holding only the class-sharded head, and an SGD optimizer with momentum
-    over it (one step taken, so the momentum exists)."""
+def _build(classes: int, dim: int, with_momentum: bool):
+    """An objective holding only the class-sharded head, and an SGD optimizer over it; with
+    ``with_momentum`` one step is taken, so the momentum exists (what a save finds; a resumed
+    run loads into an optimizer without state)."""
     import torch
 
     from fr_distill.losses.objective import Objective
@@ -52,10 +53,11 @@ def _build(classes: int, dim: int):
     torch.manual_seed(0)
     head = SphereFace2Head(classes, dim, class_sharded=True)
     optimizer = torch.optim.SGD([head.weight, head.bias], lr=0.1, momentum=0.9)
-    head.weight.grad = torch.full_like(head.weight, 1e-3)
-    head.bias.grad = torch.zeros_like(head.bias)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if with_momentum:
+        head.weight.grad = torch.full_like(head.weight, 1e-3)
+        head.bias.grad = torch.zeros_like(head.bias)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return Objective(classes, dim, dim, head, 1.0, {}, None), optimizer
 
 
@@ -66,7 +68,7 @@ def worker(variant: str, phase: str, directory: Path, classes: int, dim: int) ->
     from fr_distill.engine.state import load_objective_state, load_sharded, objective_state
 
     dist.init("gloo", "cpu")
-    objective, optimizer = _build(classes, dim)
+    objective, optimizer = _build(classes, dim, with_momentum=phase == "save")
     file = directory / "step.pt"
     before = _memory_kib("VmRSS")
     dist.barrier()

@@ -170,7 +170,10 @@ def load_sharded(path: Path, state: dict, objective: nn.Module,
             raise checkpoint.CheckpointError(
                 f"{path}: '{key}' is {list(size)}; this run's head is [{head.num_classes}, "
                 f"{head.dim}] (num_classes, embedding dim): not this run's checkpoint")
-        block = torch.empty((head.end - head.start, *size[1:]), dtype=dtype)
+        if key == "objective/head.weight" and head.weight.device.type == "cpu":
+            block = head.weight.detach()  # read in place: no second copy of the rows
+        else:
+            block = torch.empty((head.end - head.start, *size[1:]), dtype=dtype)
         return dist.row_block(block, head.start, head.num_classes)
 
     try:
@@ -188,6 +191,13 @@ def load_objective_state(ckpt: dict, objective: nn.Module,
     objective.load_state_dict(ckpt["objective"])
     optimizer.load_state_dict(_slice_sharded_state(ckpt["optimizer"], optimizer,
                                                    objective.sharded_parameters()))
+
+
+def _own_rows(matrix: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Rows ``[start, end)`` of ``matrix`` in their own memory (a slice of a whole matrix is
+    copied so the matrix can be freed; a block read for these rows is used as it is)."""
+    rows = dist.rows_of(matrix, start, end)
+    return rows if rows is matrix else rows.clone()
 
 
 def _to_cpu(value):
@@ -253,7 +263,7 @@ def _slice_sharded_state(state: dict, optimizer: torch.optim.Optimizer,
     for p, (start, _) in zip(sharded, _row_layout(sharded)):
         i = index[id(p)]
         if i in state["state"]:
-            state["state"][i] = {key: dist.rows_of(value, start, start + p.shape[0]).clone()
+            state["state"][i] = {key: _own_rows(value, start, start + p.shape[0])
                                  if torch.is_tensor(value) and value.dim() == p.dim()
                                  and value.shape[1:] == p.shape[1:] else value
                                  for key, value in state["state"][i].items()}
