@@ -157,7 +157,9 @@ class EvalCallback(Callback):
 class CheckpointCallback(Callback):
     """A checkpoint every ``checkpoint.every_steps``, at the end, and when stopping on a signal
     (then also the requeue marker). A file: all ranks build the state, rank 0 writes it; a
-    sharded checkpoint (``checkpoint.format=dcp``): every rank writes its part."""
+    sharded checkpoint (``checkpoint.format=dcp``): every rank writes its part, with
+    ``checkpoint.async_save`` in the background, committed at the next checkpoint and before
+    the run ends."""
 
     def __init__(self, store: CheckpointStore) -> None:
         self.store = store
@@ -174,8 +176,11 @@ class CheckpointCallback(Callback):
         if self.store.sharded or dist.is_main():
             path = self.store.save_step(payload, run.step)
         del payload
+        if run.stop_requested or run.finished:  # committed before the run ends
+            self.store.finish_pending()
         if dist.is_main():
-            log.info("checkpoint %s", path)
+            log.info("checkpoint %s%s", path, " (writing in the background)"
+                     if self.store.pending else "")
             if run.stop_requested and not run.finished:
                 (run.run_dir / REQUEUE_MARKER).write_text(json.dumps({"step": run.step}) + "\n")
         dist.barrier()

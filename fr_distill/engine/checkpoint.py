@@ -151,10 +151,13 @@ class CheckpointStore:
     """The step checkpoints (keep the newest ``keep_last``) and ``best.pt`` of one run;
     ``sharded``: step checkpoints are written as sharded directories (``checkpoint.format``)."""
 
-    def __init__(self, directory: str | os.PathLike, keep_last: int, sharded: bool = False) -> None:
+    def __init__(self, directory: str | os.PathLike, keep_last: int, sharded: bool = False,
+                 background: bool = False) -> None:
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.sharded = sharded
+        self.background = background  # sharded checkpoints written in a background thread
+        self.pending: tuple[sharded_checkpoint.PendingSave, int] | None = None
 
     def step_path(self, step: int) -> Path:
         """Where the checkpoint of ``step`` is: the one present (a directory first), else
@@ -179,12 +182,30 @@ class CheckpointStore:
         view; else rank 0 only), then delete the step checkpoints older than the
         ``keep_last`` newest up to ``step`` (never a later step: those are not this run's
         past, see :mod:`fr_distill.engine.run_dir`)."""
+        self.finish_pending()
         path = self.directory / (f"step_{step:08d}" if self.sharded else f"step_{step:08d}.pt")
-        self._save(payload, path)
+        if self.background:
+            self.pending = (self._guarded(path, sharded_checkpoint.save, payload, path, True),
+                            step)
+            return path
+        self._guarded(path, sharded_checkpoint.save if self.sharded else save, payload, path)
+        self._prune(step)
+        return path
+
+    def finish_pending(self) -> Path | None:
+        """Wait for the checkpoint written in the background, commit it and prune (a
+        collective); ``None`` when none is pending."""
+        if self.pending is None:
+            return None
+        (pending, step), self.pending = self.pending, None
+        path = self._guarded(pending.directory, pending.finish)
+        self._prune(step)
+        return path
+
+    def _prune(self, step: int) -> None:
         if dist.is_main():
             for old in [s for s in self.steps() if s <= step][self.keep_last:]:
                 self._delete(old)
-        return path
 
     def _delete(self, step: int) -> None:
         sharded_checkpoint.remove_directory(self.directory / f"step_{step:08d}")
@@ -193,18 +214,15 @@ class CheckpointStore:
             p.unlink(missing_ok=True)
 
     def save_best(self, payload: dict) -> Path:
-        self._save(payload, self.best_path)
+        self._guarded(self.best_path, save, payload, self.best_path)
         return self.best_path
 
     @staticmethod
-    def _save(payload: dict, path: Path) -> None:
-        """:func:`save` (or a sharded directory), with a write failure (full disk, quota,
+    def _guarded(path: Path, write, *args):
+        """``write(*args)``, writing ``path``, with a write failure (full disk, quota,
         permissions) as one line."""
         try:
-            if path.suffix == ".pt":
-                save(payload, path)
-            else:
-                sharded_checkpoint.save(payload, path)
+            return write(*args)
         except OSError as err:
             raise CheckpointError(f"{path}: cannot be written ({err.strerror or err}); the "
                                   f"checkpoints already saved are untouched") from None

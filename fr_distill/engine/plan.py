@@ -113,7 +113,8 @@ def _teacher_line(cfg: Config) -> str:
 
 def checkpoint_store(cfg: Config) -> CheckpointStore:
     return CheckpointStore(Path(cfg.run.output_dir) / CHECKPOINT_SUBDIR, cfg.checkpoint.keep_last,
-                           sharded=cfg.checkpoint.format == "dcp")
+                           sharded=cfg.checkpoint.format == "dcp",
+                           background=cfg.checkpoint.async_save)
 
 
 def find_resume(cfg: Config) -> Path | None:

@@ -18,6 +18,13 @@ present and matches, so a crash at any point leaves the previous checkpoints val
 missing or corrupt rank file is caught before loading. The memory a rank needs to save or
 load is its own rows, never the whole head (:mod:`fr_distill.engine.state`).
 
+With ``background=True`` (``checkpoint.async_save``) :func:`save` copies the rank's tensors
+into host memory, starts DCP's ``async_save`` of the copy in a thread (on a process group of
+its own, so its collectives never interleave with training's) and returns a
+:class:`PendingSave`; :meth:`PendingSave.finish` waits for every rank's write and commits.
+Until then the directory keeps its temporary name: a crash leaves the previous checkpoint
+the newest valid one.
+
 Loading reshards: a rank asks DCP for the block of rows its head holds (a
 :func:`fr_distill.dist.row_block`), whatever world size or head mode wrote the checkpoint.
 :func:`load_whole` reads a checkpoint into the dict of a single-file checkpoint (for export,
@@ -34,7 +41,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import AsyncStager
 
 from fr_distill import dist
 
@@ -148,10 +157,55 @@ def remove_directory(directory: Path) -> None:
     shutil.rmtree(aside)
 
 
-def save(checkpoint: dict, directory: str | os.PathLike) -> Path:
+class PendingSave:
+    """A checkpoint being written in the background; :meth:`finish` (a collective) waits for
+    every rank's write and commits it."""
+
+    def __init__(self, future, tmp: Path, directory: Path) -> None:
+        self.future, self.tmp, self.directory = future, tmp, directory
+
+    def finish(self) -> Path:
+        self.future.result()  # this rank's files, and .metadata once every rank has written
+        commit(self.tmp, self.directory)
+        return self.directory
+
+
+class _AlreadyStaged(AsyncStager):
+    """The tensors handed to ``async_save`` are copies already (:func:`_copy`): DCP's own
+    staging would drop the row-block tags of :func:`fr_distill.dist.row_block`."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict):
+        return state_dict
+
+
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A host-memory copy of ``tensor``, keeping its row-block tag."""
+    copy = tensor.detach().to("cpu", copy=True)
+    if hasattr(tensor, "global_offsets"):
+        dist.row_block(copy, tensor.global_offsets[0][0], tensor.global_shape[0])
+    return copy
+
+
+_BACKGROUND_GROUP: list = []
+
+
+def _background_group():
+    """A gloo process group for the background writes (created once, on every rank)."""
+    if not dist.is_dist():
+        return None
+    if not _BACKGROUND_GROUP:
+        _BACKGROUND_GROUP.append(torch_dist.new_group(backend="gloo"))
+    return _BACKGROUND_GROUP[0]
+
+
+def save(checkpoint: dict, directory: str | os.PathLike,
+         background: bool = False) -> Path | PendingSave:
     """Write ``checkpoint`` (this rank's view: class-sharded rows as
     :func:`fr_distill.dist.row_block`) as the sharded checkpoint ``directory``; call on every
-    rank. Returns when the directory is committed on every rank."""
+    rank. Returns when the directory is committed on every rank, or with ``background`` a
+    :class:`PendingSave` as soon as the tensors are copied."""
     directory = Path(directory)
     tmp = temporary_path(directory)
     if dist.is_main():
@@ -160,15 +214,23 @@ def save(checkpoint: dict, directory: str | os.PathLike) -> Path:
         tmp.mkdir()
     dist.barrier()
     rest, tensors, paths = split_tensors(checkpoint)
+    writer = dcp.FileSystemWriter(tmp, sync_files=True)
     with warnings.catch_warnings():  # one process: "assuming the intent is to save in a ..."
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True),
-                 no_dist=not dist.is_dist())
+        if background:
+            future = dcp.async_save({key: _copy(t) for key, t in tensors.items()},
+                                    storage_writer=writer, async_stager=_AlreadyStaged(),
+                                    process_group=_background_group(),
+                                    no_dist=not dist.is_dist())
+        else:
+            dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_dist())
     if dist.is_main():
         with open(tmp / STATE_FILE, "wb") as f:
             torch.save({**rest, TENSOR_PATHS: paths}, f)
             f.flush()
             os.fsync(f.fileno())
+    if background:
+        return PendingSave(future, tmp, directory)
     dist.barrier()
     commit(tmp, directory)
     return directory
