@@ -52,14 +52,6 @@ class CheckpointError(FrDistillError, RuntimeError):
 # ----------------------------------------------------------------------------------------
 # Atomic files
 # ----------------------------------------------------------------------------------------
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` holds either its old or its new content."""
     path = Path(path)
@@ -74,7 +66,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    sharded_checkpoint.fsync_dir(path.parent)
 
 
 def save(payload: dict, path: str | os.PathLike) -> None:

@@ -106,7 +106,8 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (a rename, a new file) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -249,10 +250,10 @@ def commit(tmp: Path, directory: Path) -> None:
             f.writelines(f"{digests[name]}  {name}\n" for name in names)
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp)
+        fsync_dir(tmp)
         remove_directory(directory)  # a checkpoint of the same step from an earlier attempt
         os.replace(tmp, directory)
-        _fsync(directory.parent)
+        fsync_dir(directory.parent)
     dist.barrier()
 
 
