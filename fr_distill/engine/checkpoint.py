@@ -123,17 +123,16 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
 
 def load_for_resume(path: str | os.PathLike) -> dict:
     """What every rank reads before building the run: a file checkpoint whole, or a sharded
-    checkpoint's ``state.pt`` only (its tensors are read into the built run by
-    :meth:`fr_distill.engine.state.Run.load_state_dict`). ``path`` was verified by
+    checkpoint's ``state.pt`` only (each rank reads its part of the tensors into the built
+    run: :meth:`fr_distill.engine.state.Run.complete_checkpoint`). ``path`` was verified by
     :meth:`CheckpointStore.latest_valid`."""
     if not Path(path).is_dir():
         return load(path)
     try:
-        return _checked(sharded_checkpoint.read_state(path), path)
-    except CheckpointError:
-        raise
-    except Exception as err:
+        state = sharded_checkpoint.read_state(path)
+    except Exception as err:  # changed since it was verified: one line
         raise CheckpointError(f"{path}: cannot be loaded ({type(err).__name__}: {err})") from None
+    return _checked(state, path)
 
 
 # ----------------------------------------------------------------------------------------
