@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -202,6 +204,34 @@ def test_bad_sharded_checkpoints_fall_back_naming_the_file_and_resume_exactly(
     assert str(err.value) == (
         f"{store.step_path(8)}: 'objective/head.weight' is [24, 32]; this run's head is "
         f"[24, 16] (num_classes, embedding dim): not this run's checkpoint")
+
+
+class _SigtermAfter(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, run, stats) -> None:
+        if run.step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_commits_the_background_checkpoint_before_stopping(
+        synthetic_data, tmp_path, single_thread):
+    """checkpoint.async_save: SIGTERM after step 1; step 2's checkpoint, written in the
+    background, is committed before the run stops for requeueing, and the next run resumes
+    from it."""
+    out = tmp_path / "run"
+    cfg = load_config(None, _overrides(synthetic_data, out) + [
+        "data.batch_size=8", "schedule.total_steps=4", "checkpoint.every_steps=4",
+        "checkpoint.format=dcp", "checkpoint.async_save=true"])
+    result = train(cfg, [_SigtermAfter(1)])
+    assert (result.status, result.step) == ("preempted", 2)
+    assert json.loads((out / "REQUEUE").read_text()) == {"step": 2}
+    store = checkpoint.CheckpointStore(out / "checkpoints", keep_last=3, sharded=True)
+    assert store.latest_valid() == out / "checkpoints" / "step_00000002"
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+    result = train(cfg)
+    assert (result.status, result.start_step, result.step) == ("completed", 2, 4)
 
 
 def test_nonfinite_loss_skips_steps_then_stops_with_one_line(synthetic_data, teacher_file,

@@ -53,6 +53,11 @@ TENSOR_PATHS = "tensor_paths"  # state.pt's map: DCP key -> path of the tensor i
 
 Destination = Callable[[str, torch.Size, torch.dtype], torch.Tensor]
 
+# DCP warns, also when no_dist=True says so, that it "assumes the intent is to save (load) in
+# a single process": what one process (and every rank reading its own rows) means to do
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
+                                          "uninitialized, assuming the intent is to")
+
 
 class ShardedCheckpointError(ValueError):
     """A sharded checkpoint does not fit this run (the caller names the directory)."""
@@ -216,15 +221,12 @@ def save(checkpoint: dict, directory: str | os.PathLike,
     dist.barrier()
     rest, tensors, paths = split_tensors(checkpoint)
     writer = dcp.FileSystemWriter(tmp, sync_files=True)
-    with warnings.catch_warnings():  # one process: "assuming the intent is to save in a ..."
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        if background:
-            future = dcp.async_save({key: _copy(t) for key, t in tensors.items()},
-                                    storage_writer=writer, async_stager=_AlreadyStaged(),
-                                    process_group=_background_group(),
-                                    no_dist=not dist.is_dist())
-        else:
-            dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_dist())
+    if background:
+        future = dcp.async_save({key: _copy(t) for key, t in tensors.items()},
+                                storage_writer=writer, async_stager=_AlreadyStaged(),
+                                process_group=_background_group(), no_dist=not dist.is_dist())
+    else:
+        dcp.save(tensors, storage_writer=writer, no_dist=not dist.is_dist())
     if dist.is_main():
         with open(tmp / STATE_FILE, "wb") as f:
             torch.save({**rest, TENSOR_PATHS: paths}, f)
@@ -276,9 +278,7 @@ def load(directory: str | os.PathLike, state: dict, destination: Destination) ->
     :class:`ShardedCheckpointError`. A collective only in that every rank reads its part."""
     tensors = {key: destination(key, size, dtype)
                for key, (size, dtype) in tensor_shapes(directory).items()}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(tensors, storage_reader=dcp.FileSystemReader(directory), no_dist=True)
+    dcp.load(tensors, storage_reader=dcp.FileSystemReader(directory), no_dist=True)
     rest = {key: value for key, value in state.items() if key != TENSOR_PATHS}
     return merge_tensors(rest, tensors, state[TENSOR_PATHS])
 
