@@ -59,14 +59,6 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
                                           "uninitialized, assuming the intent is to")
 
 
-class ShardedCheckpointError(ValueError):
-    """A sharded checkpoint does not fit this run (the caller names the directory)."""
-
-
-def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
-    return Path(path).is_dir()
-
-
 # ----------------------------------------------------------------------------------------
 # The checkpoint dict, split into tensors (DCP) and the rest (state.pt)
 # ----------------------------------------------------------------------------------------
@@ -275,7 +267,7 @@ def load(directory: str | os.PathLike, state: dict, destination: Destination) ->
     """The checkpoint dict of ``directory``, ``state`` (:func:`read_state`) completed with its
     tensors; ``destination(key, global_shape, dtype)`` gives the tensor each is read into
     (a :func:`fr_distill.dist.row_block` for this rank's rows, else the whole tensor) or raises
-    :class:`ShardedCheckpointError`. A collective only in that every rank reads its part."""
+    (e.g. a head of another size). No collective: each rank reads its own part."""
     tensors = {key: destination(key, size, dtype)
                for key, (size, dtype) in tensor_shapes(directory).items()}
     dcp.load(tensors, storage_reader=dcp.FileSystemReader(directory), no_dist=True)
