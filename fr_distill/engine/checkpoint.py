@@ -214,9 +214,13 @@ class CheckpointStore:
         permissions) as one line."""
         try:
             return write(*args)
-        except OSError as err:
-            raise CheckpointError(f"{path}: cannot be written ({err.strerror or err}); the "
-                                  f"checkpoints already saved are untouched") from None
+        except (OSError, sharded_checkpoint.dcp.CheckpointException) as err:
+            if isinstance(err, sharded_checkpoint.dcp.CheckpointException):
+                err = next(iter(err.failures.values()))[0]  # a rank's own exception
+            reason = (err.strerror if isinstance(err, OSError) and err.strerror
+                      else str(err).strip().splitlines()[0])
+            raise CheckpointError(f"{path}: cannot be written ({reason}); the checkpoints "
+                                  f"already saved are untouched") from None
 
     def latest_valid(self) -> Path | None:
         """The newest step checkpoint whose checksums match; warns about each newer bad one."""
