@@ -313,6 +313,14 @@ class CheckpointConfig:
                                POSITIVE)
     keep_last: int = setting(3, "checkpoints kept", POSITIVE)
     resume: bool = setting(True, "resume from the newest valid checkpoint of run.output_dir")
+    format: Literal["file", "dcp"] = setting(
+        "file", "step checkpoints: file (one torch.save file, rank 0 gathers a class-sharded "
+                "head) or dcp (a torch.distributed.checkpoint directory, each rank writes its "
+                "own head rows); either format resumes")
+    async_save: bool = setting(
+        False, "checkpoint.format=dcp: write each step checkpoint in a background thread from "
+               "a copy in host memory; it counts once committed at the next checkpoint or at "
+               "the end (a crash before that leaves the previous one the newest valid)")
 
 
 @dataclass
@@ -596,6 +604,9 @@ def validate(cfg: Config) -> Config:
     if sorted(cfg.schedule.milestones) != list(cfg.schedule.milestones):
         raise ConfigError(f"config key 'schedule.milestones' must be increasing, "
                           f"got {cfg.schedule.milestones!r}")
+    if cfg.checkpoint.async_save and cfg.checkpoint.format != "dcp":
+        raise ConfigError("config key 'checkpoint.async_save' needs checkpoint.format=dcp, got "
+                          f"checkpoint.format={cfg.checkpoint.format!r}")
     if cfg.schedule.warmup_steps >= cfg.schedule.total_steps:
         raise ConfigError(f"config key 'schedule.warmup_steps' must be < schedule.total_steps "
                           f"({cfg.schedule.total_steps}), got {cfg.schedule.warmup_steps}")

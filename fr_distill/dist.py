@@ -219,3 +219,33 @@ def average_gradients(params) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad.div_(world_size())
+
+
+# ----------------------------------------------------------------------------------------------
+# Row blocks of a class-sharded matrix, as sharded checkpoints (torch.distributed.checkpoint) see them
+# ----------------------------------------------------------------------------------------------
+def row_block(tensor: torch.Tensor, start: int, total_rows: int) -> torch.Tensor:
+    """``tensor``, rows ``[start, start + len)`` of a ``[total_rows, ...]`` matrix, tagged with
+    its place in that matrix (the attributes of ``torch.distributed.checkpoint``'s
+    ``CheckpointableTensor`` protocol): DCP then saves it as that block of the whole matrix and
+    loads exactly those rows into it, whatever block sizes the checkpoint was written with."""
+    zeros = (0,) * (tensor.dim() - 1)
+    tensor.global_shape = (total_rows, *tensor.shape[1:])
+    tensor.global_offsets = ((start, *zeros),)
+    tensor.local_offsets = ((0, *zeros),)
+    tensor.local_sizes = (tuple(tensor.shape),)
+    return tensor
+
+
+def rows_of(matrix: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Rows ``[start, end)`` of a whole matrix, or ``matrix`` itself when it is already the
+    :func:`row_block` of those rows (read from a sharded checkpoint)."""
+    offsets = getattr(matrix, "global_offsets", None)
+    if offsets is not None and offsets[0][0] == start and matrix.shape[0] == end - start:
+        return matrix
+    return matrix[start:end]
+
+
+def global_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the whole matrix ``tensor`` is a :func:`row_block` of (else its own)."""
+    return tuple(getattr(tensor, "global_shape", tensor.shape))

@@ -66,6 +66,8 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
     ("precision.amp=fp8", "config key 'precision.amp' must be one of bf16, fp16, fp32, off, got 'fp8'"),
     ("schedule.milestones=[3, 1]", "config key 'schedule.milestones' must be increasing, got [3, 1]"),
     ("schedule.warmup_steps=100000", "config key 'schedule.warmup_steps' must be < schedule.total_steps"),
+    ("checkpoint.async_save=true", "config key 'checkpoint.async_save' needs checkpoint.format=dcp, "
+                                   "got checkpoint.format='file'"),
 ])
 def test_wrong_type_or_range_names_key_and_value(override, message):
     with pytest.raises(ConfigError) as err:
@@ -174,6 +176,7 @@ RULED_KEYS = {
     "schedule.min_lr": ">= 0",
     "precision.amp": "one of bf16, fp16, fp32, off",
     "checkpoint.every_steps": "> 0", "checkpoint.keep_last": "> 0",
+    "checkpoint.format": "one of file, dcp",
     "eval.every_steps": ">= 0", "eval.batch_size": "> 0",
     "logging.every_steps": "> 0", "logging.progress_bar": "one of auto, always, never",
     "logging.wandb_project": "1-128 characters, none of / \\ # ? % :",

@@ -163,6 +163,33 @@ def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(
     assert (result.start_step, result.step) == (2, 4)
 
 
+def test_a_full_disk_while_writing_a_sharded_checkpoint_keeps_the_previous_one(
+        synthetic_data, tmp_path, monkeypatch, single_thread):
+    """checkpoint.format=dcp: ENOSPC while DCP flushes the step-4 rank file: the same one
+    line naming the directory, the step-4 directory never committed, and the run resumes
+    from step 2."""
+    out = tmp_path / "run"
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        if "step_00000004" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    extra = ("schedule.total_steps=4", "checkpoint.every_steps=2", "checkpoint.format=dcp")
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        run(synthetic_data, out, *extra)
+    assert str(err.value) == (f"{out / 'checkpoints' / 'step_00000004'}: cannot be written "
+                              f"(No space left on device); the checkpoints already saved are "
+                              f"untouched")
+    store = checkpoint.CheckpointStore(out / "checkpoints", keep_last=3, sharded=True)
+    assert store.steps() == [2] and store.latest_valid() == out / "checkpoints" / "step_00000002"
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    result = run(synthetic_data, out, *extra)
+    assert (result.start_step, result.step) == (2, 4)
+
+
 # -- corrupt training images -----------------------------------------------------------------
 @pytest.fixture
 def corrupt_body_folder(tmp_path) -> tuple[Path, Path]:

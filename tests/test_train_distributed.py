@@ -29,6 +29,7 @@ from conftest import REPO, assert_checkpoints_bitwise, run_torchrun
 from fr_distill.config import load_config
 from fr_distill.engine import REQUEUE_EXIT_CODE, REQUEUE_MARKER, checkpoint
 from fr_distill.models import get_backbone
+from fr_distill.models.export import load_student
 
 WORKER = REPO / "tests" / "workers" / "worker_train_run.py"
 STEPS = 8
@@ -62,6 +63,7 @@ def _run(setup, name: str, *extra: str, torchrun_args=(), check=True, worker_arg
 
 
 def _final(run_dir: Path, step: int = STEPS) -> dict:
+    """The checkpoint of ``step``: a file, or with checkpoint.format=dcp a directory."""
     return checkpoint.load(run_dir / "checkpoints" / f"step_{step:08d}.pt")
 
 
@@ -118,16 +120,42 @@ def test_two_ranks_equal_one_rank_with_double_batch(setup, reference, single_thr
                                rtol=1e-5, atol=1e-5)
 
 
-def test_resume_on_other_world_size_keeps_global_batch(setup, reference, single_thread):
+def _copy_checkpoint(source: Path, out: Path) -> None:
+    """A checkpoint file (with its sidecar) or directory into ``out``'s checkpoints."""
+    (out / "checkpoints").mkdir(parents=True)
+    if source.is_dir():
+        shutil.copytree(source, out / "checkpoints" / source.name)
+    else:
+        for suffix in ("", ".sha256"):
+            shutil.copy(f"{source}{suffix}", out / "checkpoints")
+
+
+def _resume_in_process(setup, name: str, source: Path, *extra: str):
+    """Train on 1 rank (in this process) from a copy of the checkpoint ``source``."""
     from fr_distill.engine import train
 
-    out = setup["root"] / "resize"
-    (out / "checkpoints").mkdir(parents=True)
-    for suffix in ("", ".sha256"):
-        shutil.copy(reference / "checkpoints" / f"step_00000004.pt{suffix}", out / "checkpoints")
-    cfg = load_config(None, setup["overrides"] + [f"run.output_dir={out}"])  # batch_size=4, W=1
-    result = train(cfg)
+    out = setup["root"] / name
+    _copy_checkpoint(source, out)
+    cfg = load_config(None, setup["overrides"] + [f"run.output_dir={out}", *extra])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun worker (OMP_NUM_THREADS=1)
+    try:
+        return out, train(cfg)  # batch_size=4 on W=1: the checkpoint's global batch 8 kept
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def resized(setup, reference) -> Path:
+    """The reference's step-4 checkpoint resumed on 1 rank (file format)."""
+    out, result = _resume_in_process(setup, "resize",
+                                     reference / "checkpoints" / "step_00000004.pt")
     assert (result.start_step, result.step) == (4, STEPS)
+    return out
+
+
+def test_resume_on_other_world_size_keeps_global_batch(reference, resized):
+    out = resized
     info = json.loads((out / "run_info.json").read_text())
     assert info["batch_per_rank"] == 8 and info["global_batch"] == 8
     a, b = _final(reference), _final(out)
@@ -205,3 +233,78 @@ def test_training_from_a_teacher_cache_equals_the_teacher_on_the_fly(setup, refe
     assert (cache / "embeddings.bin").read_bytes() == (one_rank / "embeddings.bin").read_bytes()
     cached, _ = _run(setup, "cached", f"teacher.cache={cache}", "teacher.cache_dtype=float32")
     assert_checkpoints_bitwise(_final(reference), _final(cached))
+
+
+# -- sharded checkpoints (checkpoint.format=dcp) ---------------------------------------------
+@pytest.fixture(scope="module")
+def sharded(setup) -> Path:
+    """The reference run with sharded checkpoints written in the background, rank 1 SIGKILLed
+    after a random step and the group restarted from the newest committed directory (a
+    checkpoint is committed at the next one: the one in flight at the kill is not used);
+    keeps the last 3."""
+    step = random.randint(1, STEPS - 1)
+    print(f"SIGKILL to rank 1 after step {step}")  # shown with a failure
+    out = setup["root"] / "sharded"
+    out.mkdir()
+    _run(setup, "sharded", "checkpoint.format=dcp", "checkpoint.async_save=true",
+         "checkpoint.keep_last=3", torchrun_args=("--max-restarts", "1"),
+         worker_args=("--fault", "kill", "--fault-step", str(step), "--fault-rank", "1",
+                      "--marker", str(out / "killed_once")))
+    committed = max(step - step % 2 - 2, 0)
+    assert json.loads((out / "result.json").read_text())["start_step"] == committed, step
+    return out
+
+
+def test_sharded_checkpoints_equal_the_single_file_ones_bitwise(reference, sharded):
+    """Each rank wrote its own rows; after a SIGKILL and a restart from the directory the
+    run ends bitwise equal to the uninterrupted single-file run; keep-last 3; best.pt is the
+    student alone, one file."""
+    checkpoints = sharded / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "best.pt", "best.pt.sha256", "step_00000004", "step_00000006", "step_00000008"]
+    assert sorted(p.name for p in (checkpoints / "step_00000008").iterdir()) == [
+        ".metadata", "SHA256SUMS", "__0_0.distcp", "__1_0.distcp", "state.pt"]
+    for step in (4, STEPS):
+        ours = checkpoint.load(checkpoints / f"step_{step:08d}")
+        assert ours["step"] == step
+        assert_checkpoints_bitwise(_final(reference, step), ours)
+    best = checkpoint.load(checkpoints / "best.pt")
+    assert set(best) == {"format", "version", "step", "config", "student", "metrics"}
+    assert all(torch.equal(v, ours["student"][k]) for k, v in best["student"].items())
+    # export, evaluation, teacher.path and model.init read a directory as they read a file
+    exported = load_student(str(checkpoints / "step_00000008")).state_dict()
+    assert all(torch.equal(v, ours["student"][k]) for k, v in exported.items())
+
+
+@pytest.fixture(scope="module")
+def sharded_resized(setup, sharded) -> Path:
+    """The sharded step-4 checkpoint of 2 ranks resumed on 1 rank, writing directories."""
+    out, result = _resume_in_process(setup, "sharded_resize",
+                                     sharded / "checkpoints" / "step_00000004",
+                                     "checkpoint.format=dcp")
+    assert (result.start_step, result.step) == (4, STEPS)
+    return out
+
+
+def test_sharded_checkpoint_resumes_from_two_ranks_on_one_bitwise(resized, sharded_resized):
+    """2 → 1 ranks: the head rows of both ranks are read into one; the run ends bitwise equal
+    to resuming the single-file checkpoint of the same step on 1 rank."""
+    for step in (6, STEPS):
+        assert_checkpoints_bitwise(_final(resized, step),
+                                   checkpoint.load(sharded_resized / "checkpoints" /
+                                                   f"step_{step:08d}"))
+
+
+def test_sharded_checkpoint_resumes_from_one_rank_on_two_bitwise(setup, resized, sharded_resized):
+    """1 → 2 ranks: each rank reads its half of the head written by one rank; the run ends
+    bitwise equal to resuming the single-file checkpoint of that step on 2 ranks (which, with
+    checkpoint.format=dcp, also shows an old single-file checkpoint resuming a sharded run)."""
+    finals = []
+    for name, source in (("from_file", resized / "checkpoints" / "step_00000006.pt"),
+                         ("from_dir", sharded_resized / "checkpoints" / "step_00000006")):
+        out = setup["root"] / f"grow_{name}"
+        _copy_checkpoint(source, out)
+        _run(setup, f"grow_{name}", "checkpoint.format=dcp")
+        assert json.loads((out / "result.json").read_text())["start_step"] == 6
+        finals.append(checkpoint.load(out / "checkpoints" / f"step_{STEPS:08d}"))
+    assert_checkpoints_bitwise(*finals)

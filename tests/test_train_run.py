@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -171,6 +174,83 @@ def test_two_sets_resume_mid_epoch_exactly(synthetic_data, teacher_file, tmp_pat
     result = train(cfg)
     assert (result.start_step, result.step, result.status) == (2, 4, "completed")
     assert_checkpoints_bitwise(uninterrupted, checkpoint.load(store.step_path(4)))
+
+
+def test_bad_sharded_checkpoints_fall_back_naming_the_file_and_resume_exactly(
+        synthetic_data, teacher_file, tmp_path, single_thread):
+    """checkpoint.format=dcp: the newest directory has a truncated rank file, the next one
+    lacks a rank file, the next its commit marker, and an interrupted save left a temporary
+    directory; the run falls back to step 2 (one warning per directory, naming the file)
+    and ends bitwise equal to the uninterrupted run. A head of another size is refused."""
+    out = tmp_path / "run"
+    cfg = load_config(None, _overrides(synthetic_data, out, teacher_file) + [
+        "data.batch_size=8", "schedule.total_steps=8", "checkpoint.every_steps=2",
+        "checkpoint.keep_last=4", "checkpoint.format=dcp"])
+    train(cfg)
+    store = checkpoint.CheckpointStore(out / "checkpoints", keep_last=4, sharded=True)
+    assert store.steps() == [8, 6, 4, 2] and store.step_path(8).is_dir()
+    uninterrupted = checkpoint.load(store.step_path(8))
+    rank_file = store.step_path(8) / "__0_0.distcp"
+    rank_file.write_bytes(rank_file.read_bytes()[:4096])
+    (store.step_path(6) / "__0_0.distcp").unlink()
+    (store.step_path(4) / "SHA256SUMS").unlink()
+    (out / "checkpoints" / ".step_00000010.tmp").mkdir()
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger(checkpoint.__name__).addHandler(handler)  # fr_distill does not propagate
+    try:
+        assert store.latest_valid() == store.step_path(2)
+    finally:
+        logging.getLogger(checkpoint.__name__).removeHandler(handler)
+    assert warnings == [
+        f"checkpoint {store.step_path(8)} is unusable (__0_0.distcp: sha256 mismatch (truncated "
+        f"or corrupt; 4096 bytes)); trying the previous one",
+        f"checkpoint {store.step_path(6)} is unusable (__0_0.distcp missing); trying the "
+        f"previous one",
+        f"checkpoint {store.step_path(4)} is unusable (commit marker SHA256SUMS missing (write "
+        f"interrupted?)); trying the previous one"]
+    result = train(cfg)
+    assert (result.start_step, result.step, result.status) == (2, 8, "completed")
+    again = checkpoint.load(store.step_path(8))
+    for part in ("student", "objective", "optimizer"):
+        _assert_identical(uninterrupted[part], again[part], part)
+    other_head = load_config(None, _overrides(synthetic_data, out, teacher_file) + [
+        "data.batch_size=8", "schedule.total_steps=10", "checkpoint.format=dcp",
+        "model.embedding_dim=16", "model.projector=true"])
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        train(other_head)
+    assert str(err.value) == (
+        f"{store.step_path(8)}: 'objective/head.weight' is [24, 32]; this run's head is "
+        f"[24, 16] (num_classes, embedding dim): not this run's checkpoint")
+
+
+class _SigtermAfter(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, run, stats) -> None:
+        if run.step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_commits_the_background_checkpoint_before_stopping(
+        synthetic_data, tmp_path, single_thread):
+    """checkpoint.async_save: SIGTERM after step 1; step 2's checkpoint, written in the
+    background, is committed before the run stops for requeueing, and the next run resumes
+    from it."""
+    out = tmp_path / "run"
+    cfg = load_config(None, _overrides(synthetic_data, out) + [
+        "data.batch_size=8", "schedule.total_steps=4", "checkpoint.every_steps=4",
+        "checkpoint.format=dcp", "checkpoint.async_save=true"])
+    result = train(cfg, [_SigtermAfter(1)])
+    assert (result.status, result.step) == ("preempted", 2)
+    assert json.loads((out / "REQUEUE").read_text()) == {"step": 2}
+    store = checkpoint.CheckpointStore(out / "checkpoints", keep_last=3, sharded=True)
+    assert store.latest_valid() == out / "checkpoints" / "step_00000002"
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+    result = train(cfg)
+    assert (result.status, result.start_step, result.step) == ("completed", 2, 4)
 
 
 def test_nonfinite_loss_skips_steps_then_stops_with_one_line(synthetic_data, teacher_file,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One entry point for every benchmark: ``python tools/benchmark.py {losses,data,train,eval,comm,all} [args]``.
+"""One entry point for every benchmark: ``python tools/benchmark.py {losses,data,train,eval,comm,checkpoint,all} [args]``.
 
 Each subcommand runs ``fr_distill.benchmarks.<name>.main(args)``, which measures the compared
 variants side by side in one run, prints their ratios and, with ``--json PATH``, writes them.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("losses", "data", "train", "eval", "comm")
+BENCHMARKS = ("losses", "data", "train", "eval", "comm", "checkpoint")
 
 
 def main(argv: list[str]) -> int:

@@ -2,7 +2,7 @@
 
 The loop calls every callback at the same points on every rank (``on_train_start``,
 ``on_step_end`` after each optimizer step, ``on_train_end``); callbacks that write files do
-so on rank 0 only, and callbacks that need collectives (gathering a class-sharded head,
+so on rank 0 only (but for the ranks' parts of a sharded checkpoint), and callbacks that need collectives (gathering a class-sharded head,
 sharded evaluation) run them on all ranks. The logging callback lives in
 :mod:`fr_distill.engine.run_log`.
 """
@@ -146,7 +146,8 @@ class EvalCallback(Callback):
                   (value < best["value"] if lower_is_better(metric) else value > best["value"]))
         if math.isfinite(value) and better:
             run.metrics["best"] = {"metric": metric, "value": value, "step": run.step}
-            payload = run.state_dict()
+            # a sharded run's best.pt is its student alone: nothing to gather
+            payload = run.student_state_dict() if self.store.sharded else run.state_dict()
             if dist.is_main():
                 path = self.store.save_best(payload)
                 log.info("best %s = %.5f at step %d -> %s", metric, value, run.step, path)
@@ -155,7 +156,10 @@ class EvalCallback(Callback):
 
 class CheckpointCallback(Callback):
     """A checkpoint every ``checkpoint.every_steps``, at the end, and when stopping on a signal
-    (then also the requeue marker). Rank 0 writes; all ranks build the state."""
+    (then also the requeue marker). A file: all ranks build the state, rank 0 writes it; a
+    sharded checkpoint (``checkpoint.format=dcp``): every rank writes its part, with
+    ``checkpoint.async_save`` in the background, committed at the next checkpoint and before
+    the run ends."""
 
     def __init__(self, store: CheckpointStore) -> None:
         self.store = store
@@ -168,10 +172,15 @@ class CheckpointCallback(Callback):
         due = run.step % run.cfg.checkpoint.every_steps == 0 or run.finished or run.stop_requested
         if not due:
             return
-        payload = run.state_dict()
-        if dist.is_main():
+        payload = run.state_dict(sharded=self.store.sharded)
+        if self.store.sharded or dist.is_main():
             path = self.store.save_step(payload, run.step)
-            log.info("checkpoint %s", path)
+        del payload
+        if run.stop_requested or run.finished:  # committed before the run ends
+            self.store.finish_pending()
+        if dist.is_main():
+            log.info("checkpoint %s%s", path, " (writing in the background)"
+                     if self.store.pending else "")
             if run.stop_requested and not run.finished:
                 (run.run_dir / REQUEUE_MARKER).write_text(json.dumps({"step": run.step}) + "\n")
         dist.barrier()

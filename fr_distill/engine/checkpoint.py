@@ -4,14 +4,18 @@ Layout of a run directory's ``checkpoints/``::
 
     step_00002000.pt          torch.save of the checkpoint dict (format "fr_distill", version 1)
     step_00002000.pt.sha256   "<sha256 hex>  step_00002000.pt" (``sha256sum -c`` format)
+    step_00002000/            with ``checkpoint.format=dcp``: a sharded checkpoint directory
+                              (:mod:`fr_distill.engine.sharded_checkpoint`), same dict
     best.pt, best.pt.sha256   the best checkpoint by ``eval.best_metric``
 
 A file is written to a temporary name in the same directory, flushed and fsynced, renamed
 over its final name with ``os.replace`` and the directory fsynced; the checksum sidecar is
-written the same way afterwards. A checkpoint counts only when its sidecar exists and matches,
-so a crash at any point leaves either the new checkpoint complete or the previous ones
-untouched, and a truncated or corrupt file is skipped (with a warning) in favour of the
-previous one. Every checkpoint is loadable with ``torch.load(weights_only=True)``.
+written the same way afterwards. A checkpoint counts only when its sidecar exists and matches
+(a directory: when its ``SHA256SUMS`` exists and every file matches), so a crash at any point
+leaves either the new checkpoint complete or the previous ones untouched, and a truncated,
+corrupt or incomplete checkpoint is skipped (with a warning naming the file) in favour of the
+previous one. Either format resumes on any world size; :func:`load` reads either into the
+same dict, loadable from a file with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fr_distill import dist
+from fr_distill.engine import sharded_checkpoint
 from fr_distill.errors import FrDistillError
 
 log = logging.getLogger(__name__)
@@ -34,7 +40,7 @@ log = logging.getLogger(__name__)
 FORMAT = "fr_distill"
 VERSION = 1
 CHECKSUM_SUFFIX = ".sha256"
-_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+_STEP_NAME = re.compile(r"^step_(\d+)(\.pt)?$")
 
 
 class CheckpointError(FrDistillError, RuntimeError):
@@ -46,14 +52,6 @@ class CheckpointError(FrDistillError, RuntimeError):
 # ----------------------------------------------------------------------------------------
 # Atomic files
 # ----------------------------------------------------------------------------------------
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` holds either its old or its new content."""
     path = Path(path)
@@ -68,7 +66,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    sharded_checkpoint.fsync_dir(path.parent)
 
 
 def save(payload: dict, path: str | os.PathLike) -> None:
@@ -83,94 +81,149 @@ def save(payload: dict, path: str | os.PathLike) -> None:
     atomic_write(path.with_name(path.name + CHECKSUM_SUFFIX), f"{digest}  {path.name}\n".encode())
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify(path: str | os.PathLike) -> str | None:
-    """``None`` when ``path`` matches its sidecar checksum, else the reason it does not."""
+    """``None`` when ``path`` (a file or a sharded checkpoint directory) matches its
+    checksums, else the reason it does not."""
     path = Path(path)
+    if path.is_dir():
+        return sharded_checkpoint.verify(path)
     sidecar = path.with_name(path.name + CHECKSUM_SUFFIX)
     if not path.is_file():
         return "file missing"
     if not sidecar.is_file():
         return f"checksum file {sidecar.name} missing (write interrupted?)"
     expected = sidecar.read_text().split()[:1]
-    actual = _file_sha256(path)
+    actual = sharded_checkpoint.file_sha256(path)
     if expected != [actual]:
         return f"sha256 mismatch (truncated or corrupt; {path.stat().st_size} bytes)"
     return None
 
 
+def _checked(ckpt: object, path: str | os.PathLike) -> dict:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an {FORMAT} checkpoint (no format='{FORMAT}' key)")
+    return ckpt
+
+
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Verify and load a checkpoint (``weights_only``); :class:`CheckpointError` if unusable."""
+    """Verify and load a checkpoint file or directory whole (a directory's class-sharded rows
+    assembled); :class:`CheckpointError` if unusable."""
     reason = verify(path)
     if reason is not None:
         raise CheckpointError(f"{path}: {reason}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        if Path(path).is_dir():
+            ckpt = sharded_checkpoint.load_whole(path)
+        else:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # a corrupt zip or unpickling error: one line, not a traceback
         raise CheckpointError(f"{path}: cannot be loaded ({type(err).__name__}: {err})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an {FORMAT} checkpoint (no format='{FORMAT}' key)")
-    return ckpt
+    return _checked(ckpt, path)
+
+
+def load_for_resume(path: str | os.PathLike) -> dict:
+    """What every rank reads before building the run: a file checkpoint whole, or a sharded
+    checkpoint's ``state.pt`` only (each rank reads its part of the tensors into the built
+    run: :meth:`fr_distill.engine.state.Run.complete_checkpoint`). ``path`` was verified by
+    :meth:`CheckpointStore.latest_valid`."""
+    if not Path(path).is_dir():
+        return load(path)
+    try:
+        state = sharded_checkpoint.read_state(path)
+    except Exception as err:  # changed since it was verified: one line
+        raise CheckpointError(f"{path}: cannot be loaded ({type(err).__name__}: {err})") from None
+    return _checked(state, path)
 
 
 # ----------------------------------------------------------------------------------------
 # The run directory's checkpoints
 # ----------------------------------------------------------------------------------------
 class CheckpointStore:
-    """The step checkpoints (keep the newest ``keep_last``) and ``best.pt`` of one run."""
+    """The step checkpoints (keep the newest ``keep_last``) and ``best.pt`` of one run;
+    ``sharded``: step checkpoints are written as sharded directories (``checkpoint.format``)."""
 
-    def __init__(self, directory: str | os.PathLike, keep_last: int) -> None:
+    def __init__(self, directory: str | os.PathLike, keep_last: int, sharded: bool = False,
+                 background: bool = False) -> None:
         self.directory = Path(directory)
         self.keep_last = keep_last
+        self.sharded = sharded
+        self.background = background  # sharded checkpoints written in a background thread
+        self.pending: tuple[sharded_checkpoint.PendingSave, int] | None = None
 
     def step_path(self, step: int) -> Path:
-        return self.directory / f"step_{step:08d}.pt"
+        """Where the checkpoint of ``step`` is: the one present (a directory first), else
+        where this store writes it."""
+        directory, file = self.directory / f"step_{step:08d}", self.directory / f"step_{step:08d}.pt"
+        present = [p for p in (directory, file) if p.exists()]
+        return present[0] if present else directory if self.sharded else file
 
     @property
     def best_path(self) -> Path:
         return self.directory / "best.pt"
 
     def steps(self) -> list[int]:
-        """Steps of the step checkpoints present (valid or not), newest first."""
+        """Steps of the step checkpoints present (valid or not, either format), newest first."""
         if not self.directory.is_dir():
             return []
-        found = (_STEP_FILE.match(p.name) for p in self.directory.iterdir())
-        return sorted((int(m.group(1)) for m in found if m), reverse=True)
+        found = (_STEP_NAME.match(p.name) for p in self.directory.iterdir())
+        return sorted({int(m.group(1)) for m in found if m}, reverse=True)
 
     def save_step(self, payload: dict, step: int) -> Path:
-        """Write the checkpoint of ``step``, then delete the step checkpoints older than the
+        """Write the checkpoint of ``step`` (sharded: a collective, every rank passes its own
+        view; else rank 0 only), then delete the step checkpoints older than the
         ``keep_last`` newest up to ``step`` (never a later step: those are not this run's
         past, see :mod:`fr_distill.engine.run_dir`)."""
-        path = self.step_path(step)
-        self._save(payload, path)
-        for old in [s for s in self.steps() if s <= step][self.keep_last:]:
-            for p in (self.step_path(old), self.step_path(old).with_name(
-                    self.step_path(old).name + CHECKSUM_SUFFIX)):
-                p.unlink(missing_ok=True)
+        self.finish_pending()
+        path = self.directory / (f"step_{step:08d}" if self.sharded else f"step_{step:08d}.pt")
+        if self.background:
+            self.pending = (self._guarded(path, sharded_checkpoint.save, payload, path, True),
+                            step)
+            return path
+        self._guarded(path, sharded_checkpoint.save if self.sharded else save, payload, path)
+        self._prune(step)
         return path
 
+    def finish_pending(self) -> Path | None:
+        """Wait for the checkpoint written in the background, commit it and prune (a
+        collective); ``None`` when none is pending."""
+        if self.pending is None:
+            return None
+        (pending, step), self.pending = self.pending, None
+        path = self._guarded(pending.directory, pending.finish)
+        self._prune(step)
+        return path
+
+    def _prune(self, step: int) -> None:
+        if dist.is_main():
+            for old in [s for s in self.steps() if s <= step][self.keep_last:]:
+                self._delete(old)
+
+    def _delete(self, step: int) -> None:
+        sharded_checkpoint.remove_directory(self.directory / f"step_{step:08d}")
+        file = self.directory / f"step_{step:08d}.pt"
+        for p in (file, file.with_name(file.name + CHECKSUM_SUFFIX)):
+            p.unlink(missing_ok=True)
+
     def save_best(self, payload: dict) -> Path:
-        self._save(payload, self.best_path)
+        self._guarded(self.best_path, save, payload, self.best_path)
         return self.best_path
 
     @staticmethod
-    def _save(payload: dict, path: Path) -> None:
-        """:func:`save`, with a write failure (full disk, quota, permissions) as one line."""
+    def _guarded(path: Path, write, *args):
+        """``write(*args)``, writing ``path``, with a write failure (full disk, quota,
+        permissions) as one line."""
         try:
-            save(payload, path)
-        except OSError as err:
-            raise CheckpointError(f"{path}: cannot be written ({err.strerror or err}); the "
-                                  f"checkpoints already saved are untouched") from None
+            return write(*args)
+        except (OSError, sharded_checkpoint.dcp.CheckpointException) as err:
+            if isinstance(err, sharded_checkpoint.dcp.CheckpointException):
+                err = next(iter(err.failures.values()))[0]  # a rank's own exception
+            reason = (err.strerror if isinstance(err, OSError) and err.strerror
+                      else str(err).strip().splitlines()[0])
+            raise CheckpointError(f"{path}: cannot be written ({reason}); the checkpoints "
+                                  f"already saved are untouched") from None
 
     def latest_valid(self) -> Path | None:
-        """The newest step checkpoint whose checksum matches; warns about each newer bad one."""
+        """The newest step checkpoint whose checksums match; warns about each newer bad one."""
         for step in self.steps():
             path = self.step_path(step)
             reason = verify(path)

@@ -84,7 +84,7 @@ class Plan:
             f"{cfg.schedule.warmup_steps}",
             f"precision {cfg.precision.amp}",
             f"checkpoint every {cfg.checkpoint.every_steps} steps, keep {cfg.checkpoint.keep_last}, "
-            f"in {Path(cfg.run.output_dir) / CHECKPOINT_SUBDIR}",
+            f"format {cfg.checkpoint.format}, in {Path(cfg.run.output_dir) / CHECKPOINT_SUBDIR}",
             f"resume    {resume}",
             f"eval      {', '.join(cfg.eval.bin_sets) or 'none'}",
         ])
@@ -118,7 +118,9 @@ def _teacher_line(cfg: Config) -> str:
 
 
 def checkpoint_store(cfg: Config) -> CheckpointStore:
-    return CheckpointStore(Path(cfg.run.output_dir) / CHECKPOINT_SUBDIR, cfg.checkpoint.keep_last)
+    return CheckpointStore(Path(cfg.run.output_dir) / CHECKPOINT_SUBDIR, cfg.checkpoint.keep_last,
+                           sharded=cfg.checkpoint.format == "dcp",
+                           background=cfg.checkpoint.async_save)
 
 
 def find_resume(cfg: Config) -> Path | None:
@@ -158,7 +160,7 @@ def dry_run(cfg: Config) -> str:
     check_bin_sets(list(cfg.teacher.check_sets))
     resume_path = find_resume(cfg)
     note = probe_run_dir(cfg.run.output_dir, checkpoint_store(cfg), resume_path is None)
-    resumed = checkpoint.load(resume_path) if resume_path else None
+    resumed = checkpoint.load_for_resume(resume_path) if resume_path else None
     plan = make_plan(cfg, info, dist.env_world()[1], resume_path, resumed)
     if info.num_samples < plan.global_batch:
         raise TrainingError(f"data.train has {info.num_samples} images, fewer than one global "

@@ -6,9 +6,13 @@ the project's checkpoint format (``format``, ``version``, ``step``, ``config``, 
 ``objective`` with the memory bank, ``optimizer``, ``scheduler``, ``scaler``, ``data``,
 ``rng``, ``metrics``); it is a collective (a class-sharded head and its momentum are
 gathered, every rank's RNG state is collected), so every rank calls it and rank 0 writes it.
+With ``sharded=True`` (``checkpoint.format=dcp``) nothing is gathered but the RNG states:
+each rank's view keeps its own rows, tagged with their place in the matrix, and every rank
+writes its part (:mod:`fr_distill.engine.sharded_checkpoint`).
 
 Class-sharded parameters hold contiguous row blocks in rank order; their optimizer state is
-stored as the full matrix and re-sliced on load, so a run resumes on another world size.
+stored as the full matrix (a sharded checkpoint: as row blocks of it) and re-sliced on load,
+so a run resumes on another world size and head mode.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from torch import nn
 from fr_distill import dist
 from fr_distill.config import Config, to_dict
 from fr_distill.data import TrainLoader
-from fr_distill.engine import checkpoint
+from fr_distill.engine import checkpoint, sharded_checkpoint
 from fr_distill.engine.faults import NonFiniteGuard
 from fr_distill.teacher_cache.store import TeacherCache
 
@@ -82,15 +86,15 @@ class Run:
                     module.eval()
 
     # -- checkpoint ---------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """The checkpoint of this step (collective: call on every rank)."""
+    def state_dict(self, sharded: bool = False) -> dict:
+        """The checkpoint of this step (collective: call on every rank). ``sharded``: this
+        rank's view for a sharded checkpoint, whose class-sharded rows (head and momentum)
+        stay this rank's (:func:`fr_distill.dist.row_block`) instead of being gathered."""
         return {
             "format": checkpoint.FORMAT, "version": checkpoint.VERSION, "step": self.step,
             "config": to_dict(self.cfg),
             "student": _to_cpu(self.student.state_dict()),
-            "objective": _to_cpu(self.objective.state_dict()),
-            "optimizer": _to_cpu(_gather_sharded_state(self.optimizer,
-                                                       self.objective.sharded_parameters())),
+            **objective_state(self.objective, self.optimizer, sharded),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "data": {**self.loader.state_dict(), "position": self.step * self.accumulation,
@@ -101,13 +105,26 @@ class Run:
             "metrics": self.metrics,
         }
 
+    def student_state_dict(self) -> dict:
+        """A checkpoint of the student alone (``best.pt`` of a sharded run): what export,
+        evaluation and ``model.init`` read, without gathering the head."""
+        return {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "step": self.step,
+                "config": to_dict(self.cfg), "student": _to_cpu(self.student.state_dict()),
+                "metrics": self.metrics}
+
+    def complete_checkpoint(self, ckpt: dict, path: Path) -> dict:
+        """``ckpt`` as :func:`checkpoint.load_for_resume` read it, with a sharded checkpoint's
+        tensors read in: this rank's rows of the head and its momentum (whatever world size
+        and head mode wrote them), the replicated tensors whole. A head of another size is
+        refused (:class:`checkpoint.CheckpointError` naming ``path``) before anything is read."""
+        if sharded_checkpoint.TENSOR_PATHS not in ckpt:
+            return ckpt
+        return load_sharded(path, ckpt, self.objective, self.optimizer)
+
     def load_state_dict(self, ckpt: dict) -> None:
         """Restore a checkpoint written by :meth:`state_dict` (any world size)."""
         self.student.load_state_dict(ckpt["student"])
-        self.objective.load_state_dict(ckpt["objective"])
-        self.optimizer.load_state_dict(
-            _slice_sharded_state(ckpt["optimizer"], self.optimizer,
-                                 self.objective.sharded_parameters()))
+        load_objective_state(ckpt, self.objective, self.optimizer)
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.guard.load_state_dict(ckpt["faults"])
@@ -122,10 +139,74 @@ class Run:
                         self.info.world_size, rng["world_size"])
 
 
+def objective_state(objective: nn.Module, optimizer: torch.optim.Optimizer,
+                    sharded: bool) -> dict:
+    """The checkpoint's ``objective`` and ``optimizer`` entries on the CPU: a class-sharded
+    head and its momentum gathered whole (a collective), or with ``sharded`` this rank's rows
+    (:func:`fr_distill.dist.row_block`)."""
+    params = objective.sharded_parameters()
+    return {"objective": _to_cpu(objective.sharded_state_dict() if sharded
+                                 else objective.state_dict()),
+            "optimizer": _to_cpu(_tag_sharded_state(optimizer, params) if sharded
+                                 else _gather_sharded_state(optimizer, params))}
+
+
+def load_sharded(path: Path, state: dict, objective: nn.Module,
+                 optimizer: torch.optim.Optimizer) -> dict:
+    """The sharded checkpoint ``path`` (its ``state.pt`` read as ``state``) with its tensors:
+    this rank's rows of the head and its momentum, the replicated tensors whole. A head of
+    another size is refused (:class:`checkpoint.CheckpointError` naming ``path``) before
+    any tensor is read."""
+    head = objective.head
+    rows = set()
+    if head is not None:  # the keys holding the head's [C, D] rows
+        index = _param_index(optimizer)[id(head.weight)]
+        rows = {"objective/head.weight", f"optimizer/state/{index}/momentum_buffer"}
+
+    def destination(key: str, size: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        if key not in rows:
+            return torch.empty(size, dtype=dtype)
+        if tuple(size) != (head.num_classes, head.dim):
+            raise checkpoint.CheckpointError(
+                f"{path}: '{key}' is {list(size)}; this run's head is [{head.num_classes}, "
+                f"{head.dim}] (num_classes, embedding dim): not this run's checkpoint")
+        if key == "objective/head.weight" and head.weight.device.type == "cpu":
+            block = head.weight.detach()  # read in place: no second copy of the rows
+        else:
+            block = torch.empty((head.end - head.start, *size[1:]), dtype=dtype)
+        return dist.row_block(block, head.start, head.num_classes)
+
+    try:
+        return sharded_checkpoint.load(path, state, destination)
+    except checkpoint.CheckpointError:
+        raise
+    except Exception as err:  # a file changed since it was verified: one line
+        raise checkpoint.CheckpointError(
+            f"{path}: cannot be loaded ({type(err).__name__}: {err})") from None
+
+
+def load_objective_state(ckpt: dict, objective: nn.Module,
+                         optimizer: torch.optim.Optimizer) -> None:
+    """Restore the ``objective`` and ``optimizer`` entries of a checkpoint (either format)."""
+    objective.load_state_dict(ckpt["objective"])
+    optimizer.load_state_dict(_slice_sharded_state(ckpt["optimizer"], optimizer,
+                                                   objective.sharded_parameters()))
+
+
+def _own_rows(matrix: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Rows ``[start, end)`` of ``matrix`` in their own memory (a slice of a whole matrix is
+    copied so the matrix can be freed; a block read for these rows is used as it is)."""
+    rows = dist.rows_of(matrix, start, end)
+    return rows if rows is matrix else rows.clone()
+
+
 def _to_cpu(value):
     """Tensors moved to the CPU, through nested dicts, lists and tuples (e.g. a bank's state)."""
     if torch.is_tensor(value):
-        return value.detach().cpu()
+        moved = value.detach().cpu()
+        if hasattr(value, "global_offsets"):  # a row block keeps its place in the matrix
+            moved = dist.row_block(moved, value.global_offsets[0][0], value.global_shape[0])
+        return moved
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -152,16 +233,37 @@ def _gather_sharded_state(optimizer: torch.optim.Optimizer, sharded: list[nn.Par
     return state
 
 
-def _slice_sharded_state(state: dict, optimizer: torch.optim.Optimizer,
-                         sharded: list[nn.Parameter]) -> dict:
-    """This rank's rows of each sharded parameter's stored (whole-matrix) optimizer state."""
+def _tag_sharded_state(optimizer: torch.optim.Optimizer, sharded: list[nn.Parameter]) -> dict:
+    """``optimizer.state_dict()`` with each sharded parameter's per-row state tagged as this
+    rank's rows of the whole matrix (:func:`fr_distill.dist.row_block`), not gathered."""
+    state = optimizer.state_dict()
     index = _param_index(optimizer)
-    for p in sharded:
-        rows = dist.all_gather_object(int(p.shape[0]))
-        start = sum(rows[:dist.rank()])
+    for p, (start, total) in zip(sharded, _row_layout(sharded)):
         i = index[id(p)]
         if i in state["state"]:
-            state["state"][i] = {key: value[start:start + p.shape[0]].clone()
+            state["state"][i] = {key: dist.row_block(value.detach(), start, total)
+                                 if torch.is_tensor(value) and value.shape == p.shape else value
+                                 for key, value in state["state"][i].items()}
+    return state
+
+
+def _row_layout(sharded: list[nn.Parameter]) -> list[tuple[int, int]]:
+    """``(first row of this rank, rows over all ranks)`` of each sharded parameter (ranks
+    hold contiguous blocks in rank order); a collective."""
+    counts = dist.all_gather_object([int(p.shape[0]) for p in sharded])
+    return [(sum(rows[j] for rows in counts[:dist.rank()]), sum(rows[j] for rows in counts))
+            for j in range(len(sharded))]
+
+
+def _slice_sharded_state(state: dict, optimizer: torch.optim.Optimizer,
+                         sharded: list[nn.Parameter]) -> dict:
+    """This rank's rows of each sharded parameter's stored optimizer state (the whole matrix,
+    or from a sharded checkpoint already this rank's rows)."""
+    index = _param_index(optimizer)
+    for p, (start, _) in zip(sharded, _row_layout(sharded)):
+        i = index[id(p)]
+        if i in state["state"]:
+            state["state"][i] = {key: _own_rows(value, start, start + p.shape[0])
                                  if torch.is_tensor(value) and value.dim() == p.dim()
                                  and value.shape[1:] == p.shape[1:] else value
                                  for key, value in state["state"][i].items()}

@@ -101,7 +101,7 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
                              if cfg.model.init and resume_path is None else (None, ""))
     claim_run_dir(cfg.run.output_dir, store, fresh_start=resume_path is None,
                   resume=cfg.checkpoint.resume)
-    resumed = checkpoint.load(resume_path) if resume_path is not None else None
+    resumed = checkpoint.load_for_resume(resume_path) if resume_path is not None else None
     plan = make_plan(cfg, data_info, info.world_size, resume_path, resumed)
     if resume_path is not None:
         log.info("resuming from %s (step %d)", resume_path, plan.resume_step)
@@ -167,7 +167,7 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
               guard=NonFiniteGuard(cfg.run.max_nonfinite_steps), teacher_cache=teacher_cache)
     seed_everything(cfg.run.seed + 7919 * (info.rank + 1))  # per-rank streams (e.g. dropout)
     if resumed is not None:
-        run.load_state_dict(resumed)
+        run.load_state_dict(run.complete_checkpoint(resumed, resume_path))
         del resumed
     if teacher_accuracy is not None and resume_path is None:
         run.metrics["teacher_check"] = teacher_accuracy

@@ -13,7 +13,8 @@ To log the 1-rank value of a term, average it over ranks (``dist.all_reduce_sum(
 
 Checkpoints: ``state_dict()`` holds the head (always the full ``[C, D]`` matrix), the
 projector and the bank; with a class-sharded head it is a collective (the rows are
-gathered), so every rank must call it. ``load_state_dict`` re-shards the head for the
+gathered), so every rank must call it; ``sharded_state_dict()`` holds this rank's rows
+instead, for a sharded checkpoint. ``load_state_dict`` re-shards the head for the
 current world size and resizes the bank for the current global batch.
 
 Input checks: shapes and dtypes are checked on the host; finiteness of the embeddings and
@@ -96,6 +97,17 @@ class Objective(nn.Module):
         return [self.head.weight] if self.head is not None and self.head.class_sharded else []
 
     # -- checkpoint state ------------------------------------------------------------------------
+    def sharded_state_dict(self) -> dict:
+        """``state_dict()`` without gathering: a class-sharded head's weight is this rank's rows,
+        tagged with their place in the ``[C, D]`` matrix (for a sharded checkpoint)."""
+        if self.head is None:
+            return self.state_dict()
+        self.head.gather_on_save = False
+        try:
+            return self.state_dict()
+        finally:
+            self.head.gather_on_save = True
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load head, projector and bank (resized or re-sharded as needed, see their modules).
 

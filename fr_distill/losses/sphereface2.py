@@ -23,7 +23,10 @@ over the ``W`` ranks, ``replicated_parameters`` are averaged, sharded rows are n
 
 Checkpoints hold the full ``[C, D]`` matrix in both modes: ``state_dict`` of a sharded head
 gathers the rows (a collective: call it on every rank), ``load_state_dict`` keeps this rank's
-rows. A checkpoint therefore resumes with any world size and either mode.
+rows. A checkpoint therefore resumes with any world size and either mode. For a sharded
+checkpoint (``checkpoint.format=dcp``), ``gather_on_save = False`` makes ``state_dict`` hold
+this rank's rows tagged with their place in the matrix (:func:`fr_distill.dist.row_block`),
+and ``load_state_dict`` takes such a block of this rank's rows as it takes the whole matrix.
 """
 from __future__ import annotations
 
@@ -150,6 +153,7 @@ class SphereFace2Head(nn.Module):
         self.num_classes, self.dim = num_classes, dim
         self.lamb, self.r, self.m, self.t, self.lw = lamb, r, m, t, lw
         self.class_sharded = class_sharded
+        self.gather_on_save = True  # False: state_dict() holds this rank's rows (dist.row_block)
         self.world_size = dist.world_size() if class_sharded else 1
         self.start, self.end = class_range(num_classes, self.world_size,
                                            dist.rank() if class_sharded else 0)
@@ -184,12 +188,14 @@ class SphereFace2Head(nn.Module):
 
     # -- checkpoint format: the full [C, D] matrix, whatever the mode and world size ----------
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        if self.world_size > 1:
+        if self.world_size > 1 and self.gather_on_save:
             destination[prefix + "weight"] = dist.all_gather_rows(self.weight.detach(),
                                                                   device="cpu")
             destination[prefix + "bias"] = self.bias.detach()
         else:
             super()._save_to_state_dict(destination, prefix, keep_vars)
+            if not self.gather_on_save:
+                dist.row_block(destination[prefix + "weight"], self.start, self.num_classes)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
@@ -199,13 +205,14 @@ class SphereFace2Head(nn.Module):
             missing_keys.extend(absent)
             return
         weight, bias = state_dict[keys["weight"]], state_dict[keys["bias"]]
-        if tuple(weight.shape) != (self.num_classes, self.dim):
+        if dist.global_shape(weight) != (self.num_classes, self.dim):
             raise ObjectiveInputError(
-                f"objective state '{keys['weight']}' has shape {shape_of(weight)}; this run's head "
-                f"is [{self.num_classes}, {self.dim}] (num_classes, embedding dim)")
+                f"objective state '{keys['weight']}' has shape {list(dist.global_shape(weight))};"
+                f" this run's head is [{self.num_classes}, {self.dim}] (num_classes, embedding "
+                f"dim)")
         if bias.numel() != 1:
             raise ObjectiveInputError(f"objective state '{keys['bias']}' has shape "
                                       f"{shape_of(bias)}; expected [1]")
         with torch.no_grad():
-            self.weight.copy_(weight[self.start:self.end])
+            self.weight.copy_(dist.rows_of(weight, self.start, self.end))
             self.bias.copy_(bias.reshape(1))

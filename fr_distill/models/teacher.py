@@ -85,15 +85,15 @@ def load_frozen_model(path: str, name: str = "iresnet100", embedding_dim: int = 
         raise ModelLoadError(f"onnx_backend must be one of {', '.join(ONNX_BACKENDS)}, "
                              f"got {onnx_backend!r}")
     file = Path(path)
-    if not file.is_file():
+    if not file.is_file() and not file.is_dir():  # a directory: a sharded checkpoint
         raise ModelLoadError(f"model file not found: {path}")
     device = torch.device(device)
-    head = file.read_bytes()[:4] if file.stat().st_size else b""
+    head = file.read_bytes()[:4] if file.is_file() and file.stat().st_size else b""
     convention = None  # (mean, std, reason) an ONNX graph expects
     built_from_keys = False
     if head.startswith(ZIP_MAGIC) and _is_torchscript(file):
         module, backend, dim = _load_torchscript(path, device)
-    elif head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC):
+    elif head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC) or file.is_dir():
         module, backend, dim, built_from_keys = _load_pickled_weights(path, name, embedding_dim,
                                                                       width, device)
     else:

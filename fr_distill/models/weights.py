@@ -7,6 +7,7 @@ one-line :class:`ModelLoadError` naming the file.
 """
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from collections.abc import Sequence
@@ -30,7 +31,15 @@ def is_fr_distill_checkpoint(payload: object) -> bool:
 
 
 def safe_torch_load(path: str) -> object:
-    """``torch.load(weights_only=True)`` with one-line :class:`ModelLoadError` failures."""
+    """``torch.load(weights_only=True)`` with one-line :class:`ModelLoadError` failures; a
+    sharded checkpoint directory (``checkpoint.format=dcp``) is verified and read whole."""
+    if os.path.isdir(path):
+        from fr_distill.engine import checkpoint  # the engine imports this module
+
+        try:
+            return checkpoint.load(path)
+        except checkpoint.CheckpointError as err:
+            raise ModelLoadError(str(err)) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, LookupError) as err:

@@ -64,7 +64,9 @@ class StudyRun:
 
     @property
     def final_checkpoint(self) -> Path:
-        return self.run_dir / CHECKPOINT_SUBDIR / f"step_{self.steps:08d}.pt"
+        store = CheckpointStore(self.run_dir / CHECKPOINT_SUBDIR, keep_last=1,
+                                sharded=self.config.checkpoint.format == "dcp")
+        return store.step_path(self.steps)
 
     @property
     def evaluated_file(self) -> Path:
