@@ -272,8 +272,9 @@ def test_sharded_checkpoints_equal_the_single_file_ones_bitwise(reference, shard
     assert set(best) == {"format", "version", "step", "config", "student", "metrics"}
     assert all(torch.equal(v, ours["student"][k]) for k, v in best["student"].items())
     # export, evaluation, teacher.path and model.init read a directory as they read a file
-    exported = load_student(str(checkpoints / "step_00000008")).state_dict()
-    assert all(torch.equal(v, ours["student"][k]) for k, v in exported.items())
+    exported, _, exported_step = load_student(str(checkpoints / "step_00000008"))
+    assert exported_step == STEPS
+    assert all(torch.equal(v, ours["student"][k]) for k, v in exported.state_dict().items())
 
 
 @pytest.fixture(scope="module")

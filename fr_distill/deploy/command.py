@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "TorchScript), verify each against the PyTorch model (embeddings and 10-fold "
                     "accuracy on .bin sets), and report size, GFLOPs and CPU latency (export.json).")
     parser.add_argument("--checkpoint", required=True,
-                        help="fr_distill checkpoint (step_*.pt or best.pt)")
+                        help="fr_distill checkpoint (step_*.pt, a step_* directory of "
+                             "checkpoint.format=dcp, or best.pt)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--formats", default=None,
                         help=f"comma-separated, from {', '.join(FORMATS)} (default: every format "
@@ -171,7 +172,7 @@ def export_for_deployment(args: argparse.Namespace) -> dict:
     _check_numbers(args)
     out = Path(args.out)
     require_writable_dir(out, "--out")
-    if not Path(args.checkpoint).is_file():
+    if not Path(args.checkpoint).exists():
         raise ExportInputError(f"--checkpoint: no such file {args.checkpoint}")
     model, model_cfg, step = load_student(args.checkpoint)
     if args.bin:
