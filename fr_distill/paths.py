@@ -1,6 +1,8 @@
-"""Checks of the directories a command will write, made before its expensive work starts."""
+"""Checks of the directories a command will write, made before its expensive work starts, and
+the file helpers of the project's durable writes (checksums, directory fsync)."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -25,3 +27,21 @@ def require_writable_dir(directory: str | os.PathLike, what: str) -> None:
     except OSError as err:
         raise NotWritableError(f"{what}: cannot write to {directory} "
                                f"({err.strerror or type(err).__name__})") from None
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """The sha256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the entries of directory ``path`` (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

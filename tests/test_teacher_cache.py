@@ -22,7 +22,7 @@ from fr_distill.engine import checkpoint, train
 from fr_distill.models import get_backbone
 from fr_distill.teacher_cache import CacheError, check_cache
 from fr_distill.teacher_cache.build import build_cache, cache_teacher_main
-from fr_distill.teacher_cache.identity import file_sha256
+from fr_distill.paths import file_sha256
 from fr_distill.teacher_cache.store import MANIFEST, ROWS_FILE, read_manifest, write_manifest
 
 STEPS = 30  # 24 steps per epoch: the runs cross an epoch boundary

@@ -2,8 +2,8 @@
 
 The loop calls every callback at the same points on every rank (``on_train_start``,
 ``on_step_end`` after each optimizer step, ``on_train_end``); callbacks that write files do
-so on rank 0 only (but for the ranks' parts of a sharded checkpoint), and callbacks that need collectives (gathering a class-sharded head,
-sharded evaluation) run them on all ranks. The logging callback lives in
+so on rank 0 only (but for the ranks' parts of a sharded checkpoint), and callbacks that need
+collectives (gathering a class-sharded head, sharded evaluation) run them on all ranks. The logging callback lives in
 :mod:`fr_distill.engine.run_log`.
 """
 from __future__ import annotations

@@ -34,6 +34,7 @@ import torch
 from fr_distill import dist
 from fr_distill.engine import sharded_checkpoint
 from fr_distill.errors import FrDistillError
+from fr_distill.paths import file_sha256, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    sharded_checkpoint.fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def save(payload: dict, path: str | os.PathLike) -> None:
@@ -93,7 +94,7 @@ def verify(path: str | os.PathLike) -> str | None:
     if not sidecar.is_file():
         return f"checksum file {sidecar.name} missing (write interrupted?)"
     expected = sidecar.read_text().split()[:1]
-    actual = sharded_checkpoint.file_sha256(path)
+    actual = file_sha256(path)
     if expected != [actual]:
         return f"sha256 mismatch (truncated or corrupt; {path.stat().st_size} bytes)"
     return None

@@ -32,7 +32,6 @@ evaluation and comparisons), in one process.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import warnings
@@ -46,6 +45,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import AsyncStager
 
 from fr_distill import dist
+from fr_distill.paths import file_sha256, fsync_dir
 
 STATE_FILE = "state.pt"
 MANIFEST = "SHA256SUMS"
@@ -90,26 +90,6 @@ def merge_tensors(rest: dict, tensors: dict[str, torch.Tensor], paths: dict[str,
             node = node.setdefault(key, {})
         node[path[-1]] = tensors[name]
     return rest
-
-
-# ----------------------------------------------------------------------------------------
-# Checksums
-# ----------------------------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` (a rename, a new file) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def verify(directory: str | os.PathLike) -> str | None:

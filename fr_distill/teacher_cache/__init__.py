@@ -15,8 +15,9 @@ import torch
 from fr_distill import dist
 from fr_distill.config import Config
 from fr_distill.data import DatasetInfo
+from fr_distill.paths import file_sha256
 from fr_distill.teacher_cache.identity import (CacheError, execution, execution_differences,
-                                               file_sha256, first_difference, identity)
+                                               first_difference, identity)
 from fr_distill.teacher_cache.store import MANIFEST, TeacherCache, read_manifest, verify
 
 log = logging.getLogger(__name__)

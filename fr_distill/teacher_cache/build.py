@@ -37,8 +37,9 @@ from fr_distill.data import DatasetInfo, TrainLoader, preflight
 from fr_distill.data.decode_check import apply_decode_check
 from fr_distill.data.loader import select_backend
 from fr_distill.errors import FrDistillError, exit_with
+from fr_distill.paths import file_sha256
 from fr_distill.teacher_cache.identity import (CacheError, execution, execution_differences,
-                                               file_sha256, first_difference, flips_of, identity)
+                                               first_difference, flips_of, identity)
 from fr_distill.teacher_cache.store import (FORMAT_VERSION, ROWS_FILE, corrupt_shards,
                                             expected_bytes, map_rows, read_manifest,
                                             shard_ranges, shard_sha256, write_manifest)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,15 +26,6 @@ from fr_distill.errors import FrDistillError
 
 class CacheError(FrDistillError):
     """A teacher cache that cannot be used for this run, or cannot be built (bad input: exit 2)."""
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """The sha256 of a file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def data_identity(info: DatasetInfo) -> dict:
