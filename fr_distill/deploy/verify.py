@@ -16,14 +16,13 @@ Otherwise :class:`ExportError` names the file, the set and the difference in one
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from fr_distill.eval.extract import EncodedImages, extract_features
-from fr_distill.eval.verification import evaluate, read_bin
+from fr_distill.eval.verification import bin_set_name, evaluate, read_bin
 from fr_distill.models.export import ExportError
 
 from .artifacts import STATE_DICT, Format
@@ -36,17 +35,19 @@ DEFAULT_ACCURACY_TOLERANCE = {"fp32": 0.0, "fp16": 0.05}
 
 @dataclass
 class VerificationSet:
-    """A `.bin` set and the PyTorch model's flip-fused features and accuracy (%) on it."""
+    """A `.bin` set (read once: its encoded images and flags) and the PyTorch model's
+    flip-fused features and accuracy (%) on it."""
 
     name: str
     path: str
+    payloads: list[bytes]
     issame: np.ndarray
     features: torch.Tensor
     accuracy: float
 
 
-def _features(model: nn.Module, path: str, batch_size: int) -> torch.Tensor:
-    payloads, _ = read_bin(path)
+def _features(model: nn.Module, payloads: list[bytes], path: str,
+              batch_size: int) -> torch.Tensor:
     return extract_features(model, EncodedImages(payloads, path), torch.device("cpu"),
                             batch_size, progress=False)
 
@@ -60,9 +61,9 @@ def reference_sets(model: nn.Module, paths: list[str], batch_size: int) -> list[
     """The PyTorch model's features and accuracy on each set of ``paths``."""
     sets = []
     for path in paths:
-        _, issame = read_bin(path)
-        features = _features(model, path, batch_size)
-        sets.append(VerificationSet(Path(path).name.removesuffix(".bin"), path, issame, features,
+        payloads, issame = read_bin(path)
+        features = _features(model, payloads, path, batch_size)
+        sets.append(VerificationSet(bin_set_name(path), path, payloads, issame, features,
                                     accuracy_percent(features, issame)))
     return sets
 
@@ -84,7 +85,7 @@ def verify_artifact(fmt: Format, module: nn.Module, sets: list[VerificationSet],
     bound = embedding_bound(fmt)
     results: dict = {"embedding_rel_error": {}, "accuracy": {}, "accuracy_diff_points": {}}
     for vset in sets:
-        features = _features(module, vset.path, batch_size)
+        features = _features(module, vset.payloads, vset.path, batch_size)
         error = relative_error(features, vset.features)
         if not error <= bound:
             raise ExportError(f"{fmt.name} artifact {fmt.file}: its embeddings of {vset.name} differ "
