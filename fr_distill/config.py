@@ -203,8 +203,14 @@ class RPSDConfig:
     r: float = setting(60.0, "RPSD steepness r' (E4)", POSITIVE)
     t: float = setting(0.05, "RPSD tolerance t (E4)", Rule(lambda v: 0 <= v <= 2, "in [0, 2]"))
     b: float = setting(1.0, "RPSD bias b' (E4)")
-    student_anchor: Literal["student_bank", "teacher_bank"] = setting(
-        "student_bank", "student similarities against the student bank or the teacher bank (E4)")
+    student_anchor: Literal["student_bank", "teacher_bank", "ema_student_bank"] = setting(
+        "student_bank", "what the student's similarities S^s are taken against: its own past "
+                        "embeddings (student_bank), the teacher's (teacher_bank), or those of a "
+                        "momentum (EMA) copy of the student (ema_student_bank) (E4)")
+    ema_momentum: float = setting(0.99, "momentum m of the EMA student that fills the student "
+                                        "bank with student_anchor=ema_student_bank: after each "
+                                        "optimizer step theta_ema = m theta_ema + (1 - m) theta "
+                                        "(E4)", OPEN_UNIT)
 
 
 @dataclass
@@ -249,6 +255,35 @@ class RKDConfig:
     angle_weight: float = setting(2.0, "RKD angle-term weight (E6)", NON_NEGATIVE)
 
 
+KD_TERMS = ("iled", "rpsd", "l2", "fc", "rkd")
+"""The distillation terms of METHOD (E2, E4, E6), each a ``loss.<name>`` section with a weight."""
+
+
+@dataclass
+class BalanceConfig:
+    """METHOD (E7): each enabled distillation term's weight set from its gradient norm."""
+
+    enabled: bool = setting(False, "set the weight of every enabled distillation term so that "
+                                   "its gradient norm on the student embeddings is the term's "
+                                   "target ratio of SphereFace2's, on logging steps (E7); the "
+                                   "configured weights are the starting values")
+    iled: float = setting(0.0, "target ratio rho of ILED's gradient norm to SphereFace2's (E7)",
+                          NON_NEGATIVE)
+    rpsd: float = setting(0.0, "target ratio rho of RPSD's gradient norm to SphereFace2's (E7)",
+                          NON_NEGATIVE)
+    l2: float = setting(0.0, "target ratio rho of l2's gradient norm to SphereFace2's (E7)",
+                        NON_NEGATIVE)
+    fc: float = setting(0.0, "target ratio rho of fc's gradient norm to SphereFace2's (E7)",
+                        NON_NEGATIVE)
+    rkd: float = setting(0.0, "target ratio rho of rkd's gradient norm to SphereFace2's (E7)",
+                         NON_NEGATIVE)
+    smoothing: float = setting(0.5, "share beta of the new value in each update, in log space: "
+                                    "log w <- (1 - beta) log w + beta log w* (E7)",
+                               Rule(lambda v: 0 < v <= 1, "in (0, 1]"))
+    min_weight: float = setting(1e-3, "lower bound of a balanced weight (E7)", POSITIVE)
+    max_weight: float = setting(1e3, "upper bound of a balanced weight (E7)", POSITIVE)
+
+
 @dataclass
 class LossConfig:
     """The unified objective, METHOD (E5): a weighted sum of terms; weight 0 disables a term."""
@@ -260,6 +295,7 @@ class LossConfig:
     l2: L2Config = field(default_factory=L2Config)
     fc: FCConfig = field(default_factory=FCConfig)
     rkd: RKDConfig = field(default_factory=RKDConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
 
 
 @dataclass
@@ -607,10 +643,36 @@ def validate(cfg: Config) -> Config:
     if cfg.checkpoint.async_save and cfg.checkpoint.format != "dcp":
         raise ConfigError("config key 'checkpoint.async_save' needs checkpoint.format=dcp, got "
                           f"checkpoint.format={cfg.checkpoint.format!r}")
+    _validate_balance(cfg.loss)
     if cfg.schedule.warmup_steps >= cfg.schedule.total_steps:
         raise ConfigError(f"config key 'schedule.warmup_steps' must be < schedule.total_steps "
                           f"({cfg.schedule.total_steps}), got {cfg.schedule.warmup_steps}")
     return cfg
+
+
+def _validate_balance(loss: LossConfig) -> None:
+    """``loss.balance`` (METHOD E7): a target for every enabled distillation term and for no
+    other, bounds in order. Checked whether or not it is enabled, so a config that sets a
+    target for a term that is off is refused rather than ignored."""
+    balance = loss.balance
+    if balance.min_weight >= balance.max_weight:
+        raise ConfigError(f"config key 'loss.balance.min_weight' ({balance.min_weight:g}) must be "
+                          f"< loss.balance.max_weight ({balance.max_weight:g})")
+    for term in KD_TERMS:
+        target, weight = getattr(balance, term), getattr(loss, term).weight
+        if target > 0 and weight <= 0:
+            raise ConfigError(f"config key 'loss.balance.{term}' sets a target ({target:g}) for "
+                              f"a term that is off (loss.{term}.weight=0)")
+        if balance.enabled and weight > 0 and target <= 0:
+            raise ConfigError(f"config key 'loss.balance.{term}' must be > 0 with "
+                              f"loss.balance.enabled and loss.{term}.weight > 0 (every enabled "
+                              f"distillation term is balanced), got {target:g}")
+    if balance.enabled and not any(getattr(loss, t).weight > 0 for t in KD_TERMS):
+        raise ConfigError("config key 'loss.balance.enabled' is true but no distillation term is "
+                          "enabled")
+    if balance.enabled and loss.sphereface2.weight <= 0:
+        raise ConfigError("config key 'loss.balance.enabled' needs SphereFace2 (the reference "
+                          "gradient), but loss.sphereface2.weight is 0")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
@@ -647,9 +709,6 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (into every run directory)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-KD_TERMS = ("iled", "rpsd", "l2", "fc", "rkd")
 
 
 def check_paths(cfg: Config, cache_exists: bool = True) -> None:

@@ -13,7 +13,7 @@ from fr_distill.config import LossConfig
 from fr_distill.losses import build_objective
 
 WORKER = Path(__file__).parent / "workers" / "worker_losses_2rank.py"
-RUNS = ("replicated", "class_sharded", "random_teacher_bank")
+RUNS = ("replicated", "class_sharded", "random_teacher_bank", "balanced_ema")
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +40,24 @@ def test_two_ranks_equal_one_rank(two_rank_run, run):
         for name, per_step in diffs.items():
             # The first step starts from identical states: everything agrees to float32 rounding.
             assert per_step[0] <= 1e-6, (rank, run, name, per_step)
-            # Values and the bank stay within 1e-6 over all steps; gradients of the steep
-            # softplus terms (and their norms and shares, METHOD D1) amplify the drift of the
-            # SGD updates, so they get 1e-5.
-            limit = 1e-5 if name.startswith(("grad/", "diag/grad_")) else 1e-6
+            # Later steps carry the float32 drift of the SGD updates, which depends on the
+            # order in which the machine's kernels sum: values and the bank stay within 5e-6
+            # (RKD's drifted by 1.1e-6 on an AMD EPYC); gradients of the steep softplus terms
+            # and of RKD (and their norms and shares, METHOD D1) amplify it, so they get 5e-5
+            # (RKD's norm: 1.1e-5); so do the balanced weights (METHOD E7), set from those
+            # norms, and, in that run, everything they weight.
+            limit = 5e-5 if name.startswith(("grad/", "diag/grad_", "balance/")) else 5e-6
+            if run == "balanced_ema":
+                limit = 5e-5
             assert max(per_step) <= limit, (rank, run, name, per_step)
+    if run == "balanced_ema":  # the balanced weights were compared at every step, and moved
+        diffs, trace = results[0]["diffs"][run], results[0]["reference_balance"]
+        assert {f"balance/{t}" for t in terms[1:]} | {"balance/held"} <= set(diffs)
+        assert trace["balance/held"] == [0.0] * 4
+        start = {"iled": 1.0, "l2": 0.5, "fc": 1.0, "rkd": 1.0}  # RPSD's bank is empty at first
+        for term, weight in start.items():
+            assert all(abs(value / weight - 1) > 1e-3 for value in trace[f"balance/{term}"]), term
+        assert trace["balance/rpsd"][0] == 40.0 and trace["balance/rpsd"][-1] != 40.0
 
 
 @pytest.mark.dist
@@ -52,7 +65,8 @@ def test_two_ranks_equal_one_rank(two_rank_run, run):
 def test_bank_and_head_identical_on_both_ranks(two_rank_run, run):
     _, results = two_rank_run
     mismatch = results[0]["rank_mismatch"][run]
-    assert set(mismatch) == {"bank/teacher", "bank/student", "bank/stamp", "head_weight"}
+    extra = {"balance_weights", "ema_student"} if run == "balanced_ema" else set()
+    assert set(mismatch) == {"bank/teacher", "bank/student", "bank/stamp", "head_weight"} | extra
     assert all(value == 0.0 for value in mismatch.values()), mismatch
 
 

@@ -310,18 +310,22 @@ def test_diagnostics_are_logged_on_logging_steps_and_leave_training_unchanged(
     """METHOD (D1) in the trainer: per-term records every ``logging.every_steps`` (and at the
     last step), and a run with them ends bitwise equal to the same run without them."""
     states = {}
-    for diagnostics in (True, False):
-        out = tmp_path / f"diagnostics_{diagnostics}"
+    # "off": balancing targets set while loss.balance.enabled is false (METHOD E7) change nothing
+    for variant in ("on", "none", "off"):
+        diagnostics = variant != "none"
+        out = tmp_path / f"diagnostics_{variant}"
+        balance = ["loss.balance.iled=0.5", "loss.balance.rpsd=1", "loss.balance.fc=0.5"]
         cfg = load_config(None, _overrides(synthetic_data, out, teacher_file) + [
             "data.batch_size=8", "schedule.total_steps=5", "checkpoint.every_steps=5",
             "logging.every_steps=2", f"logging.diagnostics={str(diagnostics).lower()}",
-            "loss.fc.weight=1.0"])
+            "loss.fc.weight=1.0"] + (balance if variant == "off" else []))
         train(cfg)
-        states[diagnostics] = checkpoint.load(out / "checkpoints" / "step_00000005.pt")
+        states[variant] = checkpoint.load(out / "checkpoints" / "step_00000005.pt")
         records = _records(out)
         assert [r["step"] for r in records] == [2, 4, 5]
         with_grad = [r for r in records if "grad_norm/iled" in r]
         assert len(with_grad) == (3 if diagnostics else 0)
+        assert not any(key.startswith("balance/") for r in records for key in r)
     for record in with_grad:
         terms = ("sphereface2", "iled", "rpsd", "fc")
         assert sum(record[f"grad_share/{t}"] for t in terms) == pytest.approx(1.0, abs=1e-5)
@@ -329,5 +333,62 @@ def test_diagnostics_are_logged_on_logging_steps_and_leave_training_unchanged(
         assert all(record[f"grad_norm/{t}"] > 0 for t in ("sphereface2", "iled", "fc"))
         assert 0.0 <= record["iled/below_target"] <= 1.0
         assert 0.0 <= record["rpsd/above_tolerance"] <= 1.0 and record["rpsd/mean_gap"] > 0
-    _assert_identical(states[True]["student"], states[False]["student"], "student")
-    _assert_identical(states[True]["objective"], states[False]["objective"], "objective")
+    for variant in ("none", "off"):
+        _assert_identical(states["on"]["student"], states[variant]["student"], "student")
+        _assert_identical(states["on"]["objective"], states[variant]["objective"], "objective")
+
+
+def _balanced_ema(synthetic_data: Path, out: Path, teacher_file: Path) -> list[str]:
+    return _overrides(synthetic_data, out, teacher_file) + [
+        "data.batch_size=8", "schedule.total_steps=4", "checkpoint.every_steps=2",
+        "checkpoint.keep_last=3", "logging.every_steps=1", "loss.balance.enabled=true",
+        "loss.balance.iled=0.5", "loss.balance.rpsd=1.0", "loss.balance.smoothing=0.5",
+        "loss.rpsd.student_anchor=ema_student_bank", "loss.rpsd.ema_momentum=0.5"]
+
+
+def test_balanced_run_with_an_ema_student_bank_resumes_bitwise(synthetic_data, teacher_file,
+                                                                 tmp_path, single_thread):
+    """METHOD (E7) and the EMA student of (E4) in the trainer: the weights move on every
+    logging step and are logged; the balanced weights and the EMA student are checkpoint
+    state, so a run resumed at step 2 ends bitwise equal to the uninterrupted one."""
+    out = tmp_path / "run"
+    cfg = load_config(None, _balanced_ema(synthetic_data, out, teacher_file))
+    train(cfg)
+    store = checkpoint.CheckpointStore(out / "checkpoints", keep_last=3)
+    uninterrupted = checkpoint.load(store.step_path(4))
+    records = _records(out)
+    iled = [r["balance/iled"] for r in records]
+    rpsd = [r["balance/rpsd"] for r in records]
+    assert len(set(iled)) == 4 and iled[0] != 1.0 and rpsd[0] == 40.0 and rpsd[-1] != 40.0
+    assert all(r["balance/held"] == 0.0 for r in records)
+    assert float(uninterrupted["objective"]["balancer.weights"][0]) == pytest.approx(iled[-1])
+    assert any(k.startswith("ema_student.encoder.") for k in uninterrupted["objective"])
+    for suffix in ("", ".sha256"):
+        Path(f"{store.step_path(4)}{suffix}").unlink()
+    result = train(cfg)
+    assert (result.start_step, result.step) == (2, 4)
+    assert_checkpoints_bitwise(uninterrupted, checkpoint.load(store.step_path(4)))
+
+
+def test_balanced_weights_are_kept_when_the_face_recognition_gradient_is_unusable(
+        synthetic_data, teacher_file, tmp_path, single_thread, monkeypatch, caplog):
+    """A zero (or non-finite) SphereFace2 gradient leaves λ undefined (E7): every weight keeps
+    its value, and the log says so once."""
+    import fr_distill.losses.objective as objective_module
+
+    measured = objective_module.term_diagnostics
+
+    def zero_face_recognition_gradient(*args):
+        out = measured(*args)
+        return {**out, "grad_norm/sphereface2": out["grad_norm/sphereface2"] * 0.0}
+
+    monkeypatch.setattr(objective_module, "term_diagnostics", zero_face_recognition_gradient)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        train(load_config(None, _balanced_ema(synthetic_data, out, teacher_file)))
+    records = _records(out)
+    assert [r["balance/iled"] for r in records] == [1.0] * 4
+    assert [r["balance/rpsd"] for r in records] == [40.0] * 4
+    assert all(r["balance/held"] == 1.0 for r in records)
+    said = [r.message for r in caplog.records if "balanced weights keep" in r.message]
+    assert len(said) == 1 and said[0].startswith("step 1: the face-recognition gradient")

@@ -189,6 +189,7 @@ class LoggingCallback(Callback):
     def __init__(self) -> None:
         self.sinks: list[ScalarSink] = []
         self.bar = None
+        self.said_balance_held = False
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -271,7 +272,16 @@ class LoggingCallback(Callback):
         shares = [f"{k.split('/', 1)[1]} {record[k]:.2f}" for k in record if k.startswith("grad_share/")]
         if len(shares) > 1:
             line += " | grad share " + " ".join(shares)
+        weights = [f"{k.split('/', 1)[1]} {record[k]:.3g}" for k in record
+                   if k.startswith("balance/") and k != "balance/held"]
+        if weights:
+            line += " | balanced weight " + " ".join(weights)
         self._print(line)
+        if record.get("balance/held", 0.0) > 0 and not self.said_balance_held:
+            self.said_balance_held = True
+            log.warning("step %d: the face-recognition gradient on the student embeddings is zero "
+                        "or non-finite: the balanced weights keep their previous values "
+                        "(METHOD E7); said once", run.step)
         with open(run.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         scalars = {f"{'diagnostics' if '/' in key else 'train'}/{key}": value

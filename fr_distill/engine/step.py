@@ -3,7 +3,8 @@
 :func:`train_step` runs, for each of ``run.accumulation`` micro-batches,
 :func:`teacher_forward` (the teacher, or its cached rows) → :func:`student_forward` → the objective (METHOD E5, plus D1 on
 logging steps) → :func:`backward` (DDP's gradient all-reduce only on the last micro-step), then
-:func:`agree` → :func:`optimizer_step` or :func:`skip_step` → :func:`update_bank`. The phases
+:func:`agree` → :func:`optimizer_step` or :func:`skip_step` → :func:`update_bank` →
+:func:`balance` (METHOD E7, on logging steps). The phases
 are functions so that ``fr_distill.benchmarks.train`` times this very step (its ``mark``
 argument), not a copy of it.
 
@@ -147,10 +148,23 @@ def skip_step(run: Run, bad: list[str]) -> None:
         run.scheduler.step()
 
 
-def update_bank(run: Run, embeddings: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
-    """Enqueue each micro-step's global batch into the memory bank (METHOD E3)."""
-    for f_s, f_t in embeddings:
-        run.objective.update_bank(f_s, f_t)
+def update_bank(run: Run, embeddings: list[tuple[torch.Tensor, torch.Tensor | None]],
+                images: list[torch.Tensor]) -> None:
+    """Enqueue each micro-step's global batch into the memory bank (METHOD E3); with
+    ``ema_student_bank`` (E4) the EMA student follows the student first and embeds ``images``
+    (each micro-step's) for the bank's student rows."""
+    with autocast(run.info.device, run.amp_dtype):
+        ema = run.objective.ema_embeddings(run.student, images)
+    for i, (f_s, f_t) in enumerate(embeddings):
+        run.objective.update_bank(f_s, f_t, None if ema is None else ema[i])
+
+
+def balance(run: Run, diagnostics: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """METHOD (E7) on a logging step: the balanced weights move towards their targets from
+    this step's D1 ``diagnostics``, which then also carry the new weights for the log."""
+    if diagnostics is None:
+        return None
+    return {**diagnostics, **run.objective.balance(diagnostics)}
 
 
 def _no_mark(phase: str) -> None:
@@ -164,9 +178,11 @@ def train_step(run: Run, batches: Iterator[Batch], stop: StopSignal,
     started, waited = time.perf_counter(), 0.0
     device = run.info.device
     lr = run.optimizer.param_groups[0]["lr"]
-    diagnose = run.cfg.logging.diagnostics and run.logs_step(run.step + 1)
+    diagnose = ((run.cfg.logging.diagnostics or run.cfg.loss.balance.enabled)
+                and run.logs_step(run.step + 1))
     outputs: list[ObjectiveOutput] = []
     embeddings: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    micro_images: list[torch.Tensor] = []
     flags, diagnostics, images = None, None, 0
     for micro in range(run.accumulation):
         t = time.perf_counter()
@@ -192,6 +208,7 @@ def train_step(run: Run, batches: Iterator[Batch], stop: StopSignal,
             mark("student_fwd_bwd")
         outputs.append(out)
         embeddings.append((f_s.detach(), f_t))
+        micro_images.append(batch_images)
     bad = agree(run, names, flags, stop)
     mark("agree")
     run.step += 1
@@ -202,7 +219,8 @@ def train_step(run: Run, batches: Iterator[Batch], stop: StopSignal,
     else:
         grad_norm = optimizer_step(run)
         mark("optimizer")
-        update_bank(run, embeddings)
+        update_bank(run, embeddings, micro_images)
+        diagnostics = balance(run, diagnostics)
         mark("bank")
     cosines = [o.cosine for o in outputs if o.cosine is not None]
     return StepStats(

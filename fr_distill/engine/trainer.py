@@ -142,7 +142,7 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
                    if teacher_cache is not None else cfg.model.embedding_dim)
     objective = build_objective(cfg.loss, data_info.num_classes, cfg.model.embedding_dim,
                                 teacher_dim, plan.effective_batch,
-                                cfg.model.projector, device)
+                                cfg.model.projector, device, student)
     model = data_parallel(student, device)
     if cfg.model.compile and device.type == "cuda":
         model = torch.compile(model)

@@ -34,8 +34,10 @@ import torch.nn.functional as F
 
 from fr_distill import dist
 from fr_distill.config import LossConfig
+from fr_distill.losses.balance import TermBalancer
 from fr_distill.losses.baselines import FeatureConsistency, L2Distillation, RelationalKD
 from fr_distill.losses.diagnostics import term_diagnostics
+from fr_distill.losses.ema_student import EMAStudent
 from fr_distill.losses.errors import ObjectiveInputError, shape_of
 from fr_distill.losses.iled import ILED
 from fr_distill.losses.kd_inputs import KDInputs
@@ -60,11 +62,13 @@ class ObjectiveOutput:
 
 class Objective(nn.Module):
     """METHOD (E5): the SphereFace2 head (E1), the distillation terms (E2, E4, E6), the shared
-    memory bank (E3) and the optional linear student→teacher projector."""
+    memory bank (E3), the optional linear student→teacher projector, the optional adaptive
+    weights of the distillation terms (E7) and the EMA student of ``ema_student_bank`` (E4)."""
 
     def __init__(self, num_classes: int, student_dim: int, teacher_dim: int,
                  head: SphereFace2Head | None, head_weight: float,
-                 kd_terms: dict[str, tuple[nn.Module, float]], projector: nn.Linear | None) -> None:
+                 kd_terms: dict[str, tuple[nn.Module, float]], projector: nn.Linear | None,
+                 balancer: TermBalancer | None = None, ema_student: EMAStudent | None = None) -> None:
         super().__init__()
         self.num_classes, self.student_dim, self.teacher_dim = num_classes, student_dim, teacher_dim
         self.head = head
@@ -72,6 +76,15 @@ class Objective(nn.Module):
         self.kd_terms = nn.ModuleDict({name: term for name, (term, _) in kd_terms.items()})
         self.kd_weights = {name: weight for name, (_, weight) in kd_terms.items()}
         self.projector = projector
+        self.balancer = balancer
+        self.ema_student = ema_student
+
+    def term_weight(self, name: str) -> float | torch.Tensor:
+        """``λ_k`` of distillation term ``name``: its configured weight, or its balanced one (E7)
+        as a device tensor."""
+        if self.balancer is not None and name in self.balancer.names:
+            return self.balancer.weight(name)
+        return self.kd_weights[name]
 
     @property
     def needs_teacher(self) -> bool:
@@ -198,7 +211,7 @@ class Objective(nn.Module):
                 cosine = inputs.cosine.detach().mean()
                 for name, term in self.kd_terms.items():
                     values[name] = term(inputs)
-                    weighted[name] = self.kd_weights[name] * values[name]
+                    weighted[name] = self.term_weight(name) * values[name]
             total = torch.stack(list(weighted.values())).sum()
         return ObjectiveOutput(total=total, terms={k: v.detach() for k, v in values.items()},
                                cosine=cosine, weighted=weighted, inputs=inputs)
@@ -214,36 +227,63 @@ class Objective(nn.Module):
                     statistics.update(term.statistics(out.inputs))
         return term_diagnostics(out.weighted, f_s, statistics)
 
+    def balance(self, diagnostics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """METHOD (E7): update the balanced weights from this logging step's D1 ``diagnostics``
+        (on the device, identical on every rank); returns what to log (nothing without it)."""
+        return self.balancer.update(diagnostics) if self.balancer is not None else {}
+
     @torch.no_grad()
-    def update_bank(self, f_s: torch.Tensor, f_t: torch.Tensor | None) -> None:
+    def update_bank(self, f_s: torch.Tensor, f_t: torch.Tensor | None,
+                    ema_f_s: torch.Tensor | None = None) -> None:
         """Enqueue this step's global batch into the memory bank (METHOD E3): all ranks
         all-gather their normalized (projected) student and teacher embeddings in rank order,
         so the bank stays identical everywhere. Call after the step; no-op without RPSD.
 
-        With a projector, the student rows are projected with its current weights."""
+        With a projector, the student rows are projected with its current weights. With an
+        EMA student (``ema_student_bank``, E4) the student rows are ``ema_f_s``, its embeddings
+        of the same images (:meth:`ema_embeddings`)."""
         bank = self.bank
         if bank is None:
             return
         if f_t is None:
             raise ObjectiveInputError("update_bank: f_t (teacher embeddings) is None but RPSD "
                                       "is enabled")
+        if self.ema_student is not None:
+            if ema_f_s is None:
+                raise ObjectiveInputError("update_bank: ema_f_s (EMA student embeddings) is "
+                                          "None but RPSD's student anchor is ema_student_bank")
+            f_s = ema_f_s
         self._check_embeddings(f_s, f_t)
         with torch.autocast(device_type=f_s.device.type, enabled=False):
             inputs = self._kd_inputs(f_s.float(), f_t.float())
             both = dist.all_gather_cat(torch.cat([inputs.teacher_hat, inputs.student_hat], dim=1))
         bank.enqueue(both[:, :self.teacher_dim], both[:, self.teacher_dim:])
 
+    @torch.no_grad()
+    def ema_embeddings(self, student: nn.Module, images: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """With ``ema_student_bank`` (E4): move the EMA student one step towards ``student``
+        (after its optimizer step), then embed each micro-batch of ``images`` with it (as
+        float32, for :meth:`update_bank`). None without an EMA student."""
+        if self.ema_student is None:
+            return None
+        self.ema_student.follow(student)
+        return [self.ema_student(x).float() for x in images]
+
 
 def build_objective(loss_cfg: LossConfig, num_classes: int, student_dim: int, teacher_dim: int,
                     global_batch: int, projector: bool = False,
-                    device: torch.device | str = "cpu") -> Objective:
+                    device: torch.device | str = "cpu",
+                    student: nn.Module | None = None) -> Objective:
     """The objective of METHOD (E5) for ``loss_cfg``: terms with weight 0 are left out.
 
     ``global_batch`` sizes the memory bank (``Q = bank_factor · G``); ``projector`` adds a
     linear map ``student_dim → teacher_dim`` in front of the distillation terms, required
-    when the dims differ and any distillation term is enabled. A collective: call it on every
-    rank after ``dist.init``; replicated parameters start as rank 0's, a class-sharded head
-    takes this rank's rows of the same initial matrix.
+    when the dims differ and any distillation term is enabled. ``student`` (the bare model,
+    identical on every rank) is copied into the EMA student that
+    ``loss.rpsd.student_anchor=ema_student_bank`` needs (E4). With ``loss.balance.enabled``
+    the distillation weights are balanced (E7), starting from the configured ones. A
+    collective: call it on every rank after ``dist.init``; replicated parameters start as
+    rank 0's, a class-sharded head takes this rank's rows of the same initial matrix.
     """
     kd_terms: dict[str, tuple[nn.Module, float]] = {}
     if loss_cfg.iled.weight > 0:
@@ -254,6 +294,9 @@ def build_objective(loss_cfg: LossConfig, num_classes: int, student_dim: int, te
         bank = MemoryBank(bank_cfg.bank_factor * global_batch, teacher_dim, bank_cfg.update,
                           bank_cfg.seed, device=device)
         kd_terms["rpsd"] = (RPSD(bank, c.r, c.t, c.b, c.student_anchor), c.weight)
+        if c.student_anchor == "ema_student_bank" and student is None:
+            raise ObjectiveInputError("loss.rpsd.student_anchor=ema_student_bank needs the "
+                                      "student model (build_objective(..., student=...))")
     if loss_cfg.l2.weight > 0:
         kd_terms["l2"] = (L2Distillation(), loss_cfg.l2.weight)
     if loss_cfg.fc.weight > 0:
@@ -276,6 +319,26 @@ def build_objective(loss_cfg: LossConfig, num_classes: int, student_dim: int, te
                                device=device)
     linear = (nn.Linear(student_dim, teacher_dim, bias=False, device=device)
               if projector else None)
-    objective = Objective(num_classes, student_dim, teacher_dim, head, sf.weight, kd_terms, linear)
+    objective = Objective(num_classes, student_dim, teacher_dim, head, sf.weight, kd_terms, linear,
+                          _balancer(loss_cfg, kd_terms, device), _ema_student(loss_cfg, student))
     dist.broadcast_tensors_(objective.replicated_parameters())  # identical start on every rank
     return objective
+
+
+def _balancer(loss_cfg: LossConfig, kd_terms: dict[str, tuple[nn.Module, float]],
+              device: torch.device | str) -> TermBalancer | None:
+    """The adaptive weights of METHOD (E7) for the enabled distillation terms, or None."""
+    balance = loss_cfg.balance
+    if not balance.enabled:
+        return None
+    targets = {name: getattr(balance, name) for name in kd_terms}
+    return TermBalancer(targets, {name: weight for name, (_, weight) in kd_terms.items()},
+                        balance.smoothing, balance.min_weight, balance.max_weight, device)
+
+
+def _ema_student(loss_cfg: LossConfig, student: nn.Module | None) -> EMAStudent | None:
+    """The EMA student of ``ema_student_bank`` (METHOD E4), or None."""
+    rpsd = loss_cfg.rpsd
+    if rpsd.weight > 0 and rpsd.student_anchor == "ema_student_bank":
+        return EMAStudent(student, rpsd.ema_momentum)
+    return None

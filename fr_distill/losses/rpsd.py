@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fr_distill.losses.kd_inputs import KDInputs
 from fr_distill.losses.memory_bank import MemoryBank
 
-ANCHORS = ("student_bank", "teacher_bank")
+ANCHORS = ("student_bank", "teacher_bank", "ema_student_bank")
 
 
 def rpsd_loss(student_hat: torch.Tensor, teacher_hat: torch.Tensor, student_anchor: torch.Tensor,
@@ -35,7 +35,9 @@ class RPSD(nn.Module):
     """METHOD (E4) against the filled rows of the shared :class:`MemoryBank` (E3).
 
     ``student_anchor``: ``student_bank`` compares the student with its own past embeddings
-    ``M^s``; ``teacher_bank`` uses ``M^t`` for both relations (never stale).
+    ``M^s``; ``teacher_bank`` uses ``M^t`` for both relations (never stale);
+    ``ema_student_bank`` compares it with ``M^s`` too, which the objective then fills from
+    the EMA student (:mod:`fr_distill.losses.ema_student`).
     """
 
     def __init__(self, bank: MemoryBank, r: float = 60.0, t: float = 0.05, b: float = 1.0,
@@ -54,7 +56,7 @@ class RPSD(nn.Module):
     def _anchors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(student anchor, teacher anchor)`` rows of the bank for S^s and S^t."""
         bank_teacher, bank_student = self.bank.filled_rows()
-        anchor = bank_student if self.student_anchor == "student_bank" else bank_teacher
+        anchor = bank_teacher if self.student_anchor == "teacher_bank" else bank_student
         return anchor, bank_teacher
 
     def forward(self, inputs: KDInputs) -> torch.Tensor:

@@ -9,7 +9,10 @@ average_gradients(objective.replicated_parameters()), sharded rows left alone. R
 
 * replicated head, FIFO bank, student_bank anchor;
 * class-sharded head, FIFO bank (same reference as the replicated head);
-* replicated head, random bank updates, teacher_bank anchor, no distance weighting.
+* replicated head, random bank updates, teacher_bank anchor, no distance weighting;
+* replicated head, FIFO bank, ema_student_bank anchor (the bank's student rows from an EMA
+  copy of the student) and every distillation weight balanced (METHOD E7) from the
+  diagnostics of every step.
 
 Every run enables all terms (SphereFace2, ILED, RPSD, l2, fc, RKD) and a projector (student
 dim != teacher dim). The worker writes the relative differences to OUT/result.json (per
@@ -38,13 +41,17 @@ NUM_CLASSES, IN_DIM, STUDENT_DIM, TEACHER_DIM = 7, 6, 5, 4
 LR = 0.01
 
 
-def loss_config(parallel: str, update: str, anchor: str, weighting: bool) -> LossConfig:
+def loss_config(parallel: str, update: str, anchor: str, weighting: bool,
+                balanced: bool = False) -> LossConfig:
     cfg = LossConfig()
     cfg.sphereface2.parallel = parallel
     cfg.bank.bank_factor, cfg.bank.update, cfg.bank.seed = 2, update, 5
-    cfg.rpsd.student_anchor = anchor
+    cfg.rpsd.student_anchor, cfg.rpsd.ema_momentum = anchor, 0.9
     cfg.iled.distance_weighting = weighting
     cfg.l2.weight, cfg.fc.weight, cfg.rkd.weight = 0.5, 1.0, 1.0
+    if balanced:
+        b = cfg.balance
+        b.enabled, b.iled, b.rpsd, b.l2, b.fc, b.rkd = True, 0.3, 0.5, 0.2, 0.1, 0.05
     return cfg
 
 
@@ -56,11 +63,12 @@ def global_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
 
 
 def build(cfg: LossConfig):
+    torch.manual_seed(1)
+    student = nn.Linear(IN_DIM, STUDENT_DIM)
     torch.manual_seed(0)
     objective = build_objective(cfg, NUM_CLASSES, STUDENT_DIM, TEACHER_DIM, GLOBAL_BATCH,
-                                projector=True)
-    torch.manual_seed(1)
-    return objective, nn.Linear(IN_DIM, STUDENT_DIM)
+                                projector=True, student=student)
+    return objective, student
 
 
 def full_head_tensor(objective, tensor: torch.Tensor) -> torch.Tensor:
@@ -84,7 +92,8 @@ def train(objective, student, batches, rows: slice) -> dict:
         f_s = student(x)
         f_s.retain_grad()
         out = objective(f_s, f_t, labels)
-        for name, value in objective.diagnostics(out, f_s).items():  # global values (D1)
+        diagnostics = objective.diagnostics(out, f_s)
+        for name, value in diagnostics.items():  # global values (D1)
             keep("diag/" + name, value)
         optimizer.zero_grad()
         out.total.backward()
@@ -101,7 +110,10 @@ def train(objective, student, batches, rows: slice) -> dict:
         keep("grad/head_bias", objective.head.bias.grad)
         keep("grad/projector", objective.projector.weight.grad)
         optimizer.step()
-        objective.update_bank(f_s.detach(), f_t)
+        ema = objective.ema_embeddings(student, [x])  # None but with ema_student_bank
+        objective.update_bank(f_s.detach(), f_t, None if ema is None else ema[0])
+        for name, value in objective.balance(diagnostics).items():  # METHOD E7
+            keep(name, value)
         keep("bank/teacher", objective.bank.teacher)
         keep("bank/student", objective.bank.student)
         keep("bank/stamp", objective.bank.stamp.double())
@@ -131,24 +143,35 @@ def main(out_dir: str) -> None:
         "replicated": loss_config("replicated", "fifo", "student_bank", True),
         "class_sharded": loss_config("class_sharded", "fifo", "student_bank", True),
         "random_teacher_bank": loss_config("replicated", "random", "teacher_bank", False),
+        "balanced_ema": loss_config("replicated", "fifo", "ema_student_bank", True, True),
     }
-    reference_of = {"replicated": "fifo", "class_sharded": "fifo", "random_teacher_bank": "random"}
+    reference_of = {"replicated": "fifo", "class_sharded": "fifo", "random_teacher_bank": "random",
+                    "balanced_ema": "balanced_ema"}
     reference_objective, reference_student = build(runs["replicated"])
     references = {"fifo": train(reference_objective, reference_student, batches, slice(None)),
-                  "random": train(*build(runs["random_teacher_bank"]), batches, slice(None))}
+                  "random": train(*build(runs["random_teacher_bank"]), batches, slice(None)),
+                  "balanced_ema": train(*build(runs["balanced_ema"]), batches, slice(None))}
 
     info = dist.init(backend="gloo", device="cpu")
     assert info.world_size == WORLD, info
     rows = slice(info.rank * LOCAL_BATCH, (info.rank + 1) * LOCAL_BATCH)
     result: dict = {"diffs": {}, "rank_mismatch": {}, "init_mismatch": {},
-                    "reference_rpsd": [float(v) for v in references["fifo"]["term/rpsd"]]}
+                    "reference_rpsd": [float(v) for v in references["fifo"]["term/rpsd"]],
+                    "reference_balance": {k: [float(v) for v in values] for k, values
+                                          in references["balanced_ema"].items()
+                                          if k.startswith("balance/")}}
     sharded_objective = None
     for name, cfg in runs.items():
         objective, student = build(cfg)
         record = train(objective, student, batches, rows)
         result["diffs"][name] = compare(record, references[reference_of[name]], rows)
-        gathered = {key: dist.all_gather_cat(record[key][-1].unsqueeze(0))
-                    for key in ("bank/teacher", "bank/student", "bank/stamp", "head_weight")}
+        final = {key: record[key][-1] for key in ("bank/teacher", "bank/student", "bank/stamp",
+                                                  "head_weight")}
+        if objective.balancer is not None:
+            final["balance_weights"] = objective.balancer.weights
+        if objective.ema_student is not None:
+            final["ema_student"] = objective.ema_student.encoder.weight
+        gathered = {key: dist.all_gather_cat(v.detach().unsqueeze(0)) for key, v in final.items()}
         result["rank_mismatch"][name] = {key: float((v[0] - v[1]).abs().max())
                                          for key, v in gathered.items()}
         if name == "class_sharded":
@@ -156,7 +179,7 @@ def main(out_dir: str) -> None:
     for name, cfg in runs.items():  # ranks with different RNG states still start identical
         torch.manual_seed(100 + info.rank)
         objective = build_objective(cfg, NUM_CLASSES, STUDENT_DIM, TEACHER_DIM, GLOBAL_BATCH,
-                                    projector=True)
+                                    projector=True, student=nn.Linear(IN_DIM, STUDENT_DIM))
         start = {"projector": objective.projector.weight,
                  "head_weight": full_head_tensor(objective, objective.head.weight)}
         gathered = {key: dist.all_gather_cat(v.detach().unsqueeze(0)) for key, v in start.items()}
