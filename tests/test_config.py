@@ -142,8 +142,9 @@ def leaf_fields(cls=Config, prefix=""):
 def test_schema_reference_lists_every_leaf_key():
     keys = {row[0] for row in schema_reference()}
     assert keys == {key for key, _ in leaf_fields()}
-    assert ("loss.rpsd.student_anchor", "str", "student_bank", "one of student_bank, teacher_bank",
-            "student similarities against the student bank or the teacher bank (E4)") in schema_reference()
+    assert ("loss.balance.smoothing", "float", 0.5, "in (0, 1]",
+            "share beta of the new value in each update, in log space: log w <- (1 - beta) log w "
+            "+ beta log w* (E7)") in schema_reference()
     assert all(row[4] for row in schema_reference())
 
 
@@ -164,7 +165,11 @@ RULED_KEYS = {
     "loss.sphereface2.lw": "> 0", "loss.sphereface2.parallel": "one of replicated, class_sharded",
     "loss.iled.weight": ">= 0", "loss.iled.r": "> 0", "loss.iled.s": "in [-1, 1]",
     "loss.rpsd.weight": ">= 0", "loss.rpsd.r": "> 0", "loss.rpsd.t": "in [0, 2]",
-    "loss.rpsd.student_anchor": "one of student_bank, teacher_bank",
+    "loss.rpsd.student_anchor": "one of student_bank, teacher_bank, ema_student_bank",
+    "loss.rpsd.ema_momentum": "in (0, 1)",
+    "loss.balance.iled": ">= 0", "loss.balance.rpsd": ">= 0", "loss.balance.l2": ">= 0",
+    "loss.balance.fc": ">= 0", "loss.balance.rkd": ">= 0", "loss.balance.smoothing": "in (0, 1]",
+    "loss.balance.min_weight": "> 0", "loss.balance.max_weight": "> 0",
     "loss.bank.bank_factor": "> 0", "loss.bank.update": "one of fifo, random",
     "loss.l2.weight": ">= 0", "loss.fc.weight": ">= 0", "loss.rkd.weight": ">= 0",
     "loss.rkd.distance_weight": ">= 0", "loss.rkd.angle_weight": ">= 0",
