@@ -112,6 +112,7 @@ teacher: {config: teacher.yaml}
 student: student.yaml
 seeds: [1, 2]
 bootstrap: 200
+teacher_cache: true
 variants:
   none: []
   iled: [loss.iled.weight=1.0]
@@ -134,6 +135,10 @@ def test_the_shipped_study_spec_loads():
     (("bootstrap: 200", "bootstrap: 200\nbaseline: rpsd"), r"'baseline' 'rpsd' is not a variant"),
     (("iled: [loss.iled.weight=1.0]", "iled: [loss.iled.weight=heavy]"),
      r"variant 'iled': .*'loss.iled.weight' must be float"),
+    (("teacher_cache: true", "teacher_cache: yes please"),
+     r"'teacher_cache' must be true or false, got 'yes please'"),
+    (("iled: [loss.iled.weight=1.0]", "iled: [loss.iled.weight=1.0, loss.balance.enabled=true]"),
+     r"variant 'iled': .*'loss.balance.iled' must be > 0 with loss.balance.enabled"),
 ])
 def test_bad_specs_get_one_line_before_any_training(tmp_path, change, message):
     spec = write_spec(tmp_path, GOOD.replace(*change))
@@ -244,6 +249,10 @@ def test_reduced_study_reuses_resumes_and_reports(tmp_path):
     assert all(Path(row[1].strip("`")).is_file() for row in failed.values())
     for figure in ("loss_terms.png", "cosine.png", "grad_share.png"):
         assert (out / figure).stat().st_size > 5_000
+    # the students read the teacher's rows from the cache the study built once (float32)
+    assert "teacher cache -> " in second.stdout and (out / "teacher_cache" / "manifest.json").is_file()
+    config = (out / "runs" / "iled" / "seed1" / "config.yaml").read_text()
+    assert f"cache: {out / 'teacher_cache'}" in config and "cache_dtype: float32" in config
     # the diagnostics reached the runs' records
     records = (out / "runs" / "iled" / "seed1" / "metrics.jsonl").read_text()
     assert '"grad_share/iled"' in records and '"iled/below_target"' in records

@@ -5,6 +5,7 @@ Layout of the output directory::
     data/                      the synthetic data set (when the spec asks for one)
     runs/teacher/              the teacher's training run (when the spec trains it)
     runs/<variant>/seed<k>/    one student run: checkpoints/, metrics.jsonl, config.yaml
+    teacher_cache/             the teacher's rows (with ``teacher_cache: true``), built once
     logs/<run>.log             the run's torchrun output
     eval/<run>/                results.json, outcomes.npz (per-pair data), feature caches
     study.md, study.json, *.png   the report (:mod:`fr_distill.study.report`)
@@ -37,6 +38,7 @@ from fr_distill.engine.plan import CHECKPOINT_SUBDIR
 from fr_distill.study.spec import IJBSet, StudyError, StudySpec, student_config
 
 TEACHER = "teacher"
+CACHE = "teacher_cache"
 
 
 @dataclass
@@ -148,7 +150,8 @@ def plan_runs(spec: StudySpec, data: StudyData, out: Path) -> tuple[StudyRun | N
         for variant in spec.variants:
             name = f"{variant}/seed{seed}"
             run_dir = out / "runs" / variant / f"seed{seed}"
-            overrides = common + [f"teacher.path={teacher_file}", f"run.output_dir={run_dir}"]
+            overrides = common + [f"teacher.path={teacher_file}", f"run.output_dir={run_dir}",
+                                  *cache_overrides(spec, out)]
             try:
                 config = student_config(spec, variant, seed, overrides)
             except ConfigError as err:
@@ -159,6 +162,14 @@ def plan_runs(spec: StudySpec, data: StudyData, out: Path) -> tuple[StudyRun | N
     for run in ([teacher] if teacher else []) + students:
         _check_config_unchanged(run)
     return teacher, students
+
+
+def cache_overrides(spec: StudySpec, out: Path) -> list[str]:
+    """The students' keys for the teacher cache (``teacher_cache: true``): float32 rows, which
+    a run reads bitwise as the teacher computes them on the fly (METHOD §4)."""
+    if not spec.teacher_cache:
+        return []
+    return [f"teacher.cache={out / CACHE}", "teacher.cache_dtype=float32"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,12 +187,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def training_command(config_path: Path, overrides: list[str], nproc: int) -> list[str]:
-    """torchrun on the loopback interface running ``fr-distill train`` (the installed package,
-    no checkout needed)."""
+def training_command(config_path: Path, overrides: list[str], nproc: int,
+                     command: str = "train") -> list[str]:
+    """torchrun on the loopback interface running ``fr-distill train`` (or another command
+    taking ``--config``: ``cache-teacher``), from the installed package, no checkout needed."""
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
             "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "fr_distill.cli",
-            "train", "--config", str(config_path), *overrides]
+            command, "--config", str(config_path), *overrides]
+
+
+def _launch(command: list[str], log_path: Path, nproc: int) -> int:
+    """Run ``command`` (a torchrun line) with its output appended to ``log_path``, one CPU
+    thread per process; returns its exit status."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+    with open(log_path, "a") as log:
+        log.write(f"\n# {datetime.datetime.now().isoformat(timespec='seconds')} "
+                  f"{' '.join(command)}\n")
+        log.flush()
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
 
 
 def train_run(run: StudyRun, nproc: int) -> None:
@@ -189,15 +213,8 @@ def train_run(run: StudyRun, nproc: int) -> None:
     if is_finished(run):
         run.status = "reused"
         return
-    run.log.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
-    with open(run.log, "a") as log:
-        log.write(f"\n# {datetime.datetime.now().isoformat(timespec='seconds')} "
-                  f"{' '.join(training_command(run.config_path, run.overrides, nproc))}\n")
-        log.flush()
-        code = subprocess.run(training_command(run.config_path, run.overrides, nproc),
-                              stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    code = _launch(training_command(run.config_path, run.overrides, nproc), run.log, nproc)
     run.seconds = time.perf_counter() - started
     if code == 0 and is_finished(run):
         run.status = "trained"
@@ -205,6 +222,23 @@ def train_run(run: StudyRun, nproc: int) -> None:
         run.status = "failed"
         run.error = f"training exited with status {code}" if code else \
             "training ended without its final checkpoint"
+
+
+def build_teacher_cache(spec: StudySpec, student: StudyRun, out: Path) -> None:
+    """``teacher_cache: true``: the teacher's rows for every training sample, built once with
+    the students' config (per-rank batch, precision, loader) by ``fr-distill cache-teacher``;
+    a complete cache is verified and kept, an interrupted one completed."""
+    if not spec.teacher_cache:
+        return
+    say(f"teacher cache -> {out / CACHE}")
+    keep = [o for o in student.overrides if o.split("=", 1)[0] in
+            ("data.train", "teacher.path", "teacher.cache", "teacher.cache_dtype")]
+    log = out / "logs" / f"{CACHE}.log"
+    code = _launch(training_command(spec.student_config, keep, spec.nproc, "cache-teacher"), log,
+                   spec.nproc)
+    if code != 0:
+        raise StudyError(f"building the teacher cache {out / CACHE} failed (exit status {code});"
+                         f" see {log}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,11 +354,15 @@ def run_study(spec: StudySpec, out_dir: str | os.PathLike, train: bool = True) -
     teacher, students = plan_runs(spec, data, out)
     runs = ([teacher] if teacher else []) + students
     progress = Progress(runs)
+    if teacher is None and train:
+        build_teacher_cache(spec, students[0], out)
     for index, run in enumerate(runs):
         _run_one(run, spec, data, out, progress, index, train)
         if run is teacher and not run.ok:
             raise StudyError(f"the teacher is {run.status} ({run.error or 'no final checkpoint'}); "
                              f"see {run.log}")
+        if run is teacher and train:
+            build_teacher_cache(spec, students[0], out)
     if teacher is None:
         teacher = _external_teacher(spec, data, out)
     report = write_report(spec, out, teacher, students, time.perf_counter() - wall)

@@ -15,6 +15,10 @@ A spec is a YAML file (``configs/study/study.yaml``)::
     seeds: [1, 2, 3]                    # run.seed of each repetition (init and data order)
     nproc: 2                            # torchrun processes per training run
     bootstrap: 2000                     # bootstrap replicates of the 95 % intervals
+    teacher_cache: true                 # the students read the teacher's rows from a cache
+                                        # (fr-distill cache-teacher, built once, float32:
+                                        # bitwise the teacher run on the fly) instead of
+                                        # running the teacher every step
 
 Paths are relative to the spec file. :func:`load_spec` checks everything a study will need
 before any training starts — unknown keys, every variant's resolved config, the teacher, the
@@ -37,7 +41,8 @@ SYNTHETIC_KEYS = {"identities": "num_identities", "images_per_identity": "images
                   "bin_pairs": "bin_pairs", "ijb_name": "ijb_name", "ijb_subjects": "ijb_subjects"}
 """Keys of ``data.synthetic`` → arguments of :func:`fr_distill.data.synthetic.generate`."""
 
-TOP_KEYS = ("data", "teacher", "student", "variants", "baseline", "seeds", "nproc", "bootstrap")
+TOP_KEYS = ("data", "teacher", "student", "variants", "baseline", "seeds", "nproc", "bootstrap",
+            "teacher_cache")
 DATA_KEYS = ("synthetic", "train", "bin_sets", "ijb_sets")
 TEACHER_KEYS = ("config", "path")
 
@@ -69,6 +74,7 @@ class StudySpec:
     ijb_sets: list[IJBSet] = field(default_factory=list)
     nproc: int = 2
     bootstrap: int = 2000
+    teacher_cache: bool = False
 
 
 def _unknown(keys, allowed, where: str, spec: Path) -> None:
@@ -187,6 +193,10 @@ def load_spec(path: str | os.PathLike) -> StudySpec:
     for key, value, low in (("nproc", nproc, 1), ("bootstrap", bootstrap, 100)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise StudyError(f"{spec_path}: '{key}' must be an integer >= {low}, got {value!r}")
+    teacher_cache = raw.get("teacher_cache", False)
+    if not isinstance(teacher_cache, bool):
+        raise StudyError(f"{spec_path}: 'teacher_cache' must be true or false, got "
+                         f"{teacher_cache!r}")
     spec = StudySpec(
         path=spec_path, student_config=_file(base, raw["student"], "student", spec_path),
         variants=variants, baseline=baseline, seeds=_parse_seeds(raw["seeds"], spec_path),
@@ -194,7 +204,7 @@ def load_spec(path: str | os.PathLike) -> StudySpec:
         if "config" in teacher else None,
         teacher_path=_file(base, teacher["path"], "teacher.path", spec_path)
         if "path" in teacher else None,
-        nproc=nproc, bootstrap=bootstrap, **data)
+        nproc=nproc, bootstrap=bootstrap, teacher_cache=teacher_cache, **data)
     check_configs(spec)
     return spec
 
