@@ -137,7 +137,8 @@ class TeacherConfig:
         False, "the build records the sha256 of every training image's bytes and a run reading "
                "the cache hashes them again before training, refusing a cache built from other "
                "images under the same names (costs a read of every image; off: the cache is "
-               "tied to the file names and labels only)")
+               "tied to the sample list, file names or RecordIO index, and the labels, not to "
+               "the images' bytes)")
     cache_placement: Literal["auto", "host", "device"] = setting(
         "auto", "where training keeps the cached rows: host (memory-mapped, copied per batch from "
                 "pinned memory), device (all in GPU memory), auto (device when they take at most "

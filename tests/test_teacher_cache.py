@@ -452,6 +452,31 @@ def test_a_cache_a_run_reads_is_not_rebuilt_under_it_nor_read_while_built(
     assert not list((tmp_path / "second").glob("checkpoints/*.pt"))
 
 
+def test_a_forked_worker_does_not_keep_the_cache_lock(tmp_path):
+    """A child forked while a run holds its cache's lock (a DataLoader or DALI worker) does not
+    share it: once the run releases it (or dies), a build can take it though the child lives."""
+    import fcntl
+    import os
+
+    from fr_distill.teacher_cache.lock import LOCK_FILE, lock_cache, release_cache
+
+    lock_cache(tmp_path, fcntl.LOCK_SH)
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the worker: lives until the parent is done
+        os.close(write_end)
+        os.read(read_end, 1)
+        os._exit(0)
+    try:
+        release_cache(tmp_path, fcntl.LOCK_SH)
+        fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(fd)
+    finally:
+        os.write(write_end, b"x")
+        os.waitpid(child, 0)
+
+
 def test_verify_content_refuses_a_cache_built_from_other_images_under_the_same_names(
         cache, synthetic_data, teacher_file, tmp_path, single_thread):
     """The default identity covers file names and labels, not the images' bytes: an image

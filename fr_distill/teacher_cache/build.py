@@ -17,9 +17,11 @@ manifest records these settings, and a run with other ones is told its rows may 
 the last bits.
 
 Resumable: rows are written shard by shard (``--shard-samples`` consecutive samples, all
-flips), and the manifest, with each finished shard's sha256, is replaced atomically after
-it; an interrupted build started again verifies the shards it recorded and computes the
-rest. A directory holding a cache of another identity is refused unless ``--force``.
+flips) into a rows file allocated in full before the sweep, and the manifest, with each
+finished shard's sha256, is replaced atomically once the shard is on disk; an interrupted
+build started again verifies the shards it recorded and computes the rest. A directory
+holding a cache of another identity is refused unless ``--force``. The build holds the
+cache's lock exclusively (:mod:`.lock`): it refuses a cache a run is reading.
 """
 from __future__ import annotations
 
@@ -246,7 +248,8 @@ def _build(cfg: Config, info: dist.DistInfo, shard_samples: int, force: bool) ->
             gathered = dist.all_gather_cat(f_t)
             images_done += gathered.shape[0]
             if info.is_main:
-                block = gathered[:end - start].cpu().numpy().astype(writer.dtype)  # float16 may overflow
+                # float16 may overflow: counted
+                block = gathered[:end - start].cpu().numpy().astype(writer.dtype)
                 manifest["nonfinite_rows"] += int((~np.isfinite(block)).any(axis=1).sum())
                 writer.put(start, flips.index(flip), block)
             last_of_shard = (step + 1 == len(order.steps)

@@ -5,12 +5,16 @@ Rank 0 of a run reading ``teacher.cache`` holds a shared ``flock`` on ``<cache>/
 holds it exclusively for the whole build and writes who it is (pid, host, start time) into
 the file. So a build (``--force`` or not) refuses a cache a run is reading, instead of
 rewriting the rows under it (a run then read zero rows, silently), and a run refuses a cache
-being built. The lock dies with its process: a crash leaves no stale lock. The file is opened
-with ``O_CLOEXEC`` (a program the run executes does not inherit it) and ``O_NOFOLLOW`` (a
-symbolic link in its place is refused, not written through).
+being built. The lock dies with its process: a crash leaves no stale lock. A ``flock``
+belongs to the open file description, which a child shares, so the file is opened with
+``O_CLOEXEC`` (a program the process executes never gets it) and a forked child (a
+DataLoader or DALI worker) closes it first thing (:func:`_close_in_child`): a killed run's
+workers do not keep its cache locked. ``O_NOFOLLOW``: a symbolic link in the lock file's
+place is refused, not written through.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import os
@@ -75,3 +79,16 @@ def release_cache(directory: str | os.PathLike, mode: int) -> None:
     tests, leaves the run's lock alone)."""
     for fd in _held.pop((Path(directory), mode), []):
         os.close(fd)
+
+
+def _close_in_child() -> None:
+    """In a freshly forked child: close the inherited lock descriptors, so that a lock stays
+    the process's that took it and ends with it."""
+    for fds in _held.values():
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)

@@ -7,11 +7,19 @@ flipped (``f = 1``)), and ``manifest.json``: the identity of the rows
 (a shard is ``shard_samples`` consecutive samples with all their flips: a contiguous byte
 range). ``complete`` is true once every shard is written. The manifest is replaced
 atomically after each shard, so an interrupted build resumes from the last shard recorded.
+With ``teacher.cache_verify_content`` the directory also holds ``images.sha256``
+(:mod:`~fr_distill.teacher_cache.content`).
+
+The build allocates ``embeddings.bin`` in full first (:func:`allocate_rows`) and writes it
+with ordinary writes (:class:`RowWriter`), never through a memory map: a full disk is a
+one-line :class:`CacheWriteError` naming the file, not a SIGBUS. No file of the cache is
+written through a symbolic link.
 
 :func:`open_cache` refuses, with one line naming what differs, a cache built for another
 teacher, other data, another preprocessing, dtype or embedding size, one that lacks the
 flips the run reads, an incomplete, truncated or corrupt one (every shard's checksum is
-verified, in threads, before training). :class:`TeacherCache` then serves a step's rows.
+verified, in threads, before training), or one whose manifest lacks a key its readers use
+(:func:`read_manifest` names it). :class:`TeacherCache` then serves a step's rows.
 """
 from __future__ import annotations
 
@@ -85,7 +93,8 @@ MANIFEST_FIELDS = (
     ("identity.teacher", lambda v: isinstance(v, dict), "a mapping"),
     ("identity.teacher.sha256", _is_sha256, "a sha256 (64 hex digits)"),
     ("identity.teacher.architecture",
-     lambda v: v is None or (isinstance(v, dict) and {"name", "embedding_dim", "width"} <= v.keys()),
+     lambda v: v is None or (isinstance(v, dict)
+                             and {"name", "embedding_dim", "width"} <= v.keys()),
      "null or a mapping of name, embedding_dim and width"),
     ("identity.data", lambda v: isinstance(v, dict), "a mapping"),
     ("identity.data.format", lambda v: isinstance(v, str), "a string"),
@@ -132,7 +141,8 @@ def _check_fields(path: Path, manifest: dict) -> None:
     num_shards = len(shard_ranges(manifest["identity"]["data"]["num_samples"],
                                   manifest["shard_samples"]))
     for shard, digest in manifest["shards"].items():
-        if not (shard.isdigit() and int(shard) < num_shards and _is_sha256(digest)):
+        if not (shard.isdigit() and shard == str(int(shard)) and int(shard) < num_shards
+                and _is_sha256(digest)):
             raise CacheError(f"{path}: key 'shards.{shard}' must name one of the {num_shards} "
                              f"shards and hold its sha256; the manifest is damaged: build the "
                              f"cache again")
