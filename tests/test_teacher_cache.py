@@ -461,19 +461,20 @@ def test_a_forked_worker_does_not_keep_the_cache_lock(tmp_path):
     from fr_distill.teacher_cache.lock import LOCK_FILE, lock_cache, release_cache
 
     lock_cache(tmp_path, fcntl.LOCK_SH)
-    read_end, write_end = os.pipe()
+    started, done = os.pipe(), os.pipe()  # (read end, write end) each
     child = os.fork()
-    if child == 0:  # the worker: lives until the parent is done
-        os.close(write_end)
-        os.read(read_end, 1)
+    if child == 0:  # the worker (its fork hooks have run): lives until the parent is done
+        os.write(started[1], b"x")
+        os.read(done[0], 1)
         os._exit(0)
     try:
+        assert os.read(started[0], 1) == b"x"
         release_cache(tmp_path, fcntl.LOCK_SH)
         fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.close(fd)
     finally:
-        os.write(write_end, b"x")
+        os.write(done[1], b"x")
         os.waitpid(child, 0)
 
 

@@ -32,6 +32,8 @@ def image_digests(info: DatasetInfo) -> np.ndarray:
     """``[num_samples, 32]`` uint8: the sha256 of each sample's encoded bytes (an image file, a
     RecordIO record's image), read and hashed in threads (file reads and hashlib free the GIL)."""
     images = SampleBytes(info)
+    for start in info.sample_starts():  # a RecordIO reader opens its file lazily: here, once
+        images[start]
 
     def hash_chunk(start: int) -> bytes:
         return b"".join(hashlib.sha256(images[i]).digest()
