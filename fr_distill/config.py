@@ -133,6 +133,12 @@ class TeacherConfig:
                              "the teacher; empty: the teacher runs every step")
     cache_dtype: Literal["float16", "float32"] = setting(
         "float16", "storage of the cached rows (float32: bitwise the teacher's float32 output)")
+    cache_verify_content: bool = setting(
+        False, "the build records the sha256 of every training image's bytes and a run reading "
+               "the cache hashes them again before training, refusing a cache built from other "
+               "images under the same names (costs a read of every image; off: the cache is "
+               "tied to the sample list, file names or RecordIO index, and the labels, not to "
+               "the images' bytes)")
     cache_placement: Literal["auto", "host", "device"] = setting(
         "auto", "where training keeps the cached rows: host (memory-mapped, copied per batch from "
                 "pinned memory), device (all in GPU memory), auto (device when they take at most "
@@ -749,6 +755,23 @@ def check_paths(cfg: Config, cache_exists: bool = True) -> None:
     for key, p in wanted:
         if not os.path.exists(p):
             raise ConfigError(f"config key '{key}': path not found: {p}")
+    if cfg.teacher.cache:
+        _check_cache_outside_images(cfg)
+
+
+def _check_cache_outside_images(cfg: Config) -> None:
+    """Refuse ``teacher.cache`` inside an image folder of ``data.train``: every later scan of
+    that folder would take the cache's directory for an identity and its files for images."""
+    from fr_distill.data.dataset import resolve
+
+    cache = Path(cfg.teacher.cache).resolve()
+    train = [cfg.data.train] if isinstance(cfg.data.train, str) else cfg.data.train
+    for entry in train:
+        fmt, root, _ = resolve(entry, cfg.data.format)
+        if fmt == "folder" and cache.is_relative_to(root.resolve()):
+            raise ConfigError(f"config key 'teacher.cache': {cfg.teacher.cache} is inside the "
+                              f"training image folder {entry} (data.train), where its files "
+                              f"would be read as images: choose a directory outside it")
 
 
 __all__ = ["Config", "ConfigError", "load_config", "validate", "check_paths", "save_config",

@@ -19,6 +19,7 @@ from conftest import assert_checkpoints_bitwise
 from fr_distill.config import ConfigError, load_config
 from fr_distill.data import preflight
 from fr_distill.engine import checkpoint, train
+from fr_distill.engine.callbacks import Callback
 from fr_distill.models import get_backbone
 from fr_distill.teacher_cache import CacheError, check_cache
 from fr_distill.teacher_cache.build import build_cache, cache_teacher_main
@@ -317,15 +318,13 @@ def test_a_second_build_on_the_same_directory_is_refused(synthetic_data, teacher
     """A build holds the directory's lock; another one stops at once, writing nothing."""
     import fcntl
 
-    from fr_distill.engine.run_dir import RunDirError
-
     directory = tmp_path / "cache"
     directory.mkdir()
     with open(directory / ".lock", "w") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write("pid 1 on node7 since 2026-11-30T08:00:00")
         held.flush()
-        with pytest.raises(RunDirError) as err:
+        with pytest.raises(CacheError) as err:
             build_cache(load_config(None, overrides(synthetic_data, teacher_file,
                                                     f"teacher.cache={directory}")))
     assert str(err.value) == (f"teacher.cache {directory} is in use by another cache build (pid "
@@ -344,3 +343,243 @@ def test_dry_run_checks_the_cache(cache, synthetic_data, teacher_file, tmp_path)
     with pytest.raises(CacheError, match="holds float32 rows, the config has "
                                          "teacher.cache_dtype=float16"):
         dry_run(load_config(None, base + ["teacher.cache_dtype=float16"]))
+
+
+# -- faults and hostile input ------------------------------------------------------------------
+def copy_of(cache: Path, directory: Path) -> Path:
+    shutil.copytree(cache, directory, ignore=shutil.ignore_patterns(".lock"))
+    return directory
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_cache_taken_for_valid(
+        cache, synthetic_data, teacher_file, tmp_path, monkeypatch, capsys, single_thread):
+    """No room for the rows file: one line naming it, exit 1, before any row is computed (the
+    file was sparse and written through a memory map: a SIGBUS killed the build). A write
+    failing in shard 2 (a full copy-on-write file system): one line, the shards before it kept,
+    the cache refused as incomplete, and the same command then finishes it exactly."""
+    import errno
+    import os
+
+    from fr_distill.teacher_cache.store import CacheWriteError
+
+    directory = tmp_path / "cache"
+    base = overrides(synthetic_data, teacher_file, f"teacher.cache={directory}")
+
+    def no_room(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    argv = ["--config", str(write_yaml(tmp_path)), *base, "--shard-samples", str(SHARD)]
+    assert cache_teacher_main(argv) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {directory / ROWS_FILE}: cannot allocate {192 * 2 * 32 * 4} bytes (No space "
+        f"left on device); no row was computed: free space or choose another teacher.cache")
+    assert (directory / ROWS_FILE).stat().st_size == 0
+    assert refusal(synthetic_data, teacher_file, directory).endswith("is incomplete: 0 of 4 "
+                                                                     "shards written; run "
+                                                                     "fr-distill cache-teacher "
+                                                                     "again to finish it")
+    monkeypatch.undo()
+    real_pwrite, shard_2 = os.pwrite, 100 * 2 * 32 * 4
+
+    def full_from_shard_2(fd, data, offset):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(ROWS_FILE) and offset >= shard_2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_from_shard_2)
+    with pytest.raises(CacheWriteError) as err:
+        build_cache(load_config(None, base), shard_samples=SHARD)
+    assert str(err.value) == (f"{directory / ROWS_FILE}: cannot be written (No space left on "
+                              f"device); the shards already recorded are kept: free space and "
+                              f"run the same command to finish the build")
+    assert err.value.exit_code == 1
+    assert sorted(read_manifest(directory)["shards"]) == ["0", "1"]
+    assert "is incomplete: 2 of 4 shards written" in refusal(synthetic_data, teacher_file,
+                                                             directory)
+    monkeypatch.undo()
+    build_cache(load_config(None, base), shard_samples=SHARD)
+    assert (directory / ROWS_FILE).read_bytes() == (cache / ROWS_FILE).read_bytes()
+    assert check(synthetic_data, teacher_file, directory)["complete"]
+
+
+class ForceDuringTheRun(Callback):
+    """At step 1, ``cache-teacher --force`` on the cache the run is reading."""
+
+    def __init__(self, argv: list[str], capsys) -> None:
+        self.argv, self.capsys, self.outcome = argv, capsys, None
+
+    def on_step_end(self, run, stats) -> None:
+        if run.step == 1:
+            self.capsys.readouterr()
+            self.outcome = cache_teacher_main(self.argv), self.capsys.readouterr().err.strip()
+
+
+def test_a_cache_a_run_reads_is_not_rebuilt_under_it_nor_read_while_built(
+        cache, synthetic_data, teacher_file, tmp_path, capsys, single_thread):
+    """A run holds a shared lock on its cache: ``--force`` stops with one line (it truncated
+    the rows the run was reading: zero rows, silently), the run ends normally and releases
+    it. A build in progress (exclusive lock, its holder line) makes a run refuse the cache."""
+    import fcntl
+    import os
+
+    from fr_distill.teacher_cache.lock import LOCK_FILE, lock_cache, release_cache
+
+    directory = copy_of(cache, tmp_path / "cache")
+    base = overrides(synthetic_data, teacher_file, f"teacher.cache={directory}",
+                     "schedule.total_steps=2", "checkpoint.every_steps=2")
+    force = ForceDuringTheRun(["--config", str(write_yaml(tmp_path)), *base, "--force",
+                               "--shard-samples", str(SHARD)], capsys)
+    result = train(load_config(None, base + [f"run.output_dir={tmp_path / 'run'}"]), [force])
+    assert result.status == "completed"
+    assert force.outcome == (2, f"error: teacher.cache {directory} is in use: a training run is "
+                                f"reading it; a build would change the rows under that run: "
+                                f"wait for the run to end or stop it, or choose another "
+                                f"teacher.cache")
+    assert (directory / ROWS_FILE).read_bytes() == (cache / ROWS_FILE).read_bytes()
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR)  # released with the run
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(fd)
+    lock_cache(directory, fcntl.LOCK_EX)  # as a build holds it
+    try:
+        with pytest.raises(CacheError) as err:
+            train(load_config(None, base + [f"run.output_dir={tmp_path / 'second'}"]))
+    finally:
+        release_cache(directory, fcntl.LOCK_EX)
+    assert str(err.value).startswith(f"teacher.cache {directory} is being written by a cache "
+                                     f"build (pid {os.getpid()} on ")
+    assert str(err.value).endswith("); wait for it to finish, or stop it")
+    assert not list((tmp_path / "second").glob("checkpoints/*.pt"))
+
+
+def test_a_forked_worker_does_not_keep_the_cache_lock(tmp_path):
+    """A child forked while a run holds its cache's lock (a DataLoader or DALI worker) does not
+    share it: once the run releases it (or dies), a build can take it though the child lives."""
+    import fcntl
+    import os
+
+    from fr_distill.teacher_cache.lock import LOCK_FILE, lock_cache, release_cache
+
+    lock_cache(tmp_path, fcntl.LOCK_SH)
+    started, done = os.pipe(), os.pipe()  # (read end, write end) each
+    child = os.fork()
+    if child == 0:  # the worker (its fork hooks have run): lives until the parent is done
+        os.write(started[1], b"x")
+        os.read(done[0], 1)
+        os._exit(0)
+    try:
+        assert os.read(started[0], 1) == b"x"
+        release_cache(tmp_path, fcntl.LOCK_SH)
+        fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(fd)
+    finally:
+        os.write(done[1], b"x")
+        os.waitpid(child, 0)
+
+
+def test_verify_content_refuses_a_cache_built_from_other_images_under_the_same_names(
+        cache, synthetic_data, teacher_file, tmp_path, single_thread):
+    """The default identity covers file names and labels, not the images' bytes: an image
+    replaced by another under its name passes. With teacher.cache_verify_content the build
+    records each image's sha256 (a new build, or one finished without them) and a run refuses,
+    naming the first image that differs; a cache without digests is refused by such a run."""
+    from fr_distill.teacher_cache.content import DIGESTS_FILE
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data / "train", data / "train")
+    verify = "teacher.cache_verify_content=true"
+    assert refusal(data, teacher_file, cache, verify) == (
+        f"teacher.cache {cache} holds no image digests (built with "
+        f"teacher.cache_verify_content=false) but this run has teacher.cache_verify_content=true:"
+        f" build the cache with it, or set it false")
+    fresh = tmp_path / "fresh"
+    build_cache(load_config(None, overrides(data, teacher_file, f"teacher.cache={fresh}", verify)),
+                shard_samples=SHARD)
+    assert (fresh / ROWS_FILE).read_bytes() == (cache / ROWS_FILE).read_bytes()
+    assert (fresh / DIGESTS_FILE).stat().st_size == 192 * 32
+    finished = copy_of(cache, tmp_path / "finished")  # complete, no digests: recorded now
+    build_cache(load_config(None, overrides(data, teacher_file, f"teacher.cache={finished}",
+                                            verify)), shard_samples=SHARD)
+    assert (finished / DIGESTS_FILE).read_bytes() == (fresh / DIGESTS_FILE).read_bytes()
+    assert check(data, teacher_file, fresh, verify)["image_digests"]
+    first, second = sorted((data / "train").glob("*/*.jpg"))[5:7]
+    first.write_bytes(second.read_bytes())
+    assert check(data, teacher_file, fresh)["complete"]  # the default identity: names only
+    assert refusal(data, teacher_file, fresh, verify) == (
+        f"teacher.cache {fresh} was built from other images: {first} is not the image the cache "
+        f"was built from (its sha256 differs; 1 of 192 images differ); build the cache again "
+        f"from these images")
+    with pytest.raises(CacheError, match=f"{first} is not the image the cache was built from .*"
+                                         f"; pass --force to build it again from these images"):
+        build_cache(load_config(None, overrides(data, teacher_file, f"teacher.cache={fresh}",
+                                                verify)), shard_samples=SHARD)
+
+
+def test_a_damaged_manifest_is_one_line_naming_the_key(cache, synthetic_data, teacher_file,
+                                                       tmp_path, capsys):
+    """A manifest lacking a key or holding a value its readers cannot use (shard_samples 0
+    divided a range by zero) is refused naming the manifest and the key, by a run and by a
+    build."""
+    directory = copy_of(cache, tmp_path / "cache")
+    path, good = directory / MANIFEST, read_manifest(cache)
+    damage = {"shard_samples": ("shard_samples", 0), "identity.data.num_samples": ("missing",),
+              "flips": ("flips", [True]), "shards.7": ("shards", {**good["shards"], "7": "0"})}
+    for key, change in damage.items():
+        manifest = json.loads(json.dumps(good))
+        if change == ("missing",):
+            del manifest["identity"]["data"]["num_samples"]
+        else:
+            manifest[change[0]] = change[1]
+        path.write_text(json.dumps(manifest))
+        message = refusal(synthetic_data, teacher_file, directory)
+        assert message.startswith(f"{path}: key '{key}' ")
+        assert message.endswith("the manifest is damaged: build the cache again")
+    assert refusal(synthetic_data, teacher_file, directory) == (
+        f"{path}: key 'shards.7' must name one of the 4 shards and hold its sha256; the manifest "
+        f"is damaged: build the cache again")
+    manifest = json.loads(json.dumps(good))
+    manifest["shard_samples"] = 0
+    path.write_text(json.dumps(manifest))
+    assert refusal(synthetic_data, teacher_file, directory) == (
+        f"{path}: key 'shard_samples' must be an integer >= 1, not 0; the manifest is damaged: "
+        f"build the cache again")
+    base = overrides(synthetic_data, teacher_file, f"teacher.cache={directory}")
+    assert cache_teacher_main(["--config", str(write_yaml(tmp_path)), *base]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {path}: key 'shard_samples' "
+                                                            f"must be an integer >= 1, not 0; the "
+                                                            f"manifest is damaged: build the "
+                                                            f"cache again"]
+
+
+def test_a_cache_inside_the_training_folder_or_through_a_link_is_refused(
+        cache, synthetic_data, teacher_file, tmp_path, capsys):
+    """teacher.cache inside data.train's image folder: refused at the build (it would turn
+    into an identity of non-images for every later scan) and at a run. ``--force`` on a
+    cache whose rows file is a link into another cache: refused, the other cache untouched."""
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data / "train", data / "train")
+    inside = data / "train" / "teacher_cache"
+    message = (f"config key 'teacher.cache': {inside} is inside the training image folder "
+               f"{data / 'train'} (data.train), where its files would be read as images: "
+               f"choose a directory outside it")
+    with pytest.raises(ConfigError) as err:
+        build_cache(load_config(None, overrides(data, teacher_file, f"teacher.cache={inside}")))
+    assert str(err.value) == message and not inside.exists()
+    copy_of(cache, inside)
+    with pytest.raises(ConfigError) as err:
+        train(load_config(None, overrides(data, teacher_file, f"teacher.cache={inside}",
+                                          f"run.output_dir={tmp_path / 'run'}")))
+    assert str(err.value) == message
+    other, linked = copy_of(cache, tmp_path / "other"), copy_of(cache, tmp_path / "linked")
+    (linked / ROWS_FILE).unlink()
+    (linked / ROWS_FILE).symlink_to(other / ROWS_FILE)
+    (other / ROWS_FILE).write_bytes(b"\0" * 100)  # the other cache's rows, as they were
+    manifest = (linked / MANIFEST).read_bytes()
+    base = overrides(synthetic_data, teacher_file, f"teacher.cache={linked}")
+    assert cache_teacher_main(["--config", str(write_yaml(tmp_path)), *base, "--force"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {linked / ROWS_FILE} is a symbolic link (to {other / ROWS_FILE}); a cache build "
+        f"does not write through links: remove it, or choose another teacher.cache")
+    assert (other / ROWS_FILE).read_bytes() == b"\0" * 100
+    assert (linked / MANIFEST).read_bytes() == manifest

@@ -19,6 +19,7 @@ and only logging and file writes (inside the callbacks) are rank 0's.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import os
 import random
@@ -51,7 +52,7 @@ from fr_distill.eval.runner import check_bin_sets
 from fr_distill.losses import build_objective
 from fr_distill.models import build_student, load_frozen_model
 from fr_distill.models.weights import load_init_weights, read_init_weights
-from fr_distill.teacher_cache import open_cache
+from fr_distill.teacher_cache import open_cache, release_cache
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> TrainResult:
     try:
         return _train(cfg, info, list(callbacks))
     finally:
+        release_cache(cfg.teacher.cache, fcntl.LOCK_SH)  # the lock open_cache took
         release_run_dir(cfg.run.output_dir)
         dist.shutdown()
 

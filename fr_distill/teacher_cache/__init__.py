@@ -7,6 +7,7 @@ checked that they are the rows this run's teacher would compute (:mod:`.identity
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 from pathlib import Path
 
@@ -16,13 +17,15 @@ from fr_distill import dist
 from fr_distill.config import Config
 from fr_distill.data import DatasetInfo
 from fr_distill.paths import file_sha256
+from fr_distill.teacher_cache.content import content_difference
 from fr_distill.teacher_cache.identity import (CacheError, execution, execution_differences,
                                                first_difference, identity)
+from fr_distill.teacher_cache.lock import lock_cache, release_cache
 from fr_distill.teacher_cache.store import MANIFEST, TeacherCache, read_manifest, verify
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CacheError", "TeacherCache", "check_cache", "open_cache"]
+__all__ = ["CacheError", "TeacherCache", "check_cache", "open_cache", "release_cache"]
 
 
 def check_cache(cfg: Config, info: DatasetInfo, device: torch.device, batch_per_rank: int) -> dict:
@@ -44,6 +47,7 @@ def check_cache(cfg: Config, info: DatasetInfo, device: torch.device, batch_per_
         raise CacheError(f"teacher.cache {directory} holds unflipped rows only (built with "
                          f"data.flip=false) but this run flips its images (data.flip=true): "
                          f"build the cache with data.flip=true, or set data.flip=false")
+    _check_content(cfg, info, directory, manifest)
     verify(directory, manifest)
     changed = execution_differences(manifest["execution"], execution(cfg, device, batch_per_rank))
     if changed:
@@ -52,13 +56,30 @@ def check_cache(cfg: Config, info: DatasetInfo, device: torch.device, batch_per_
     return manifest
 
 
+def _check_content(cfg: Config, info: DatasetInfo, directory: Path, manifest: dict) -> None:
+    """With ``teacher.cache_verify_content``: refuse a cache without image digests, or one
+    built from images whose bytes differ from this run's (naming the first)."""
+    if not cfg.teacher.cache_verify_content:
+        return
+    if not manifest.get("image_digests"):
+        raise CacheError(f"teacher.cache {directory} holds no image digests (built with "
+                         f"teacher.cache_verify_content=false) but this run has "
+                         f"teacher.cache_verify_content=true: build the cache with it, or set "
+                         f"it false")
+    problem = content_difference(directory, manifest["image_digests"], info)
+    if problem:
+        raise CacheError(f"{problem}; build the cache again from these images")
+
+
 def open_cache(cfg: Config, info: DatasetInfo, device: torch.device,
                batch_per_rank: int) -> TeacherCache:
-    """Check ``teacher.cache`` on rank 0 (:func:`check_cache`, the same error on every rank)
-    and open it on every rank (``teacher.cache_placement``)."""
+    """Lock ``teacher.cache`` shared on rank 0 until :func:`release_cache` (at the run's end:
+    no build may change it meanwhile, :mod:`.lock`) and check it there (:func:`check_cache`,
+    the same error on every rank); open it on every rank (``teacher.cache_placement``)."""
     manifest = None
     if dist.is_main():
         try:
+            lock_cache(Path(cfg.teacher.cache), fcntl.LOCK_SH)
             manifest = check_cache(cfg, info, device, batch_per_rank)
         except CacheError as err:
             manifest = err

@@ -17,13 +17,17 @@ manifest records these settings, and a run with other ones is told its rows may 
 the last bits.
 
 Resumable: rows are written shard by shard (``--shard-samples`` consecutive samples, all
-flips), and the manifest, with each finished shard's sha256, is replaced atomically after
-it; an interrupted build started again verifies the shards it recorded and computes the
-rest. A directory holding a cache of another identity is refused unless ``--force``.
+flips) into a rows file allocated in full before the sweep, and the manifest, with each
+finished shard's sha256, is replaced atomically once the shard is on disk; an interrupted
+build started again verifies the shards it recorded and computes the rest. A directory
+holding a cache of another identity is refused unless ``--force``. The build holds the
+cache's lock exclusively (:mod:`.lock`): it refuses a cache a run is reading.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import logging
 import time
 from pathlib import Path
@@ -40,9 +44,12 @@ from fr_distill.errors import FrDistillError, exit_with
 from fr_distill.paths import file_sha256
 from fr_distill.teacher_cache.identity import (CacheError, execution, execution_differences,
                                                first_difference, flips_of, identity)
-from fr_distill.teacher_cache.store import (FORMAT_VERSION, ROWS_FILE, corrupt_shards,
-                                            expected_bytes, map_rows, read_manifest,
-                                            shard_ranges, shard_sha256, write_manifest)
+from fr_distill.teacher_cache.content import content_difference, record_digests
+from fr_distill.teacher_cache.lock import lock_cache, release_cache
+from fr_distill.teacher_cache.store import (FORMAT_VERSION, ROWS_FILE, CacheWriteError, RowWriter,
+                                            allocate_rows, corrupt_shards, expected_bytes,
+                                            read_manifest, refuse_link, shard_ranges,
+                                            write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +90,6 @@ def build_cache(cfg: Config, shard_samples: int = DEFAULT_SHARD_SAMPLES,
                 force: bool = False) -> dict:
     """Build (or finish) the cache ``teacher.cache`` of ``cfg``'s teacher and training set on
     torchrun's process group; returns its manifest."""
-    from fr_distill.engine.run_dir import release
     from fr_distill.engine.run_log import setup_console
 
     info = dist.init(cfg.distributed.backend, cfg.distributed.device, cfg.distributed.timeout_s)
@@ -91,30 +97,30 @@ def build_cache(cfg: Config, shard_samples: int = DEFAULT_SHARD_SAMPLES,
     try:
         return _build(cfg, info, shard_samples, force)
     finally:
-        release(Path(cfg.teacher.cache))
+        release_cache(cfg.teacher.cache, fcntl.LOCK_EX)
         dist.shutdown()
 
 
-def _prepare(cfg: Config, directory: Path, run_identity: dict, layout: dict, settings: dict,
-             num_shards: int, force: bool) -> tuple[dict, list[int]]:
+def _prepare(cfg: Config, info: DatasetInfo, directory: Path, run_identity: dict, layout: dict,
+             settings: dict, num_shards: int, force: bool) -> tuple[dict, list[int]]:
     """Rank 0: lock ``directory`` and read or start its manifest; returns the manifest and
     the shards still to compute. ``layout``: flips, shard size and embedding size of the
     rows; ``settings``: how they are computed (:func:`~.identity.execution`)."""
-    from fr_distill.engine.run_dir import lock_directory
     from fr_distill.paths import require_writable_dir
 
     require_writable_dir(directory, "config key 'teacher.cache'")
-    lock_directory(directory, "teacher.cache", "cache build")
+    lock_cache(directory, fcntl.LOCK_EX)  # held until build_cache ends
+    refuse_link(directory / ROWS_FILE)
     manifest = None if force else read_manifest(directory)
     if manifest is None:
         manifest = {"format": "fr_distill.teacher_cache", "version": FORMAT_VERSION,
                     "identity": run_identity, "teacher_file": cfg.teacher.path,
                     "data_train": cfg.data.train, **layout, "execution": settings,
                     "teacher_check": None, "shards": {}, "complete": False,
-                    "nonfinite_rows": 0, "build_seconds": 0.0}
-        with open(directory / ROWS_FILE, "wb") as f:
-            f.truncate(expected_bytes(manifest))
-        write_manifest(directory, manifest)
+                    "nonfinite_rows": 0, "build_seconds": 0.0, "image_digests": None}
+        _record_content(cfg, info, directory, manifest)
+        write_manifest(directory, manifest)  # first: an older cache's manifest no longer holds
+        allocate_rows(directory, manifest)
         return manifest, list(range(num_shards))
     problem = first_difference(manifest["identity"], run_identity, str(directory), cfg)
     changed = execution_differences({**manifest["execution"], **{k: manifest[k] for k in layout}},
@@ -124,6 +130,15 @@ def _prepare(cfg: Config, directory: Path, run_identity: dict, layout: dict, set
     if problem:
         raise CacheError(f"{problem}; finish it with the same settings, or pass --force to "
                          f"build it again from scratch")
+    if _record_content(cfg, info, directory, manifest):
+        write_manifest(directory, manifest)
+    return manifest, _resume(directory, manifest, num_shards)
+
+
+def _resume(directory: Path, manifest: dict, num_shards: int) -> list[int]:
+    """The shards of a started build still to compute: those not recorded, and recorded ones
+    whose bytes no longer match their sha256 (all of them when the rows file has not its size,
+    which is then allocated anew)."""
     done = [int(shard) for shard in manifest["shards"]]
     rows_file = directory / ROWS_FILE
     intact = rows_file.is_file() and rows_file.stat().st_size == expected_bytes(manifest)
@@ -131,18 +146,36 @@ def _prepare(cfg: Config, directory: Path, run_identity: dict, layout: dict, set
     if bad:
         log.warning("teacher cache %s: %d recorded shards do not match their sha256 and are "
                     "computed again", directory, len(bad))
-        if not intact:
-            with open(rows_file, "ab") as f:
-                f.truncate(expected_bytes(manifest))
         for shard in bad:
             del manifest["shards"][str(shard)]
-        manifest["complete"] = False
-        write_manifest(directory, manifest)
     pending = [s for s in range(num_shards) if str(s) not in manifest["shards"]]
+    if bad or manifest["complete"] != (not pending):  # complete: stopped after its last shard
+        manifest["complete"] = not pending
+        write_manifest(directory, manifest)
+    if not intact:
+        allocate_rows(directory, manifest)
     if pending:
         log.info("teacher cache %s: resuming, %d of %d shards to compute", directory,
                  len(pending), num_shards)
-    return manifest, pending
+    return pending
+
+
+def _record_content(cfg: Config, info: DatasetInfo, directory: Path, manifest: dict) -> bool:
+    """With ``teacher.cache_verify_content``: refuse a cache begun from images with other
+    bytes, or record the images' digests in one that has none (:mod:`.content`); returns
+    whether ``manifest`` changed."""
+    if not cfg.teacher.cache_verify_content:
+        return False
+    if manifest.get("image_digests"):
+        problem = content_difference(directory, manifest["image_digests"], info)
+        if problem:
+            raise CacheError(f"{problem}; pass --force to build it again from these images")
+        return False
+    started = time.perf_counter()
+    manifest["image_digests"] = record_digests(directory, info)
+    log.info("teacher cache %s: sha256 of %d images recorded in %.1f s", directory,
+             info.num_samples, time.perf_counter() - started)
+    return True
 
 
 def _build(cfg: Config, info: dist.DistInfo, shard_samples: int, force: bool) -> dict:
@@ -176,7 +209,7 @@ def _build(cfg: Config, info: dist.DistInfo, shard_samples: int, force: bool) ->
     def prepare():
         run_identity = identity(cfg, data_info, device, file_sha256(cfg.teacher.path),
                                 teacher.built_from_keys)
-        return _prepare(cfg, directory, run_identity, layout,
+        return _prepare(cfg, data_info, directory, run_identity, layout,
                         execution(cfg, device, cfg.data.batch_size), len(shards), force)
 
     outcome = None
@@ -203,30 +236,30 @@ def _build(cfg: Config, info: dist.DistInfo, shard_samples: int, force: bool) ->
     order = SweepOrder([shards[s] for s in pending], flips, global_batch)
     loader = TrainLoader(data_info, order, select_backend(cfg.data.loader), info.rank,
                          info.world_size, device, cfg.data.num_workers, cfg.data.prefetch)
-    rows = map_rows(directory, manifest, mode="r+") if info.is_main else None
     batches = loader.iterate(0)
     shard_of_step = [next(s for s in pending if shards[s][0] <= start < shards[s][1])
                      for start, _, _ in order.steps]
     images_done, seconds_before = 0, manifest["build_seconds"]
-    for step, (start, end, flip) in enumerate(order.steps):
-        batch = next(batches)
-        f_t = teacher_embeddings(teacher, batch.images.contiguous(memory_format=memory_format),
-                                 device, amp_dtype)
-        gathered = dist.all_gather_cat(f_t)
-        images_done += gathered.shape[0]
-        if info.is_main:
-            block = gathered[:end - start].cpu().numpy().astype(rows.dtype)  # float16 may overflow
-            manifest["nonfinite_rows"] += int((~np.isfinite(block)).any(axis=1).sum())
-            rows[start:end, flips.index(flip)] = block
-        last_of_shard = step + 1 == len(order.steps) or shard_of_step[step + 1] != shard_of_step[step]
-        if last_of_shard:
-            elapsed = time.perf_counter() - started
-            manifest["build_seconds"] = seconds_before + elapsed
-            _finish_shard(info, directory, manifest, rows, shards, shard_of_step[step],
-                          images_done / max(elapsed, 1e-9))
-    manifest["complete"] = True
+    with RowWriter(directory, manifest) if info.is_main else contextlib.nullcontext() as writer:
+        for step, (start, end, flip) in enumerate(order.steps):
+            batch = next(batches)
+            f_t = teacher_embeddings(teacher, batch.images.contiguous(memory_format=memory_format),
+                                     device, amp_dtype)
+            gathered = dist.all_gather_cat(f_t)
+            images_done += gathered.shape[0]
+            if info.is_main:
+                # float16 may overflow: counted
+                block = gathered[:end - start].cpu().numpy().astype(writer.dtype)
+                manifest["nonfinite_rows"] += int((~np.isfinite(block)).any(axis=1).sum())
+                writer.put(start, flips.index(flip), block)
+            last_of_shard = (step + 1 == len(order.steps)
+                             or shard_of_step[step + 1] != shard_of_step[step])
+            if last_of_shard:
+                elapsed = time.perf_counter() - started
+                manifest["build_seconds"] = seconds_before + elapsed
+                _finish_shard(info, directory, manifest, writer, shards, shard_of_step[step],
+                              images_done / max(elapsed, 1e-9))
     if info.is_main:
-        write_manifest(directory, manifest)
         size = expected_bytes(manifest)
         log.info("teacher cache %s complete: %d samples x %d flips x %d-d %s, %.2f GiB, "
                  "built in %.1f s (%.1f images/s)", directory, data_info.num_samples,
@@ -239,21 +272,22 @@ def _build(cfg: Config, info: dist.DistInfo, shard_samples: int, force: bool) ->
     return dist.broadcast_object(manifest)
 
 
-def _finish_shard(info: dist.DistInfo, directory: Path, manifest: dict, rows, shards: list,
-                  shard: int, images_per_s: float) -> None:
-    """Rank 0 flushes the shard's rows, records its sha256 and replaces the manifest; every
-    rank learns whether that failed (one collective per shard)."""
+def _finish_shard(info: dist.DistInfo, directory: Path, manifest: dict,
+                  writer: RowWriter | None, shards: list, shard: int, images_per_s: float) -> None:
+    """Rank 0 makes the shard's rows durable, records their sha256 and replaces the manifest
+    (``complete`` with the last shard); every rank learns whether that failed (one collective
+    per shard)."""
     error = None
     if info.is_main:
         try:
-            rows.flush()
-            manifest["shards"][str(shard)] = shard_sha256(rows, *shards[shard])
+            manifest["shards"][str(shard)] = writer.end_shard()
+            manifest["complete"] = len(manifest["shards"]) == len(shards)
             write_manifest(directory, manifest)
-        except OSError as err:
-            error = CacheError(f"teacher.cache {directory}: cannot write shard {shard} ({err}); "
-                               f"the shards recorded before it are kept")
-        log.info("teacher cache: shard %d/%d written (%.0f images/s)", len(manifest["shards"]),
-                 len(shards), images_per_s)
+        except CacheWriteError as err:
+            error = err
+        else:
+            log.info("teacher cache: shard %d/%d written (%.0f images/s)",
+                     len(manifest["shards"]), len(shards), images_per_s)
     error = dist.broadcast_object(error)
     if error is not None:
         raise error

@@ -8,6 +8,10 @@ flips the run can ask for. :func:`identity` records these; :func:`first_differen
 the first that differs between a cache and a run. Settings that change only the last bits of
 a row (batch size, precision, memory layout, compilation, device) are recorded under
 ``execution`` and compared by :func:`execution_differences`: the run is told, not refused.
+
+The data identity is the sample list and the labels, not the images' bytes: images replaced
+by others under the same names pass it. ``teacher.cache_verify_content`` adds a digest of
+every image's bytes (:mod:`.content`).
 """
 from __future__ import annotations
 

@@ -7,14 +7,23 @@ flipped (``f = 1``)), and ``manifest.json``: the identity of the rows
 (a shard is ``shard_samples`` consecutive samples with all their flips: a contiguous byte
 range). ``complete`` is true once every shard is written. The manifest is replaced
 atomically after each shard, so an interrupted build resumes from the last shard recorded.
+With ``teacher.cache_verify_content`` the directory also holds ``images.sha256``
+(:mod:`~fr_distill.teacher_cache.content`).
+
+The build allocates ``embeddings.bin`` in full first (:func:`allocate_rows`) and writes it
+with ordinary writes (:class:`RowWriter`), never through a memory map: a full disk is a
+one-line :class:`CacheWriteError` naming the file, not a SIGBUS. No file of the cache is
+written through a symbolic link.
 
 :func:`open_cache` refuses, with one line naming what differs, a cache built for another
 teacher, other data, another preprocessing, dtype or embedding size, one that lacks the
 flips the run reads, an incomplete, truncated or corrupt one (every shard's checksum is
-verified, in threads, before training). :class:`TeacherCache` then serves a step's rows.
+verified, in threads, before training), or one whose manifest lacks a key its readers use
+(:func:`read_manifest` names it). :class:`TeacherCache` then serves a step's rows.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fr_distill.paths import fsync_dir
 from fr_distill.teacher_cache.identity import CacheError
 
 log = logging.getLogger(__name__)
@@ -40,8 +50,16 @@ AUTO_DEVICE_SHARE = 0.25
 DEVICE_COPY_SAMPLES = 65536
 
 
+class CacheWriteError(CacheError):
+    """A file of the cache could not be written (a full disk, an I/O error): the build failed
+    (exit 1); what the manifest recorded before stays valid."""
+
+    exit_code = 1
+
+
 def read_manifest(directory: Path) -> dict | None:
-    """The manifest of ``directory``, None when there is none; a one-line error when unreadable."""
+    """The manifest of ``directory``, None when there is none; a one-line error naming the
+    manifest (and the key) when it is unreadable or lacks what a cache needs."""
     path = directory / MANIFEST
     if not path.is_file():
         return None
@@ -55,19 +73,112 @@ def read_manifest(directory: Path) -> dict | None:
     if manifest.get("version") != FORMAT_VERSION:
         raise CacheError(f"{path}: teacher-cache format version {manifest.get('version')}, "
                          f"this fr_distill reads version {FORMAT_VERSION}; build it again")
+    _check_fields(path, manifest)
     return manifest
 
 
+def _is_count(minimum: int):
+    return lambda v: type(v) is int and v >= minimum
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in HEX for c in value)
+
+
+HEX = frozenset("0123456789abcdef")
+#: Every manifest key the cache's readers and builds use, parents before children, with what
+#: its value must be; ``image_digests`` may be absent (manifests written before it).
+MANIFEST_FIELDS = (
+    ("identity", lambda v: isinstance(v, dict), "a mapping"),
+    ("identity.teacher", lambda v: isinstance(v, dict), "a mapping"),
+    ("identity.teacher.sha256", _is_sha256, "a sha256 (64 hex digits)"),
+    ("identity.teacher.architecture",
+     lambda v: v is None or (isinstance(v, dict)
+                             and {"name", "embedding_dim", "width"} <= v.keys()),
+     "null or a mapping of name, embedding_dim and width"),
+    ("identity.data", lambda v: isinstance(v, dict), "a mapping"),
+    ("identity.data.format", lambda v: isinstance(v, str), "a string"),
+    ("identity.data.num_samples", _is_count(1), "an integer >= 1"),
+    ("identity.data.num_classes", _is_count(1), "an integer >= 1"),
+    ("identity.data.digest", lambda v: isinstance(v, str), "a string"),
+    ("identity.preprocessing", lambda v: isinstance(v, dict), "a mapping"),
+    ("identity.preprocessing.decoder", lambda v: isinstance(v, str), "a string"),
+    ("identity.preprocessing.pixels", lambda v: isinstance(v, str), "a string"),
+    ("identity.preprocessing.teacher_input", lambda v: isinstance(v, list) and len(v) == 2,
+     "a list [input_mean, input_std]"),
+    ("identity.dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+    ("flips", lambda v: v in ([False], [False, True]), "[false] or [false, true]"),
+    ("shard_samples", _is_count(1), "an integer >= 1"),
+    ("embedding_dim", _is_count(1), "an integer >= 1"),
+    ("shards", lambda v: isinstance(v, dict), "a mapping"),
+    ("complete", lambda v: isinstance(v, bool), "true or false"),
+    ("execution", lambda v: isinstance(v, dict), "a mapping"),
+    ("teacher_check", lambda v: v is None or isinstance(v, dict), "null or a mapping"),
+    ("nonfinite_rows", _is_count(0), "an integer >= 0"),
+    ("build_seconds", lambda v: type(v) in (int, float), "a number"),
+    ("image_digests", lambda v: v is None or _is_sha256(v), "null or a sha256 (64 hex digits)"),
+)
+OPTIONAL_FIELDS = {"image_digests"}
+
+
+def _check_fields(path: Path, manifest: dict) -> None:
+    """Refuse, naming the key, a manifest lacking a field or holding a value its readers
+    cannot use (a traceback otherwise, e.g. a division by ``shard_samples: 0``)."""
+    for key, valid, what in MANIFEST_FIELDS:
+        *parents, name = key.split(".")
+        holder = manifest
+        for parent in parents:
+            holder = holder[parent]
+        if name not in holder:
+            if key in OPTIONAL_FIELDS:
+                continue
+            raise CacheError(f"{path}: key '{key}' is missing; the manifest is damaged: build "
+                             f"the cache again")
+        if not valid(holder[name]):
+            raise CacheError(f"{path}: key '{key}' must be {what}, not "
+                             f"{json.dumps(holder[name])[:60]}; the manifest is damaged: build "
+                             f"the cache again")
+    num_shards = len(shard_ranges(manifest["identity"]["data"]["num_samples"],
+                                  manifest["shard_samples"]))
+    for shard, digest in manifest["shards"].items():
+        if not (shard.isdigit() and shard == str(int(shard)) and int(shard) < num_shards
+                and _is_sha256(digest)):
+            raise CacheError(f"{path}: key 'shards.{shard}' must name one of the {num_shards} "
+                             f"shards and hold its sha256; the manifest is damaged: build the "
+                             f"cache again")
+
+
 def write_manifest(directory: Path, manifest: dict) -> None:
-    """Replace the manifest atomically (write, fsync, rename)."""
-    path = directory / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace the manifest atomically (a new file, fsync, rename: never written through a
+    link); a one-line :class:`CacheWriteError` naming it when it cannot be written."""
+    write_file(directory / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Replace the cache's file ``path`` atomically: a new file (mode 0644 less the umask, as
+    the cache is often shared), fsync, rename; a stale temporary file is removed, not written
+    through. :class:`CacheWriteError` naming ``path`` when it cannot be written."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise CacheWriteError(cannot_write(path, err)) from None
+
+
+def cannot_write(path: Path, err: OSError) -> str:
+    """The line of a failed write of the cache's file ``path`` (a full disk, an I/O error)."""
+    return (f"{path}: cannot be written ({err.strerror or err}); the shards already recorded "
+            f"are kept: free space and run the same command to finish the build")
 
 
 def row_shape(manifest: dict) -> tuple[int, int, int]:
@@ -87,14 +198,112 @@ def shard_ranges(num_samples: int, shard_samples: int) -> list[tuple[int, int]]:
             for start in range(0, num_samples, shard_samples)]
 
 
-def map_rows(directory: Path, manifest: dict, mode: str = "r") -> np.memmap:
-    """The rows file as a ``[num_samples, flips, dim]`` memory map."""
+def map_rows(directory: Path, manifest: dict) -> np.memmap:
+    """The rows file as a read-only ``[num_samples, flips, dim]`` memory map."""
     return np.memmap(directory / ROWS_FILE, dtype=DTYPES[manifest["identity"]["dtype"]],
-                     mode=mode, shape=row_shape(manifest))
+                     mode="r", shape=row_shape(manifest))
 
 
 def shard_sha256(rows: np.memmap, start: int, end: int) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(rows[start:end])).cast("B")).hexdigest()
+
+
+def refuse_link(path: Path) -> None:
+    """A symbolic link in place of the cache's file ``path`` is refused in one line: a build
+    writes its own directory's files, never another cache's through a link."""
+    if path.is_symlink():
+        raise CacheError(f"{path} is a symbolic link (to {os.readlink(path)}); a cache build "
+                         f"does not write through links: remove it, or choose another "
+                         f"teacher.cache")
+
+
+def open_own(path: Path, flags: int) -> int:
+    """Open the cache's file ``path`` for writing (not through a link: :func:`refuse_link`)."""
+    refuse_link(path)
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise CacheWriteError(cannot_write(path, err)) from None
+
+
+def allocate_rows(directory: Path, manifest: dict) -> None:
+    """Create the rows file anew with all its bytes allocated on disk (``posix_fallocate``)
+    before any row is computed: a disk without room is one line now, naming the file, not a
+    SIGBUS when a row is stored. The old file is unlinked, not truncated, so a process still
+    mapping it keeps the rows it had."""
+    path, size = directory / ROWS_FILE, expected_bytes(manifest)
+    refuse_link(path)
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as err:
+        raise CacheWriteError(cannot_write(path, err)) from None
+    fd = open_own(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        os.ftruncate(fd, 0)  # gives back what was allocated
+        raise CacheWriteError(f"{path}: cannot allocate {size} bytes ({err.strerror}); no row "
+                              f"was computed: free space or choose another teacher.cache") from None
+    finally:
+        os.close(fd)
+
+
+class RowWriter:
+    """Rank 0's writer of a build's rows: each batch of samples, all its flips together, with
+    ordinary positioned writes into the allocated file (:func:`allocate_rows`), hashing each
+    shard's bytes as they are written. A failed write (a full disk on a copy-on-write file
+    system, an I/O error) is an ``OSError`` here, where through a memory map it was a SIGBUS
+    that killed the build; it is kept until the shard ends, where :meth:`end_shard` raises it
+    (the build's one collective per shard then stops every rank)."""
+
+    def __init__(self, directory: Path, manifest: dict) -> None:
+        self.path = directory / ROWS_FILE
+        _, flips, dim = row_shape(manifest)
+        self.sample_shape = (flips, dim)
+        self.dtype = np.dtype(DTYPES[manifest["identity"]["dtype"]])
+        self.fd = open_own(self.path, os.O_WRONLY)
+        self.block, self.block_start = None, -1
+        self.digest, self.error = hashlib.sha256(), None
+
+    def put(self, start: int, flip: int, rows: np.ndarray) -> None:
+        """Rows of samples ``start …`` with flip index ``flip``; a batch's rows are written
+        once its last flip is in (the build's sweep gives a batch's flips in order)."""
+        if start != self.block_start:
+            self.block = np.empty((len(rows), *self.sample_shape), dtype=self.dtype)
+            self.block_start = start
+        self.block[:, flip] = rows
+        if flip == self.sample_shape[0] - 1:
+            self._write(start, self.block)
+
+    def _write(self, start: int, block: np.ndarray) -> None:
+        data = memoryview(block).cast("B")
+        self.digest.update(data)
+        offset = start * block[0].nbytes
+        while data and self.error is None:
+            try:
+                written = os.pwrite(self.fd, data, offset)
+            except OSError as err:
+                self.error = err
+            else:
+                data, offset = data[written:], offset + written
+
+    def end_shard(self) -> str:
+        """The sha256 of the shard's rows, once they are on disk (fsync);
+        :class:`CacheWriteError` naming the file when one of its writes failed."""
+        try:
+            if self.error is not None:
+                raise self.error
+            os.fsync(self.fd)
+        except OSError as err:
+            raise CacheWriteError(cannot_write(self.path, err)) from None
+        digest, self.digest = self.digest.hexdigest(), hashlib.sha256()
+        return digest
+
+    def __enter__(self) -> RowWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
 
 
 def corrupt_shards(directory: Path, manifest: dict, shards: list[int]) -> list[int]:
