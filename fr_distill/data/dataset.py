@@ -7,7 +7,8 @@ samples follow those of the sets before it, its labels are offset by their class
 identities of different sets never share a label). :func:`preflight`
 lists every sample and checks it from headers and sizes only (no decoding): image magic,
 JPEG end-of-image marker / PNG ``IEND``, width×height from the JPEG SOF or PNG IHDR,
-non-empty files and class folders; for RecordIO also ``.idx``/``.rec`` agreement, each
+non-empty regular files (a FIFO, a device or a socket, or a link to one, is refused by name
+before it is opened) and class folders; for RecordIO also ``.idx``/``.rec`` agreement, each
 record's magic and length within the file, and integer labels in range. Anything wrong
 raises one-line :class:`DataError` naming the file/record, or — with ``data.skip_bad`` — is
 left out and counted in ``DatasetInfo.bad`` and the ``fr_distill`` log. Nothing is dropped
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from fr_distill.paths import open_regular, read_regular
 
 from .errors import DataError
 from .recordio import FRAME_HEADER, IR_HEADER, LENGTH_BITS, LENGTH_MASK, MAGIC, RecordIOReader
@@ -158,8 +161,10 @@ def resolve(train: str, fmt: str = "auto") -> tuple[str, Path, Path | None]:
 # Image folders
 # --------------------------------------------------------------------------------------
 def _check_file(path: str) -> str | None:
+    """What is wrong with the image file ``path`` (unreadable, or no regular file: a FIFO
+    would block the check, a device never end; see :func:`image_problem`), or None."""
     try:
-        with open(path, "rb", buffering=0) as f:
+        with open_regular(path, buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(HEAD_BYTES)
             tail = head[-TAIL_BYTES:] if size <= HEAD_BYTES else os.pread(
@@ -214,11 +219,16 @@ def _index_folder(root: Path, check: bool) -> tuple[list[str], list[bytes], list
     names, rel_paths, labels = [], [], []
     for name in class_dirs:
         try:
-            files = sorted(e.name for e in os.scandir(root / name)
-                           if not e.name.startswith(".") and not e.is_dir())
+            entries_of_class = [e for e in os.scandir(root / name)
+                                if not e.name.startswith(".") and not e.is_dir()]
         except OSError as err:
             bad.append(f"{root / name}: cannot list class folder ({err.strerror})")
             continue
+        # FIFOs, devices, sockets and dangling links are named here, checked or not: reading
+        # one would block or never end (is_file follows links; regular files cost no stat)
+        bad += [f"{root / name / e.name}: {_check_file(e.path) or 'not a regular file'}"
+                for e in sorted(entries_of_class, key=lambda e: e.name) if not e.is_file()]
+        files = sorted(e.name for e in entries_of_class if e.is_file())
         if not files:
             bad.append(f"{root / name}: empty class folder")
             continue
@@ -457,7 +467,6 @@ class SampleBytes:
             return self.reader.read(int(self.samples[i]))[1]
         path = os.path.join(self.root_str, self.samples[i].decode())
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            return read_regular(path)
         except OSError as err:
             raise DataError(f"{path}: unreadable ({err.strerror or err})") from None
