@@ -32,7 +32,7 @@ def require_writable_dir(directory: str | os.PathLike, what: str) -> None:
     """Create ``directory`` if needed and write and remove a file in it; raise
     :class:`NotWritableError` naming ``what`` (a config key or an option) otherwise."""
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
+    if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotWritableError(f"{what}: {directory} is a file, not a directory")
     try:
         directory.mkdir(parents=True, exist_ok=True)

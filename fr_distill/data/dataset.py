@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fr_distill.paths import open_regular, read_regular
+from fr_distill.paths import NotRegularFileError, check_regular, open_regular, read_regular
 
 from .errors import DataError
 from .recordio import FRAME_HEADER, IR_HEADER, LENGTH_BITS, LENGTH_MASK, MAGIC, RecordIOReader
@@ -174,6 +174,18 @@ def _check_file(path: str) -> str | None:
     return image_problem(head, tail, size)
 
 
+def _special_file_problem(path: str) -> str | None:
+    """The problem of ``path`` when it is a FIFO, a device or a socket (links followed), else
+    None (a regular file; a missing file or a dangling link is named when it is read)."""
+    try:
+        check_regular(path)
+    except NotRegularFileError as err:
+        return f"unreadable ({err.strerror})"
+    except OSError:
+        pass
+    return None
+
+
 def _listing(folder: Path) -> list[os.DirEntry]:
     """The entries of ``folder`` that are data (not hidden), sorted; none if unreadable."""
     try:
@@ -224,11 +236,12 @@ def _index_folder(root: Path, check: bool) -> tuple[list[str], list[bytes], list
         except OSError as err:
             bad.append(f"{root / name}: cannot list class folder ({err.strerror})")
             continue
-        # FIFOs, devices, sockets and dangling links are named here, checked or not: reading
-        # one would block or never end (is_file follows links; regular files cost no stat)
-        bad += [f"{root / name / e.name}: {_check_file(e.path) or 'not a regular file'}"
-                for e in sorted(entries_of_class, key=lambda e: e.name) if not e.is_file()]
-        files = sorted(e.name for e in entries_of_class if e.is_file())
+        # FIFOs, devices and sockets are named here, header checks on or off: reading one
+        # would block or never end (is_file follows links; a regular file costs no stat)
+        special = {e.name: problem for e in entries_of_class
+                   if not e.is_file() and (problem := _special_file_problem(e.path))}
+        bad += [f"{root / name / file}: {problem}" for file, problem in sorted(special.items())]
+        files = sorted(e.name for e in entries_of_class if e.name not in special)
         if not files:
             bad.append(f"{root / name}: empty class folder")
             continue
