@@ -470,16 +470,15 @@ MAX_SHOWN = 120
 """The most characters of a value an error message shows (a bad value can be any size)."""
 
 
+def _cut(text: str) -> str:
+    """``text`` (a key from a file, a value's repr) cut to :data:`MAX_SHOWN` characters."""
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN - 3] + "..."
+
+
 def _shown(value: Any) -> str:
     """``repr(value)`` for a message, cut to :data:`MAX_SHOWN` characters without building the
     whole of it (a long string, a huge or deeply nested list)."""
-    text = _REPR.repr(value)
-    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN - 3] + "..."
-
-
-def _cut(text: str) -> str:
-    """``text`` (a key from a file) cut to :data:`MAX_SHOWN` characters."""
-    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN - 3] + "..."
+    return _cut(_REPR.repr(value))
 
 
 def _unknown_key(key: str, cls, source: str) -> ConfigError:

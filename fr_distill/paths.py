@@ -86,6 +86,8 @@ class NotRegularFileError(OSError):
 
 
 def _refuse_special(mode: int, path: str | os.PathLike) -> None:
+    """Raise :class:`NotRegularFileError` naming the kind of ``path`` unless its ``st_mode``
+    ``mode`` is a regular file's."""
     for test, kind in _SPECIAL_KINDS:
         if test(mode):
             raise NotRegularFileError(errno.EINVAL, f"{kind}, not a regular file", str(path))

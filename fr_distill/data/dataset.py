@@ -162,7 +162,7 @@ def resolve(train: str, fmt: str = "auto") -> tuple[str, Path, Path | None]:
 # --------------------------------------------------------------------------------------
 def _check_file(path: str) -> str | None:
     """What is wrong with the image file ``path`` (unreadable, or no regular file: a FIFO
-    would block the check, a device never end; see :func:`image_problem`), or None."""
+    would block the check, a device would never end; see :func:`image_problem`), or None."""
     try:
         with open_regular(path, buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
