@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import math
 import os
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -49,6 +50,10 @@ POSITIVE = Rule(lambda v: v > 0, "> 0")
 NON_NEGATIVE = Rule(lambda v: v >= 0, ">= 0")
 OPEN_UNIT = Rule(lambda v: 0 < v < 1, "in (0, 1)")
 FRACTION = Rule(lambda v: 0 <= v < 1, "in [0, 1)")
+# a wider backbone or a longer embedding than these is no face model (width 1e9 asked the
+# allocator for 6.9 TB while building the model); the published layouts are width 1, D 512
+WIDTH = Rule(lambda v: 0 < v <= 4, "in (0, 4]")
+EMBEDDING_DIM = Rule(lambda v: 1 <= v <= 16384, "in [1, 16384]")
 
 
 def _known_backbone(name: str) -> bool:
@@ -85,9 +90,9 @@ class ModelConfig:
     """The student backbone (METHOD §3)."""
 
     name: str = setting("iresnet18", "student backbone", BACKBONE)
-    embedding_dim: int = setting(512, "student embedding size D", POSITIVE)
+    embedding_dim: int = setting(512, "student embedding size D", EMBEDDING_DIM)
     width: float = setting(1.0, "channel multiplier of the backbone; 1.0 is the published layout",
-                           POSITIVE)
+                           WIDTH)
     dropout: float = setting(0.0, "dropout before the embedding layer", FRACTION)
     projector: bool = setting(False, "learn a linear map student D -> teacher D for the "
                                      "distillation terms (needed when they differ)")
@@ -112,8 +117,9 @@ class TeacherConfig:
     path: str = setting("", "teacher file: InsightFace state dict, fr_distill checkpoint, ONNX or "
                             "TorchScript; empty = no teacher")
     name: str = setting("iresnet100", "teacher architecture for a plain state dict", BACKBONE)
-    embedding_dim: int = setting(512, "teacher embedding size for a plain state dict", POSITIVE)
-    width: float = setting(1.0, "teacher channel multiplier for a plain state dict", POSITIVE)
+    embedding_dim: int = setting(512, "teacher embedding size for a plain state dict",
+                                 EMBEDDING_DIM)
+    width: float = setting(1.0, "teacher channel multiplier for a plain state dict", WIDTH)
     onnx_backend: Literal["auto", "torch", "onnxruntime"] = setting(
         "auto", "ONNX teacher: auto (onnx2torch when verified, else onnxruntime), torch, "
                 "onnxruntime")
@@ -499,7 +505,26 @@ def schema_reference() -> list[tuple[str, str, Any, str, str]]:
 # --------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+MAX_SHOWN = 120
+"""The most characters of a value an error message shows (a bad value can be any size)."""
+
+
+def _cut(text: str) -> str:
+    """``text`` (a key from a file, a value's repr) cut to :data:`MAX_SHOWN` characters."""
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN - 3] + "..."
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` for a message, cut to :data:`MAX_SHOWN` characters without building the
+    whole of it (a long string, a huge or deeply nested list)."""
+    return _cut(_REPR.repr(value))
+
+
 def _unknown_key(key: str, cls, source: str) -> ConfigError:
+    key = _cut(key)
     section, _, leaf = key.rpartition(".")
     close = difflib.get_close_matches(leaf, _fields_of(cls), n=3, cutoff=0.5)
     prefix = section + "." if section else ""
@@ -527,23 +552,25 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             if len(args) == 1:
                 raise
             raise ConfigError(f"{source}: config key '{key}' must be {_type_name(hint)}, "
-                              f"got {value!r}") from None
+                              f"got {_shown(value)}") from None
     if origin is Literal:
         rule = _one_of(typing.get_args(hint))
         if isinstance(value, bool) and rule.check(_YAML_SWITCH[value]):
             value = _YAML_SWITCH[value]  # YAML 1.1 reads an unquoted off/on as a bool
         if not rule.check(value):
-            raise ConfigError(f"{source}: config key '{key}' must be {rule.text}, got {value!r}")
+            raise ConfigError(f"{source}: config key '{key}' must be {rule.text}, "
+                              f"got {_shown(value)}")
         return value
     if origin is list:
         (item,) = typing.get_args(hint)
         if isinstance(value, tuple):
             value = list(value)
         if not isinstance(value, list):
-            raise ConfigError(f"{source}: config key '{key}' must be a list, got {value!r}")
+            raise ConfigError(f"{source}: config key '{key}' must be a list, "
+                              f"got {_shown(value)}")
         return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
     bad = ConfigError(f"{source}: config key '{key}' must be {getattr(hint, '__name__', hint)},"
-                      f" got {value!r}")
+                      f" got {_shown(value)}")
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -555,17 +582,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             raise bad
         return value
     if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                raise bad from None
-            if not math.isfinite(number):
-                raise bad
-            return number
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        return float(value)
+        return _finite_float(value, bad, key, source)
     if hint is str:
         if not isinstance(value, str):
             raise bad
@@ -573,11 +590,27 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     raise bad
 
 
+def _finite_float(value: Any, bad: ConfigError, key: str, source: str) -> float:
+    """``value`` (a number, or a string such as ``1e-3``, which YAML 1.1 reads as a string) as a
+    finite float: ``inf`` and ``nan`` are refused in every spelling (``.inf`` in YAML, ``inf``
+    on the command line, a string), as is an integer too large for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise bad
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        raise bad from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{source}: config key '{key}' must be a finite number, "
+                          f"got {_shown(value)}")
+    return number
+
+
 def _merge(node: Any, cls, data: dict, prefix: str, source: str) -> None:
     """Apply the mapping ``data`` onto the dataclass instance ``node`` (in place)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: config section '{prefix.rstrip('.') or '<root>'}' "
-                          f"must be a mapping, got {data!r}")
+                          f"must be a mapping, got {_shown(data)}")
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name, value in data.items():
@@ -593,6 +626,53 @@ def _merge(node: Any, cls, data: dict, prefix: str, source: str) -> None:
             setattr(node, name, aliases.get(value, value) if aliases else value)
 
 
+MAX_YAML_VALUES = 100_000
+"""The most values (mapping keys and values, list items, scalars) a YAML document may expand
+to once its aliases are resolved: a config holds a few hundred, and a document of a few
+hundred bytes whose anchors alias each other ("billion laughs") expands to billions."""
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values the node graph ``root`` stands for with every alias expanded, counted
+    on the graph itself (each distinct node once); a node that contains itself counts as
+    more than :data:`MAX_YAML_VALUES`."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            return MAX_YAML_VALUES + 1
+        open_nodes.add(id(node))
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        sizes[id(node)] = 1 + sum(size(child) for child in children)
+        open_nodes.discard(id(node))
+        return sizes[id(node)]
+
+    return size(root)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)``, refusing (:class:`ConfigError` naming ``source``) a document
+    whose aliases expand to more than :data:`MAX_YAML_VALUES` values, before it is built, and
+    one nested too deeply for the parser; ``yaml.YAMLError`` for invalid YAML."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node) > MAX_YAML_VALUES:
+            raise ConfigError(f"{source}: the YAML's aliases (*name) expand to more than "
+                              f"{MAX_YAML_VALUES} values; a config never needs that many")
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{source}: the YAML is nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
     """The mappings to merge for ``path``: its ``defaults:`` files first, then itself."""
     path = path.resolve()
@@ -601,7 +681,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text(), str(path)) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -611,6 +691,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]
     bases = data.pop("defaults", []) or []
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: 'defaults' must be a file name or a list of file names, "
+                          f"got {_shown(bases)}")
     layers: list[tuple[dict, str]] = []
     for base in bases:
         layers += _read_yaml(path.parent / base, seen + (path,))
@@ -621,10 +704,11 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]
 def parse_override(text: str) -> tuple[str, Any]:
     """``'loss.rpsd.weight=20'`` → ``('loss.rpsd.weight', 20)`` (value parsed as YAML)."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like key=value (e.g. loss.rpsd.weight=20)")
+        raise ConfigError(f"override '{_cut(text)}' must look like key=value (e.g. "
+                          f"loss.rpsd.weight=20)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw, f"override {_cut(key.strip())}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -642,10 +726,10 @@ def validate(cfg: Config) -> Config:
     for key, rule in rules().items():
         value = get_key(cfg, key)
         if not rule.check(value):
-            raise ConfigError(f"config key '{key}' must be {rule.text}, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be {rule.text}, got {_shown(value)}")
     if sorted(cfg.schedule.milestones) != list(cfg.schedule.milestones):
         raise ConfigError(f"config key 'schedule.milestones' must be increasing, "
-                          f"got {cfg.schedule.milestones!r}")
+                          f"got {_shown(cfg.schedule.milestones)}")
     if cfg.checkpoint.async_save and cfg.checkpoint.format != "dcp":
         raise ConfigError("config key 'checkpoint.async_save' needs checkpoint.format=dcp, got "
                           f"checkpoint.format={cfg.checkpoint.format!r}")

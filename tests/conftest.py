@@ -1,10 +1,16 @@
-"""Shared fixtures: launching torchrun process groups (gloo on the CPU)."""
+"""Shared fixtures: launching torchrun process groups (gloo on the CPU), image folders, FIFOs
+and images whose header lies about their size."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
+import struct
 import subprocess
 import sys
+import threading
+import zlib
 from pathlib import Path
 
 import pytest
@@ -120,3 +126,72 @@ def teacher_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
     torch.save(get_backbone("iresnet18", 32, width=0.125).state_dict(), path)
     return path
+
+
+@contextlib.contextmanager
+def fifos(*paths: Path, release_after: float = 10.0):
+    """A FIFO at each of ``paths`` for the block (removed after it); a reader blocked on one is released
+    every ``release_after`` seconds (the FIFO opened for writing and closed, so the reader sees
+    an empty file) and the block then fails: code that reads a FIFO fails the test instead of
+    hanging it."""
+    for path in paths:
+        os.mkfifo(path)
+    released: list[Path] = []
+    done = threading.Event()
+
+    def release() -> None:
+        while not done.wait(release_after):
+            for path in paths:
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO: nobody reads it
+                except OSError:
+                    continue
+                released.append(path)
+                os.close(fd)
+
+    thread = threading.Thread(target=release, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        for path in paths:
+            path.unlink(missing_ok=True)
+    assert not released, f"a reader blocked on the FIFO {released[0]}"
+
+
+def lying_jpeg(width: int, height: int) -> bytes:
+    """A 16×16 JPEG (a few hundred bytes) whose frame header declares ``width``×``height``."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 120, 150)).save(buf, format="JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, height, width)
+    return bytes(data)
+
+
+def lying_png(width: int, height: int) -> bytes:
+    """A one-row PNG (a hundred bytes) whose IHDR declares ``width``×``height`` RGB pixels."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(bytes(1 + 3 * 16))) + chunk(b"IEND", b""))
+
+
+def forbid_decoding(monkeypatch) -> None:
+    """Make decoding any pixels (simplejpeg's or PIL's) fail the test: what a header check must
+    refuse is then never decoded (an image declaring 30000x30000 pixels would take 2.7 GB)."""
+    import simplejpeg
+    from PIL import ImageFile
+
+    def decoded(*args, **kwargs):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", decoded)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decoded)

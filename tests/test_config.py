@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import yaml
@@ -150,10 +151,11 @@ def test_schema_reference_lists_every_leaf_key():
 
 # Every key with a range rule, and the rule's text (the README table's 'allowed' column).
 RULED_KEYS = {
-    "model.embedding_dim": "> 0", "model.width": "> 0", "model.dropout": "in [0, 1)",
+    "model.embedding_dim": "in [1, 16384]", "model.width": "in (0, 4]", "model.dropout": "in [0, 1)",
     "model.name": "iresnet18/34/50/100/200, mobilefacenet or timm:<name>",
     "teacher.name": "iresnet18/34/50/100/200, mobilefacenet or timm:<name>",
-    "teacher.embedding_dim": "> 0", "teacher.width": "> 0", "teacher.min_accuracy": "in [0, 1)",
+    "teacher.embedding_dim": "in [1, 16384]", "teacher.width": "in (0, 4]",
+    "teacher.min_accuracy": "in [0, 1)",
     "teacher.input_std": "> 0 or null",
     "teacher.onnx_backend": "one of auto, torch, onnxruntime",
     "teacher.cache_dtype": "one of float16, float32",
@@ -269,3 +271,97 @@ def test_help_of_the_bank_seed_and_of_the_learning_rate_scaling():
     scaling = "(global batch x optim.accumulation_steps) / "
     assert scaling + "optim.reference_batch" in meanings["optim.lr"]
     assert scaling + "reference_batch" in meanings["optim.reference_batch"]
+
+
+@pytest.mark.parametrize("text, override", [
+    ("optim:\n  lr: .inf\n", "optim.lr=.inf"),
+    ("optim:\n  lr: -.inf\n", "optim.lr=-.inf"),
+    ("loss:\n  rpsd:\n    b: .nan\n", "loss.rpsd.b=.NaN"),
+    ("teacher:\n  input_mean: .inf\n", "teacher.input_mean=.inf"),
+    ("optim:\n  lr: 'inf'\n", "optim.lr=inf"),
+])
+def test_non_finite_numbers_are_refused_in_every_spelling(tmp_path, text, override):
+    """Before, the strings 'inf'/'nan' were refused but the YAML floats .inf/.nan passed:
+    optim.lr=.inf trained to non-finite weights and exited 0. The key ``loss.rpsd.b`` has no
+    range rule, so only the finiteness rule refuses it."""
+    key = override.split("=")[0]
+    path = write(tmp_path, "c.yaml", text)
+    for load, source in ((lambda: load_config(path), str(path)),
+                         (lambda: load_config(None, [override]), "command line")):
+        with pytest.raises(ConfigError) as err:
+            load()
+        assert re.fullmatch(rf"{re.escape(source)}: config key '{re.escape(key)}' must be a "
+                            rf"finite number, got '?-?(inf|nan)'?", str(err.value)), str(err.value)
+    with pytest.raises(ConfigError, match=r"'optim.lr' must be float, got 1000"):
+        load_config(None, ["optim.lr=1" + "0" * 400])  # too large for a float
+
+
+def test_an_alias_bomb_is_refused_before_it_is_built(tmp_path):
+    """A 414-byte YAML whose anchors alias each other nine deep stands for 9**9 strings; before,
+    ``config validate`` ran out of memory writing the value into its error message."""
+    levels = ["a: &a [" + ", ".join(['"lol"'] * 9) + "]"]
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        levels.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    path = write(tmp_path, "bomb.yaml", "\n".join(levels) + "\n")
+    assert path.stat().st_size == 414
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path}: the YAML's aliases (*name) expand to more than 100000 "
+                              f"values; a config never needs that many")
+    bomb = "[&a [1, 1], " + ", ".join(f"&{n} [" + ", ".join([f"*{p}"] * 10) + "]"
+                                      for p, n in zip("abcdefgh", "bcdefghi")) + "]"
+    with pytest.raises(ConfigError, match=r"^override eval\.bin_sets: the YAML's aliases"):
+        load_config(None, [f"eval.bin_sets={bomb}"])
+    recursive = write(tmp_path, "self.yaml", "eval:\n  bin_sets: &x [a, *x]\n")
+    with pytest.raises(ConfigError, match="expand to more than 100000 values"):
+        load_config(recursive)
+    deep = write(tmp_path, "deep.yaml", "eval:\n  bin_sets: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(deep))}: the YAML is nested too deeply$"):
+        load_config(deep)
+    aliased = write(tmp_path, "ok.yaml", "eval:\n  bin_sets: &sets [a.bin]\n"
+                                         "teacher:\n  check_sets: *sets\n")
+    assert load_config(aliased).teacher.check_sets == ["a.bin"]  # plain aliases still work
+
+
+def test_error_messages_show_a_bounded_part_of_the_value(tmp_path):
+    """A bad value of any size is shown cut (a long string, a long or deep list, a long key)."""
+    huge = [list(range(500)) for _ in range(100)]  # 50000 values, a 300 kB repr
+    for value in ("x" * 100_000, huge, [[[[[[["deep"]]]]]]]):
+        path = write(tmp_path, "v.yaml", yaml.safe_dump({"optim": {"lr": value}}))
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        message = str(err.value)
+        assert message.startswith(f"{path}: config key 'optim.lr' must be float, got ")
+        assert len(message) <= len(str(path)) + 200 and "\n" not in message, message
+    path = write(tmp_path, "k.yaml", yaml.safe_dump({"optim": {"k" * 100_000: 1}}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "unknown config key 'optim.kkk" in message and "k" * 120 not in message, message[:300]
+    assert len(message) < 2000  # the path, the cut key and the schema's keys of 'optim'
+
+
+@pytest.mark.parametrize("text", ["defaults: 3\n", "defaults: [[a.yaml]]\n",
+                                  "defaults: {a: b}\n", "defaults: ['']\n"])
+def test_defaults_that_are_not_file_names_are_one_line(tmp_path, text):
+    """Before: a TypeError traceback (``3`` is not iterable, a list is no path)."""
+    path = write(tmp_path, "d.yaml", text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: 'defaults' must be a file name or a list of file "
+                                     f"names, got ")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.width=1e9", "config key 'model.width' must be in (0, 4], got 1000000000.0"),
+    ("teacher.width=5", "config key 'teacher.width' must be in (0, 4], got 5.0"),
+    ("model.embedding_dim=1000000000",
+     "config key 'model.embedding_dim' must be in [1, 16384], got 1000000000"),
+])
+def test_a_huge_model_is_refused_by_the_config(override, message):
+    """Before, model.width=1e9 passed the config and ``train`` ended in a RuntimeError traceback
+    when the allocator was asked for 6.9 TB while the student was built."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == message
+    assert load_config(None, ["model.width=4", "model.embedding_dim=16384"]).model.width == 4.0

@@ -14,7 +14,9 @@ from PIL import Image
 from fr_distill.config import DataConfig
 from fr_distill.data import DataError, RecordIOWriter, preflight
 from fr_distill.data.convert import folder_to_recordio
+from fr_distill.data.decode import decode_rgb
 from fr_distill.data.validate import validate_dataset
+from tests.conftest import fifos, forbid_decoding, lying_jpeg, lying_png
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,6 +70,38 @@ def test_unreadable_and_missing_paths(tmp_path, jpeg_folder):
     (jpeg_folder / "id000" / "link.jpg").symlink_to(tmp_path / "gone.jpg")  # dangling link
     assert check(jpeg_folder).startswith(
         f"{jpeg_folder / 'id000' / 'link.jpg'}: unreadable (No such file or directory)")
+
+
+def test_special_files_in_a_training_folder_are_named_before_they_are_read(jpeg_folder):
+    """Before, a FIFO hung the pre-flight (its reader waits for a writer) and a link to a device
+    was read as data (``/dev/zero`` until memory runs out; ``/dev/null`` here). Both are named
+    from their ``stat``, never opened, with the header checks on or off (data.preflight)."""
+    fifo = jpeg_folder / "id001" / "fifo.jpg"
+    device = jpeg_folder / "id002" / "device.jpg"
+    device.symlink_to(os.devnull)
+    with fifos(fifo):
+        for header_checks in (True, False):
+            assert check(jpeg_folder, preflight=header_checks).startswith(
+                f"{fifo}: unreadable (a FIFO, not a regular file) (and 1 more); ")
+        info = preflight(DataConfig(train=str(jpeg_folder), skip_bad=True))
+    assert info.num_samples == 24 and info.bad == [
+        f"{fifo}: unreadable (a FIFO, not a regular file)",
+        f"{device}: unreadable (a character device, not a regular file)"]
+
+
+@pytest.mark.parametrize("make, width, height", [(lying_jpeg, 30000, 30000),
+                                                 (lying_png, 5000, 5000)])
+def test_an_image_declaring_a_huge_size_is_refused_before_decoding(make, width, height,
+                                                                   monkeypatch):
+    """The training decoder (the PyTorch loader's, the decode check's, validate_data's) decoded
+    a 632-byte JPEG declaring 30000x30000 pixels in full (2.7 GB) before checking its size; it
+    now refuses it from the header (the decoders are tripwires here). The PNG declares less
+    than PIL's own decompression-bomb limit."""
+    forbid_decoding(monkeypatch)
+    with pytest.raises(DataError) as err:
+        decode_rgb(make(width, height), "x/y.img")
+    assert str(err.value) == (f"x/y.img: cannot decode image (its header declares {width}x"
+                              f"{height} pixels, more than 4096x4096; refused before decoding)")
 
 
 def test_skip_bad_excludes_counts_and_logs(jpeg_folder, caplog):

@@ -2,12 +2,16 @@
 the folder scored as its `.bin` is, the `.bin` InsightFace's load_bin reads, each bad input."""
 from __future__ import annotations
 
+import builtins
+import errno
 import importlib.util
 import io
 import itertools
 import json
 import logging
+import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -17,8 +21,10 @@ from PIL import Image
 from fr_distill.eval import EvalDataError
 from fr_distill.eval.folder import (folder_pair_set, generated_pairs, genuine_pairs, interleave,
                                     list_identities, read_pairs_file, sample_impostor_pairs)
+from fr_distill.eval.verification import read_bin
 from launch import eval as launch_eval
-from tests.conftest import REPO, write_jpeg_folder
+from tests.conftest import (REPO, fifos, forbid_decoding, lying_jpeg, lying_png,
+                            write_jpeg_folder)
 from tests.eval_data import face_images, tiny_model
 
 _spec = importlib.util.spec_from_file_location("folder2bin", REPO / "tools" / "folder2bin.py")
@@ -208,6 +214,117 @@ def test_bad_pairs_files_name_the_line(tmp_path, text, message):
     (tmp_path / "pairs.txt").write_text(text)
     found = error_of(lambda: read_pairs_file(tmp_path / "pairs.txt", root))
     assert found == f"{tmp_path}/" + message.format(root=root)
+
+
+def test_special_files_and_huge_images_are_refused_by_name_before_reading(tmp_path, monkeypatch,
+                                                                         capsys):
+    """Before, a FIFO among the faces, given as ``--pairs`` or as ``--bin`` hung the command; a
+    link to a device was read (``/dev/zero`` until memory ran out; ``/dev/null`` here); a
+    632-byte JPEG declaring 30000x30000 pixels was decoded in full (2.7 GB) before its size
+    was checked. Each is now refused from its ``stat`` or its header (decoding is a tripwire)."""
+    folder = write_jpeg_folder(tmp_path / "faces", 4, 3)
+    fifo, device = folder / "id001" / "1.jpg", folder / "id002" / "1.jpg"
+    fifo.unlink()
+    device.unlink()
+    device.symlink_to(os.devnull)
+    pairs, bin_fifo = tmp_path / "pairs.txt", tmp_path / "lfw.bin"
+    with fifos(fifo, pairs, bin_fifo):
+        assert error_of(lambda: folder_pair_set(folder)) == \
+            f"{fifo}: cannot read image (a FIFO, not a regular file)"
+        assert folder2bin.main([str(folder), str(tmp_path / "out.bin")]) == 2
+        assert capsys.readouterr().err == \
+            f"error: {fifo}: cannot read image (a FIFO, not a regular file)\n"
+        assert error_of(lambda: read_pairs_file(pairs, folder)) == \
+            f"{pairs}: cannot read the pairs list (a FIFO, not a regular file)"
+        assert error_of(lambda: read_bin(str(bin_fifo))) == \
+            f"{bin_fifo}: cannot read (a FIFO, not a regular file)"
+    write_jpeg_folder(tmp_path / "one", 1, 1)
+    shutil.copy(tmp_path / "one" / "id000" / "0.jpg", fifo)
+    assert error_of(lambda: folder_pair_set(folder)) == \
+        f"{device}: cannot read image (a character device, not a regular file)"
+    forbid_decoding(monkeypatch)
+    first = folder / "id000" / "0.jpg"  # the first image read
+    for data, declared in ((lying_jpeg(30000, 30000), "30000x30000"),
+                           (lying_png(5000, 5000), "5000x5000")):
+        first.write_bytes(data)
+        assert error_of(lambda: folder_pair_set(folder)) == (
+            f"{first}: image cannot be decoded (its header declares {declared} pixels, more "
+            f"than 4096x4096; refused before decoding)")
+
+
+def test_a_pairs_list_cannot_reach_outside_the_folder(tmp_path):
+    """Before, ``../`` in a name of pairs.txt read (and folder2bin copied into its `.bin`) any
+    image the user could read outside ``--folder``."""
+    root = lfw_folder(tmp_path / "lfw")
+    (tmp_path / "secret").mkdir()
+    shutil.copy(root / "Bob" / "Bob_0001.jpg", tmp_path / "secret_0001.jpg")
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("1\nAnn_Lee 1 2\n\nAnn_Lee 1 ../secret 1\n")
+    assert (root / "../secret/../secret_0001.jpg").is_file()  # reachable, were it allowed
+    assert error_of(lambda: read_pairs_file(pairs, root)) == (
+        f"{pairs}:4: image ../secret/../secret_0001.jpg is outside {root} (a pairs list names "
+        f"images inside the folder)")
+    pairs.write_text(f"1\nAnn_Lee 1 2\nAnn_Lee 1 {tmp_path}/secret 1\n")
+    assert error_of(lambda: read_pairs_file(pairs, root)).startswith(
+        f"{pairs}:3: image {tmp_path}/secret/")
+
+
+def read_only_file_system(monkeypatch, directory) -> None:
+    """What Linux answers under a read-only mount at ``directory``: creating or writing a file,
+    and removing or renaming one (even one that does not exist), fail with EROFS."""
+    def refused(path):
+        return os.fspath(path).startswith(str(directory))
+
+    def erofs(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+
+    real_open, real_os_open = builtins.open, os.open
+    real_unlink, real_replace = os.unlink, os.replace
+    writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and refused(file) and set(mode) & set("wax+"):
+            erofs(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def guarded_os_open(path, flags, *args, **kwargs):
+        if refused(path) and flags & writes:
+            erofs(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def guarded_unlink(path, *args, **kwargs):
+        return erofs(path) if refused(path) else real_unlink(path, *args, **kwargs)
+
+    def guarded_replace(src, dst, *args, **kwargs):
+        return erofs(dst) if refused(dst) else real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(os, "open", guarded_os_open)
+    monkeypatch.setattr(os, "unlink", guarded_unlink)
+    monkeypatch.setattr(os, "replace", guarded_replace)
+
+
+def test_folder2bin_to_a_place_it_cannot_write_is_one_line_before_reading(tmp_path, monkeypatch,
+                                                                         capsys):
+    """Before, a read-only file system gave an OSError traceback (removing the temporary file
+    that could not be created fails there too), as did a file name too long for the file
+    system (from ``exists()``); a missing directory was named only after every image was read."""
+    folder = write_jpeg_folder(tmp_path / "faces", 4, 3)
+    read_only = tmp_path / "mnt"
+    read_only.mkdir()
+    read_only_file_system(monkeypatch, read_only)
+    cases = [(read_only / "faces.bin", "Read-only file system"),
+             (tmp_path / ("x" * 300 + ".bin"), "File name too long"),
+             (tmp_path / "missing" / "faces.bin", "No such file or directory")]
+    with monkeypatch.context() as patch:
+        patch.setattr(folder2bin, "folder_pair_set",
+                      lambda *args: pytest.fail("the folder was read before the output was checked"))
+        for target, reason in cases:
+            assert folder2bin.main([str(folder), str(target)]) == 2
+            assert capsys.readouterr().err == \
+                f"error: output .bin: cannot write {target} ({reason})\n"
+    assert list(read_only.iterdir()) == [] and not (tmp_path / "missing").exists()
+    assert folder2bin.main([str(folder), str(tmp_path / "faces.bin")]) == 0  # the same, writable
 
 
 def test_evaluation_command_refuses_bad_folder_input_before_the_model_loads(tmp_path, capsys):

@@ -17,6 +17,7 @@ from fr_distill.eval.extract import extract_features
 from fr_distill.eval.report import flat_scalars
 from fr_distill.eval.runner import eval_main
 from fr_distill.eval.tinyface import ResizedImages, cmc, label_of, load_tinyface, mate_ranks
+from tests.conftest import fifos
 from tests.eval_data import tiny_model, write_tinyface
 
 
@@ -115,6 +116,20 @@ def test_bad_releases_are_named_in_one_line(tmp_path):
     testing_set = write_tinyface(tmp_path / "d", probes=("1_3", "7_2"))
     assert message(tmp_path / "d") == (f"{testing_set / 'Probe' / '7_2.jpg'}: identity 7 has no image "
                                        f"in {testing_set / 'Gallery_Match'}")
+
+
+def test_an_image_name_that_is_no_file_is_named_not_skipped(tmp_path):
+    """Before, a dangling link among the probes (or a FIFO among the distractors) was left out
+    without a word, and the ranks were computed on another set than the release."""
+    testing_set = write_tinyface(tmp_path)
+    link = testing_set / "Probe" / "1_4.jpg"
+    link.symlink_to(tmp_path / "moved" / "1_4.jpg")
+    assert message(tmp_path) == (f"{link}: a dangling link (its target "
+                                 f"{tmp_path / 'moved' / '1_4.jpg'} does not exist)")
+    link.unlink()
+    fifo = testing_set / "Gallery_Distractor" / "902.jpg"
+    with fifos(fifo):
+        assert message(tmp_path) == f"{fifo}: cannot read image (a FIFO, not a regular file)"
 
 
 def test_pair_files_that_disagree_with_the_folders_are_named(tmp_path):

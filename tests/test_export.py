@@ -244,7 +244,6 @@ def test_a_file_that_fails_verification_fails_the_export(student, small_bin, tmp
     model, checkpoint = student
     out = tmp_path / "out"
     out.mkdir()
-    (out / "notes.txt").write_text("kept")
     corrupt_torchscript(monkeypatch)
     argv = ["--checkpoint", str(checkpoint), "--out", str(out), "--formats", "torchscript",
             "--bin", str(small_bin), *FAST]
@@ -253,7 +252,7 @@ def test_a_file_that_fails_verification_fails_the_export(student, small_bin, tmp
     assert re.fullmatch(r"error: torchscript artifact backbone_torchscript\.pt: its embeddings of "
                         r"synth_lfw differ from the PyTorch model's by \d\.\d\de[+-]\d\d relative "
                         r"\(> 0\.0001\)\n", stderr), stderr
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]  # nothing claimed, staging removed
+    assert list(out.iterdir()) == []  # nothing claimed, staging removed
 
     monkeypatch.setitem(verify.EMBEDDING_RTOL, "fp32", float("inf"))  # reach the accuracy check
     code, _, stderr = run_export(argv)
@@ -263,7 +262,7 @@ def test_a_file_that_fails_verification_fails_the_export(student, small_bin, tmp
         f"error: torchscript artifact backbone_torchscript.pt: accuracy on synth_lfw is 50.000 %, "
         f"the PyTorch model's {reference:.3f} %: differs by {50 - reference:+.3f} points "
         f"(tolerance 0)\n")
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert list(out.iterdir()) == []
 
     def exporter_fails(model, path):
         path.write_bytes(b"half a file")
@@ -274,13 +273,20 @@ def test_a_file_that_fails_verification_fails_the_export(student, small_bin, tmp
     assert code == 1 and stderr == ("error: torchscript artifact backbone_torchscript.pt: cannot "
                                     "be written and loaded back: RuntimeError: unsupported "
                                     "operator\n")
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert list(out.iterdir()) == []
+
+    new = tmp_path / "new" / "deploy"  # a failed export removes the directories it created
+    code, _, _ = run_export([*argv[:2], "--out", str(new), *argv[4:]])
+    assert code == 1 and not (tmp_path / "new").exists()
 
 
 def test_a_passing_export_replaces_an_earlier_one(student, small_bin, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "backbone_fp16.onnx").write_bytes(b"stale file of an earlier export")
+    for name in ("backbone.pth", "backbone_fp16.onnx"):
+        (out / name).write_bytes(b"file of an earlier export")
+    (out / "export.json").write_text(json.dumps({"artifacts": [{"file": "backbone.pth"},
+                                                               {"file": "backbone_fp16.onnx"}]}))
     code, _, stderr = run_export(["--checkpoint", str(student[1]), "--out", str(out),
                                   "--formats", "torchscript", "--bin", str(small_bin), *FAST])
     assert code == 0, stderr
@@ -322,7 +328,44 @@ def test_bad_input_gets_one_line_before_any_work(student, tmp_path):
             assert stderr == f"error: {message}\n"
         else:
             assert str(afile) in stderr
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists()  # created for the export, removed with its failure
+
+
+def test_an_out_holding_files_no_export_wrote_is_refused_before_any_work(student, tmp_path,
+                                                                        monkeypatch):
+    """Before, an InsightFace model folder (its own backbone.onnx and backbone.pth) given as
+    --out lost its backbone.onnx and had its backbone.pth replaced. Only an earlier export's
+    files (listed in its export.json) are replaced; anything else stops the export, naming the
+    directory and the first such file, exit 2, before the checkpoint is read."""
+    from fr_distill.deploy import command
+
+    monkeypatch.setattr(command, "load_student",
+                        lambda path: pytest.fail("the checkpoint was read before --out was checked"))
+    out = tmp_path / "buffalo_l"
+    out.mkdir()
+    theirs = {"backbone.onnx": b"their onnx model", "backbone.pth": b"their weights"}
+    for name, data in theirs.items():
+        (out / name).write_bytes(data)
+    earlier = json.dumps({"artifacts": [{"file": "backbone.pth"}, {"file": "../elsewhere"}]})
+    cases = [
+        ({}, "backbone.onnx (and 1 more)"),
+        ({"export.json": b"{not json"}, "backbone.onnx (and 2 more)"),
+        ({"export.json": earlier.encode()}, "backbone.onnx"),  # lists backbone.pth only
+    ]
+    for extra, first in cases:
+        for name, data in extra.items():
+            (out / name).write_bytes(data)
+        code, stdout, stderr = run_export(["--checkpoint", str(student[1]), "--out", str(out),
+                                           "--formats", "torchscript", *FAST])
+        assert code == 2 and stdout == "" and stderr == (
+            f"error: --out: {out} holds {first}, which no earlier fr-distill export wrote there; "
+            f"export into a new or empty directory (or an earlier export's: its export.json "
+            f"lists its files)\n")
+        assert all((out / name).read_bytes() == data for name, data in theirs.items())
+    (out / "backbone.onnx").unlink()
+    (out / "sub").mkdir()
+    code, _, stderr = run_export(["--checkpoint", str(student[1]), "--out", str(out), *FAST])
+    assert code == 2 and f"{out} holds sub, which" in stderr
 
 
 def test_formats_default_to_the_installed_ones(monkeypatch):

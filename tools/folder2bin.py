@@ -18,7 +18,7 @@ import sys
 
 from fr_distill.errors import FrDistillError, exit_with
 from fr_distill.eval.folder import folder_pair_set
-from fr_distill.eval.verification import write_bin
+from fr_distill.eval.verification import check_bin_destination, write_bin
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite an existing .bin")
     args = parser.parse_args(argv)
     try:
+        check_bin_destination(args.bin, overwrite=args.force)  # before any image is read
         pair_set = folder_pair_set(args.folder, args.pairs, args.impostors, args.seed)
         write_bin(pair_set, args.bin, overwrite=args.force)
     except FrDistillError as err:

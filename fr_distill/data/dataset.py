@@ -7,7 +7,8 @@ samples follow those of the sets before it, its labels are offset by their class
 identities of different sets never share a label). :func:`preflight`
 lists every sample and checks it from headers and sizes only (no decoding): image magic,
 JPEG end-of-image marker / PNG ``IEND``, width×height from the JPEG SOF or PNG IHDR,
-non-empty files and class folders; for RecordIO also ``.idx``/``.rec`` agreement, each
+non-empty regular files (a FIFO, a device or a socket, or a link to one, is refused by name
+before it is opened) and class folders; for RecordIO also ``.idx``/``.rec`` agreement, each
 record's magic and length within the file, and integer labels in range. Anything wrong
 raises one-line :class:`DataError` naming the file/record, or — with ``data.skip_bad`` — is
 left out and counted in ``DatasetInfo.bad`` and the ``fr_distill`` log. Nothing is dropped
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from fr_distill.paths import NotRegularFileError, check_regular, open_regular, read_regular
 
 from .errors import DataError
 from .recordio import FRAME_HEADER, IR_HEADER, LENGTH_BITS, LENGTH_MASK, MAGIC, RecordIOReader
@@ -158,8 +161,10 @@ def resolve(train: str, fmt: str = "auto") -> tuple[str, Path, Path | None]:
 # Image folders
 # --------------------------------------------------------------------------------------
 def _check_file(path: str) -> str | None:
+    """What is wrong with the image file ``path`` (unreadable, or no regular file: a FIFO
+    would block the check, a device would never end; see :func:`image_problem`), or None."""
     try:
-        with open(path, "rb", buffering=0) as f:
+        with open_regular(path, buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(HEAD_BYTES)
             tail = head[-TAIL_BYTES:] if size <= HEAD_BYTES else os.pread(
@@ -167,6 +172,18 @@ def _check_file(path: str) -> str | None:
     except OSError as err:
         return f"unreadable ({err.strerror or err})"
     return image_problem(head, tail, size)
+
+
+def _special_file_problem(path: str) -> str | None:
+    """The problem of ``path`` when it is a FIFO, a device or a socket (links followed), else
+    None (a regular file; a missing file or a dangling link is named when it is read)."""
+    try:
+        check_regular(path)
+    except NotRegularFileError as err:
+        return f"unreadable ({err.strerror})"
+    except OSError:
+        pass
+    return None
 
 
 def _listing(folder: Path) -> list[os.DirEntry]:
@@ -214,11 +231,17 @@ def _index_folder(root: Path, check: bool) -> tuple[list[str], list[bytes], list
     names, rel_paths, labels = [], [], []
     for name in class_dirs:
         try:
-            files = sorted(e.name for e in os.scandir(root / name)
-                           if not e.name.startswith(".") and not e.is_dir())
+            entries_of_class = [e for e in os.scandir(root / name)
+                                if not e.name.startswith(".") and not e.is_dir()]
         except OSError as err:
             bad.append(f"{root / name}: cannot list class folder ({err.strerror})")
             continue
+        # FIFOs, devices and sockets are named here, header checks on or off: reading one
+        # would block or never end (is_file follows links; a regular file costs no stat)
+        special = {e.name: problem for e in entries_of_class
+                   if not e.is_file() and (problem := _special_file_problem(e.path))}
+        bad += [f"{root / name / file}: {problem}" for file, problem in sorted(special.items())]
+        files = sorted(e.name for e in entries_of_class if e.name not in special)
         if not files:
             bad.append(f"{root / name}: empty class folder")
             continue
@@ -457,7 +480,6 @@ class SampleBytes:
             return self.reader.read(int(self.samples[i]))[1]
         path = os.path.join(self.root_str, self.samples[i].decode())
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            return read_regular(path)
         except OSError as err:
             raise DataError(f"{path}: unreadable ({err.strerror or err})") from None

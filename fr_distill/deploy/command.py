@@ -5,7 +5,12 @@ directory, the checkpoint, the `.bin` sets, the numbers), so bad input costs not
 files are written into a staging directory inside ``--out``, loaded back and verified
 (:mod:`fr_distill.deploy.verify`); only when all of them pass are they moved into ``--out``,
 ``export.json`` written last and the table printed. A failed export removes the staging
-directory and leaves ``--out`` as it was.
+directory, and ``--out`` itself when this export created it, so ``--out`` is left as it was.
+
+``--out`` must be new, empty, or the directory of an earlier export: the files its
+``export.json`` lists (and the report itself) are the only ones an export replaces or removes.
+Any other file there (an InsightFace model folder holds its own ``backbone.onnx`` and
+``backbone.pth``) is refused by name before any work.
 """
 from __future__ import annotations
 
@@ -150,16 +155,74 @@ def _write_and_verify(fmt: Format, model: torch.nn.Module, staging: Path, sets: 
             **results, "latency_ms": latency}
 
 
-def _publish(staging: Path, out: Path, artifacts: list[dict], report: dict) -> None:
-    """Move the verified files into ``out``, remove other formats' files of an earlier export
-    there, and write ``export.json`` last."""
+def _earlier_export_files(out: Path) -> set[str]:
+    """The files of ``out`` an earlier export wrote: its ``export.json`` and the deployment
+    files that report lists (none when there is no readable report of ours)."""
+    try:
+        report = json.loads((out / REPORT).read_text())
+        listed = {art["file"] for art in report["artifacts"]}
+    except (OSError, ValueError, TypeError, KeyError):
+        return set()
+    return {REPORT} | (listed & {fmt.file for fmt in [STATE_DICT, *FORMATS.values()]})
+
+
+def claim_out(out: Path) -> set[str]:
+    """Check, before any work, that ``out`` is absent, empty or an earlier export's directory
+    (see the module docstring), and return the earlier export's files this one may replace.
+    :class:`ExportInputError` names the directory and its first file no export wrote."""
+    if not os.path.isdir(out):
+        return set()  # absent (created later), or a file: require_writable_dir names it
+    owned = _earlier_export_files(out)
+    try:
+        entries = list(os.scandir(out))
+    except OSError as err:
+        raise ExportInputError(f"--out: cannot list {out} ({err.strerror or err})") from None
+    foreign = sorted(entry.name for entry in entries
+                     if not (entry.name in owned and not entry.is_dir(follow_symlinks=False))
+                     and not entry.name.startswith(STAGING_PREFIX))
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise ExportInputError(f"--out: {out} holds {foreign[0]}{more}, which no earlier "
+                               f"fr-distill export wrote there; export into a new or empty "
+                               f"directory (or an earlier export's: its {REPORT} lists its files)")
+    return owned
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of ``path`` (itself included) that does not exist yet: what
+    creating ``path`` creates, and a failed export removes."""
+    missing = None
+    for directory in [path, *path.parents]:
+        if os.path.lexists(directory):
+            return missing
+        missing = directory
+    return missing
+
+
+def _remove_created(out: Path, created: Path | None) -> None:
+    """Remove ``out`` and its parents up to ``created`` (the directories this export made),
+    each only when empty."""
+    if created is None:
+        return
+    for directory in [out, *out.parents]:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+        if directory == created:
+            return
+
+
+def _publish(staging: Path, out: Path, artifacts: list[dict], report: dict,
+             earlier: set[str]) -> None:
+    """Move the verified files into ``out``, remove the files of the ``earlier`` export there
+    that this one does not write, and write ``export.json`` last."""
     written = {art["file"] for art in artifacts}
     (out / REPORT).unlink(missing_ok=True)  # an earlier report must not describe these files
     for art in artifacts:
         os.replace(staging / art["file"], out / art["file"])
-    for fmt in [STATE_DICT, *FORMATS.values()]:
-        if fmt.file not in written:
-            (out / fmt.file).unlink(missing_ok=True)
+    for name in sorted(earlier - written - {REPORT}):
+        (out / name).unlink(missing_ok=True)
     tmp = staging / REPORT
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, out / REPORT)
@@ -171,7 +234,20 @@ def export_for_deployment(args: argparse.Namespace) -> dict:
     args.latency_batches = _positive_ints(args.latency_batches, "--latency-batches")
     _check_numbers(args)
     out = Path(args.out)
-    require_writable_dir(out, "--out")
+    earlier = claim_out(out)
+    created = _first_missing(out)
+    try:
+        require_writable_dir(out, "--out")
+        return _export_into(out, earlier, args, formats)
+    except BaseException:
+        _remove_created(out, created)
+        raise
+
+
+def _export_into(out: Path, earlier: set[str], args: argparse.Namespace,
+                 formats: list[Format]) -> dict:
+    """The export once ``--out`` is claimed: the checkpoint and the sets checked, then every
+    file written, verified and published (see the module docstring)."""
     if not Path(args.checkpoint).exists():
         raise ExportInputError(f"--checkpoint: no such file {args.checkpoint}")
     model, model_cfg, step = load_student(args.checkpoint)
@@ -206,7 +282,7 @@ def export_for_deployment(args: argparse.Namespace) -> dict:
                           "accuracy": {s.name: s.accuracy for s in sets}},
             "artifacts": artifacts,
         }
-        _publish(staging, out, artifacts, report)
+        _publish(staging, out, artifacts, report, earlier)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report

@@ -14,6 +14,7 @@ written by ``tools/align_faces.py``). Its pairs are either
 * **listed** in LFW's ``pairs.txt`` format: a header line ``N_folds N_per_fold`` (or one count
   ``N``), then ``N_folds`` times ``N_per_fold`` matched lines ``name i j`` followed by as many
   mismatched lines ``name1 i name2 j``; image ``i`` of ``name`` is ``name/name_%04d.jpg``.
+  A path leading out of the folder (``../x``, ``/x``) is refused, naming the line.
   The pairs keep the file's order, so the V1 folds are LFW's folds.
 
 :func:`folder_pair_set` returns the set as a :class:`~fr_distill.eval.verification.PairSet`:
@@ -33,9 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from fr_distill import dist
+from fr_distill.paths import read_regular
 
 from .errors import EvalDataError
-from .imageio import decode_image
+from .imageio import decode_image, read_image_bytes
 from .verification import ALIGNED_SIZE, MIN_PAIRS, PairSet
 
 LOG = logging.getLogger("fr_distill")
@@ -142,12 +144,21 @@ def _pairs_header(line: str, where: str) -> int:
     return int(np.prod([int(f) for f in fields]))
 
 
+def _outside(file: str) -> bool:
+    """Whether the relative path ``file`` leads out of its folder (absolute, or ``..`` once
+    normalized)."""
+    normal = os.path.normpath(file)
+    return os.path.isabs(normal) or normal.split(os.sep)[0] == os.pardir
+
+
 def read_pairs_file(path: str | os.PathLike, root: str | os.PathLike) -> list[Pair]:
     """The pairs of an LFW ``pairs.txt`` (see module doc), in file order; each file must exist."""
     path, root = Path(path), Path(root)
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
+        lines = read_regular(path).decode().splitlines()
+    except OSError as err:
+        raise EvalDataError(f"{path}: cannot read the pairs list ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
         raise EvalDataError(f"{path}: cannot read the pairs list ({err})") from None
     numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
     if not numbered:
@@ -166,9 +177,12 @@ def read_pairs_file(path: str | os.PathLike, root: str | os.PathLike) -> list[Pa
                     LFW_IMAGE_NAME.format(name=name2, index=int(j)), False)
         else:
             raise EvalDataError(f"{path}:{number}: expected 'name i j' (matched) or "
-                                f"'name1 i name2 j' (mismatched), got '{line.strip()}'")
+                                f"'name1 i name2 j' (mismatched), got '{line.strip()[:200]}'")
         for file in pair[:2]:
-            if not (root / file).is_file():
+            if _outside(file):
+                raise EvalDataError(f"{path}:{number}: image {file[:200]} is outside {root} "
+                                    f"(a pairs list names images inside the folder)")
+            if not (root / file).exists():
                 raise EvalDataError(f"{path}:{number}: image {root / file} does not exist")
         pairs.append(pair)
     matched = sum(same for *_, same in pairs)
@@ -184,10 +198,7 @@ def read_aligned_images(root: str | os.PathLike, files: Sequence[str]) -> dict[s
     payloads = {}
     for file in files:
         path = Path(root) / file
-        try:
-            payload = path.read_bytes()
-        except OSError as err:
-            raise EvalDataError(f"{path}: cannot read image ({err.strerror})") from None
+        payload = read_image_bytes(str(path))
         height, width = decode_image(payload, str(path), "image").shape[:2]
         if (height, width) != ALIGNED_SIZE:
             raise EvalDataError(f"{path}: image is {width}x{height}, expected an aligned "

@@ -1,12 +1,13 @@
-"""Decoding of encoded face images for evaluation (JPEG via simplejpeg, other formats via PIL)."""
+"""Reading and decoding face images for evaluation: regular files only
+(:func:`fr_distill.paths.read_regular`), decoded by the project's one decoder
+(:func:`fr_distill.data.decode.decode_pixels`, which refuses a header declaring a huge image
+before decoding it)."""
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
 import numpy as np
-import simplejpeg
-from PIL import Image
+
+from fr_distill.data.decode import decode_pixels, problem_text
+from fr_distill.paths import read_regular
 
 from .errors import EvalDataError
 
@@ -14,18 +15,20 @@ from .errors import EvalDataError
 def decode_image(payload: bytes, file: str, what: str) -> np.ndarray:
     """RGB ``H×W×3`` uint8 of ``payload``; :class:`EvalDataError` naming ``file`` and ``what``."""
     try:
-        if bytes(payload[:2]) == b"\xff\xd8":
-            return simplejpeg.decode_jpeg(bytes(payload), colorspace="RGB")
-        with Image.open(io.BytesIO(payload)) as image:
-            return np.asarray(image.convert("RGB"))
+        return decode_pixels(payload)
     except Exception as err:  # any decoder failure is a bad record
-        raise EvalDataError(f"{file}: {what} cannot be decoded ({err})") from None
+        raise EvalDataError(f"{file}: {what} cannot be decoded ({problem_text(err)})") from None
+
+
+def read_image_bytes(path: str) -> bytes:
+    """The encoded bytes of the image file ``path`` (a regular file); :class:`EvalDataError`
+    naming it otherwise."""
+    try:
+        return read_regular(path)
+    except OSError as err:
+        raise EvalDataError(f"{path}: cannot read image ({err.strerror or err})") from None
 
 
 def read_image(path: str) -> np.ndarray:
     """RGB ``H×W×3`` uint8 of the image file ``path``; :class:`EvalDataError` naming it."""
-    try:
-        payload = Path(path).read_bytes()
-    except OSError as err:
-        raise EvalDataError(f"{path}: cannot read image ({err.strerror})") from None
-    return decode_image(payload, path, "image")
+    return decode_image(read_image_bytes(path), path, "image")

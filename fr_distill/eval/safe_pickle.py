@@ -19,6 +19,8 @@ try:
 except ImportError:  # numpy < 2
     from numpy.core.multiarray import _reconstruct as _numpy_reconstruct
 
+from fr_distill.paths import read_regular
+
 from .errors import EvalDataError
 
 # The globals a numpy bool array (and a Python-2 era bytes payload) pickle refers to.
@@ -116,8 +118,7 @@ def safe_load(path: str) -> Any:
     for anything else; nothing from the file is executed.
     """
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = read_regular(path)  # a FIFO or a device would block or never end
     except OSError as err:
         raise EvalDataError(f"{path}: cannot read ({err.strerror})") from None
     try:

@@ -18,6 +18,7 @@ vary cannot score well.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ import numpy as np
 import scipy.io
 import torch
 from PIL import Image
+
+from fr_distill.paths import check_regular
 
 from .errors import EvalDataError
 from .imageio import read_image
@@ -84,8 +87,18 @@ def find_testing_set(root: str | Path) -> Path:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """The images under ``folder`` (recursively), sorted; at least one."""
-    images = sorted(p for p in folder.rglob("*") if p.suffix in EXTENSIONS and p.is_file())
+    """The images under ``folder`` (recursively), sorted; at least one. An image name that is
+    no regular file (a dangling link, a FIFO, a device) is refused by name: leaving it out
+    would change the set the ranks are computed on without a word."""
+    images = sorted(p for p in folder.rglob("*") if p.suffix in EXTENSIONS and not p.is_dir())
+    for path in images:
+        if path.is_symlink() and not path.exists():
+            raise EvalDataError(f"{path}: a dangling link (its target {os.readlink(path)} does "
+                                f"not exist)")
+        try:
+            check_regular(path)
+        except OSError as err:
+            raise EvalDataError(f"{path}: cannot read image ({err.strerror or err})") from None
     if not images:
         raise EvalDataError(f"{folder}: no {'/'.join(EXTENSIONS)} images in it")
     return images

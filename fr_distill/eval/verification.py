@@ -25,6 +25,7 @@ reads a `.bin`, :func:`fr_distill.eval.folder.folder_pair_set` pairs a folder of
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import auc as area_under_curve
+
+from fr_distill.paths import require_writable_file
 
 from .errors import EvalDataError
 from .extract import EncodedImages
@@ -92,8 +95,7 @@ def write_bin(pair_set: PairSet, path: str | os.PathLike, overwrite: bool = Fals
     with ``encoding="bytes"``) and decodes image by image. Written atomically; an existing
     file is refused unless ``overwrite``."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise EvalDataError(f"{path} already exists; remove it or pass --force to overwrite")
+    check_bin_destination(path, overwrite)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as handle:
@@ -101,9 +103,20 @@ def write_bin(pair_set: PairSet, path: str | os.PathLike, overwrite: bool = Fals
                          [bool(same) for same in pair_set.issame]), handle, protocol=4)
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise EvalDataError(f"{path}: cannot write ({err.strerror})") from None
+        with contextlib.suppress(OSError):  # a read-only file system refuses even this
+            tmp.unlink(missing_ok=True)
+        raise EvalDataError(f"{path}: cannot write ({err.strerror or err})") from None
     return path
+
+
+def check_bin_destination(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse, before any image is read, a `.bin` destination that cannot be written (a
+    read-only file system, a missing directory: one line naming the path) or that exists
+    while ``overwrite`` is off."""
+    path = Path(path)
+    require_writable_file(path, "output .bin")
+    if path.exists() and not overwrite:
+        raise EvalDataError(f"{path} already exists; remove it or pass --force to overwrite")
 
 
 def bin_set_name(path: str) -> str:
