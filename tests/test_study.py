@@ -135,6 +135,11 @@ def test_the_shipped_study_spec_loads():
     (("bootstrap: 200", "bootstrap: 200\nbaseline: rpsd"), r"'baseline' 'rpsd' is not a variant"),
     (("iled: [loss.iled.weight=1.0]", "iled: [loss.iled.weight=heavy]"),
      r"variant 'iled': .*'loss.iled.weight' must be float"),
+    (("bootstrap: 200", "bootstrap: 200\nx: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+      + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+                f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+                f"*{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(7))),
+     r"aliases \(\*name\) expand to more than"),
     (("teacher_cache: true", "teacher_cache: yes please"),
      r"'teacher_cache' must be true or false, got 'yes please'"),
     (("iled: [loss.iled.weight=1.0]", "iled: [loss.iled.weight=1.0, loss.balance.enabled=true]"),

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from fr_distill.config import Config, ConfigError, load_config
+from fr_distill.config import Config, ConfigError, load_config, load_yaml
 from fr_distill.errors import FrDistillError
 
 SYNTHETIC_KEYS = {"identities": "num_identities", "images_per_identity": "images_per_identity",
@@ -169,9 +169,11 @@ def load_spec(path: str | os.PathLike) -> StudySpec:
     if not spec_path.is_file():
         raise StudyError(f"study spec not found: {spec_path}")
     try:
-        raw = yaml.safe_load(spec_path.read_text()) or {}
+        raw = load_yaml(spec_path.read_text(), str(spec_path)) or {}
     except yaml.YAMLError as err:
         raise StudyError(f"{spec_path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except ConfigError as err:  # an alias bomb
+        raise StudyError(str(err)) from None
     raw = _mapping(raw, "(top level)", spec_path)
     _unknown(raw, TOP_KEYS, "", spec_path)
     for key in ("data", "teacher", "student", "variants", "seeds"):
