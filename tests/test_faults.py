@@ -369,6 +369,39 @@ def test_a_checksum_file_cut_short_falls_back_to_the_previous_checkpoint(
                         f"the previous one"]
 
 
+def _index_naming_an_unlisted_file(directory: Path) -> bytes:
+    """The checkpoint's own .metadata with its first entry's data moved to a file that
+    SHA256SUMS does not list (so no checksum would have covered it)."""
+    from fr_distill.engine.sharded_checkpoint import read_metadata
+
+    metadata = read_metadata(directory)
+    next(iter(metadata.storage_data.values())).relative_path = "__9_0.distcp"
+    return pickle.dumps(metadata)
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (lambda d: pickle.dumps([1, 2]),
+     ".metadata is not a DCP index (ValueError: a list, not a Metadata naming each entry's "
+     "file)"),
+    (_index_naming_an_unlisted_file, ".metadata names __9_0.distcp, which SHA256SUMS does not "
+                                     "list"),
+], ids=["not-an-index", "unlisted-file"])
+def test_a_checkpoint_index_of_other_files_falls_back_to_the_previous_checkpoint(
+        finished_runs, tmp_path, payload, reason):
+    """checkpoint.format=dcp: a .metadata (its checksum to match) holding no DCP index, or
+    one that sends DCP to a file SHA256SUMS does not list: one warning naming it, and the
+    previous checkpoint is the one to resume (before: a traceback when read, or a file read
+    that no checksum covered)."""
+    out = copy_run(finished_runs, "dcp", tmp_path)
+    store = checkpoint.CheckpointStore(out / "checkpoints", keep_last=3, sharded=True)
+    newest = store.step_path(2)
+    plant(newest, ".metadata", payload(newest))
+    found = []
+    warnings = checkpoint_warnings(lambda: found.append(store.latest_valid()))
+    assert found == [store.step_path(1)]
+    assert warnings == [f"checkpoint {newest} is unusable ({reason}); trying the previous one"]
+
+
 def _student_state(data: Path, *change: str) -> dict:
     cfg = load_config(None, overrides(data, Path("unused"), *change))
     return build_student(cfg.model).state_dict()

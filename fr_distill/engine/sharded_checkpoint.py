@@ -195,19 +195,27 @@ class _IndexUnpickler(AllowlistUnpickler):
 def read_metadata(directory: str | os.PathLike) -> dcp_metadata.Metadata:
     """DCP's index of ``directory`` (``.metadata``), unpickled by :class:`_IndexUnpickler`:
     :class:`~fr_distill.unpickling.RefusedGlobal` (``source`` ``.metadata``) for a pickle
-    referring to anything else, :class:`ValueError` when it holds another object."""
+    referring to anything else, :class:`ValueError` when it holds another object (a pickle of
+    the allowed classes may leave out attributes)."""
     with open(Path(directory) / METADATA, "rb") as f:
         try:
             metadata = _IndexUnpickler(f).load()
         except RefusedGlobal as err:
             err.source = METADATA
             raise
-    if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(
-            metadata.storage_data, dict) or not all(
-            isinstance(info, _StorageInfo) for info in metadata.storage_data.values()):
-        raise ValueError(f"{METADATA} holds a {type(metadata).__name__}, not DCP's Metadata "
-                         f"of files")
+    if not _is_index(metadata):
+        raise ValueError(f"a {type(metadata).__name__}, not a Metadata naming each entry's "
+                         f"file")
     return metadata
+
+
+def _is_index(metadata: object) -> bool:
+    """Whether ``metadata`` is DCP's ``Metadata`` naming each entry's file."""
+    storage = getattr(metadata, "storage_data", None)
+    return (isinstance(metadata, dcp_metadata.Metadata) and isinstance(storage, dict)
+            and all(isinstance(info, _StorageInfo)
+                    and isinstance(getattr(info, "relative_path", None), str)
+                    for info in storage.values()))
 
 
 class IndexReader(dcp.FileSystemReader):

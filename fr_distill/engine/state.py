@@ -167,7 +167,8 @@ def checkpoint_shapes(path: Path, ckpt: dict) -> dict[str, tuple[int, ...]]:
         raise checkpoint.unloadable(path, err) from None
 
 
-_CHECKED_OBJECTIVE = ("head.", "projector.")  # objective tensors whose shape must be the run's
+# the tensors whose names and shapes must be the run's (the memory bank is resized on load)
+_CHECKED = ("student/", "objective/head.", "objective/projector.")
 
 
 def check_fits(path: Path, ckpt: dict, shapes: dict[str, tuple[int, ...]], student: nn.Module,
@@ -180,11 +181,11 @@ def check_fits(path: Path, ckpt: dict, shapes: dict[str, tuple[int, ...]], stude
     would print one line per tensor, hundreds for another width)."""
     expected = {f"student/{key}": tuple(value.shape)
                 for key, value in student.state_dict().items()}
-    expected.update({f"objective/{key}": dist.global_shape(value)
-                     for key, value in objective.sharded_state_dict().items()
-                     if key.startswith(_CHECKED_OBJECTIVE)})
-    recorded = {key: shape for key, shape in shapes.items()
-                if key.startswith(("student/", *(f"objective/{p}" for p in _CHECKED_OBJECTIVE)))}
+    run_objective = {f"objective/{key}": value
+                     for key, value in objective.sharded_state_dict().items()}
+    expected.update({key: dist.global_shape(value) for key, value in run_objective.items()
+                     if key.startswith(_CHECKED)})
+    recorded = {key: shape for key, shape in shapes.items() if key.startswith(_CHECKED)}
     differences = [_difference(key, recorded.get(key), shape) for key, shape in expected.items()
                    if recorded.get(key) != shape]
     differences += [_difference(key, shape, None) for key, shape in recorded.items()
