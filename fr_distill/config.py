@@ -801,8 +801,11 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def check_paths(cfg: Config, cache_exists: bool = True) -> None:
+def check_paths(cfg: Config, cache_exists: bool = True, resuming: bool = False) -> None:
     """Fail before any model is built when an input the config names is missing.
+    ``resuming``: the run resumes from a checkpoint, whose student it takes, so the
+    ``model.init`` file is not read and need not exist (a requeued job whose scratch copy of
+    it was cleaned up still resumes).
 
     Also refuses keys that need another one left empty: distillation terms or
     ``teacher.cache`` without a teacher, ``model.init_skip`` without ``model.init`` (a config
@@ -830,7 +833,7 @@ def check_paths(cfg: Config, cache_exists: bool = True) -> None:
                           "teacher file the cache was built from (its sha256 is checked)")
     if cfg.teacher.path:
         wanted.append(("teacher.path", cfg.teacher.path))
-    if cfg.model.init:
+    if cfg.model.init and not resuming:
         wanted.append(("model.init", cfg.model.init))
     wanted += [(f"eval.bin_sets[{i}]", p) for i, p in enumerate(cfg.eval.bin_sets)]
     wanted += [(f"teacher.check_sets[{i}]", p) for i, p in enumerate(cfg.teacher.check_sets)]

@@ -20,3 +20,10 @@ def exit_with(err: FrDistillError, prefix: str = "error") -> int:
     """Print ``err`` as one line on stderr and return its exit status."""
     print(f"{prefix}: {err}", file=sys.stderr)
     return err.exit_code
+
+
+def first_line(err: BaseException) -> str:
+    """``Type: first line of the message``: what a one-line error quotes of an exception
+    raised by a library (whose message may span lines)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import json
+import logging
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -24,7 +27,10 @@ from fr_distill.engine.callbacks import Callback
 from fr_distill.engine.entry import train_main
 from fr_distill.engine.faults import TrainingError
 from fr_distill.engine.run_dir import EARLIER_RUNS, LOCK_FILE, RunDirError
+from fr_distill.errors import FrDistillError
 from fr_distill.eval.errors import EvalDataError
+from fr_distill.models import build_student
+from fr_distill.paths import file_sha256
 
 
 def overrides(data: Path, out: Path, *extra: str) -> list[str]:
@@ -188,6 +194,269 @@ def test_a_full_disk_while_writing_a_sharded_checkpoint_keeps_the_previous_one(
     monkeypatch.setattr(os, "fsync", real_fsync)
     result = run(synthetic_data, out, *extra)
     assert (result.start_step, result.step) == (2, 4)
+
+
+# -- checkpoints that refer to code, are cut short or do not fit the run ----------------------
+@pytest.fixture(scope="module")
+def finished_runs(synthetic_data, tmp_path_factory) -> dict[str, Path]:
+    """Run directories of a 2-step run with a checkpoint at each step, one per
+    checkpoint.format ("file", "dcp"); a test copies the one it changes (:func:`copy_run`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = {fmt: tmp_path_factory.mktemp("finished") / fmt for fmt in ("file", "dcp")}
+        for fmt, out in runs.items():
+            run(synthetic_data, out, "schedule.total_steps=2", "checkpoint.every_steps=1",
+                f"checkpoint.format={fmt}")
+        return runs
+    finally:
+        torch.set_num_threads(before)
+
+
+def copy_run(runs: dict[str, Path], fmt: str, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(runs[fmt], tmp_path / "run"))
+
+
+class RunsCode:
+    """Pickled, a call of os.system that creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant(directory: Path, name: str, payload: bytes) -> None:
+    """Replace file ``name`` of a checkpoint directory, with SHA256SUMS to match: whoever can
+    write the one can write the other."""
+    (directory / name).write_bytes(payload)
+    names = sorted(p.name for p in directory.iterdir() if p.name != "SHA256SUMS")
+    (directory / "SHA256SUMS").write_text(
+        "".join(f"{file_sha256(directory / n)}  {n}\n" for n in names))
+
+
+def checkpoint_warnings(action) -> list[str]:
+    """The warnings of fr_distill.engine.checkpoint while ``action()`` runs (fr_distill's
+    loggers do not propagate)."""
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger(checkpoint.__name__).addHandler(handler)
+    try:
+        action()
+    finally:
+        logging.getLogger(checkpoint.__name__).removeHandler(handler)
+    return warnings
+
+
+def _read_with_load(directory: Path, data: Path, tmp_path: Path, capsys) -> str:
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.load(directory)
+    return str(err.value)
+
+
+def _read_with_export(directory: Path, data: Path, tmp_path: Path, capsys) -> str:
+    from fr_distill.deploy import export_main
+
+    assert export_main(["--checkpoint", str(directory), "--out", str(tmp_path / "export")]) == 2
+    return capsys.readouterr().err
+
+
+def _read_with_eval(directory: Path, data: Path, tmp_path: Path, capsys) -> str:
+    from fr_distill.eval.runner import eval_main
+
+    assert eval_main(["--model", str(directory), "--bin", str(data / "synth_lfw.bin"),
+                      "--out", str(tmp_path / "eval")]) == 2
+    return capsys.readouterr().err
+
+
+def _read_in_training(key: str):
+    def read(directory: Path, data: Path, tmp_path: Path, capsys) -> str:
+        with pytest.raises(FrDistillError) as err:
+            run(data, tmp_path / "other", "schedule.total_steps=1", f"{key}={directory}")
+        assert err.value.exit_code == 2
+        return str(err.value)
+    return read
+
+
+def _read_on_resume(directory: Path, data: Path, tmp_path: Path, capsys) -> str:
+    """The run whose newest checkpoint ``directory`` is resumes from the previous one."""
+    result = []
+    warnings = checkpoint_warnings(lambda: result.append(run(
+        data, directory.parent.parent, "schedule.total_steps=3", "checkpoint.every_steps=1",
+        "checkpoint.format=dcp")))
+    assert (result[0].start_step, result[0].step) == (1, 3)
+    return "\n".join(warnings)
+
+
+REFUSED = "refusing to unpickle code from {file}: it references {name}"
+
+
+@pytest.mark.parametrize("read, expected", [
+    (_read_with_load, "{dir}: " + REFUSED),
+    (_read_with_export, "error: {dir}: " + REFUSED + "\n"),
+    (_read_with_eval, "error: {dir}: " + REFUSED + "\n"),
+    (_read_in_training("teacher.path"), "{dir}: " + REFUSED),
+    (_read_in_training("model.init"), "model.init: {dir}: " + REFUSED),
+    (_read_on_resume, "checkpoint {dir} is unusable (" + REFUSED + "); trying the previous one"),
+], ids=["checkpoint.load", "export", "eval", "teacher.path", "model.init", "resume"])
+def test_a_checkpoint_index_that_runs_code_is_refused_wherever_it_is_read(
+        finished_runs, synthetic_data, tmp_path, capsys, single_thread, read, expected):
+    """checkpoint.format=dcp: .metadata, which DCP itself reads with pickle.load, replaced by a
+    pickle calling os.system, SHA256SUMS updated to match: nothing runs, one line names the
+    file and the global, and a resumed run falls back to the previous checkpoint (before, the
+    command ran through every one of these)."""
+    directory = copy_run(finished_runs, "dcp", tmp_path) / "checkpoints" / "step_00000002"
+    marker = tmp_path / "ran"
+    plant(directory, ".metadata", pickle.dumps(RunsCode(marker)))
+    message = read(directory, synthetic_data, tmp_path, capsys)
+    assert message == expected.format(dir=directory, file=".metadata",
+                                      name=f"{os.system.__module__}.system")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("fmt", ["dcp", "file"])
+def test_a_checkpoint_that_unpickles_code_is_one_line_naming_the_file(
+        finished_runs, synthetic_data, tmp_path, capsys, single_thread, fmt):
+    """state.pt of a checkpoint directory, or a step_N.pt file, pickling a call of os.system
+    (its checksum to match): one line naming the file and the global, from checkpoint.load
+    and from a resume, never torch's advice to retry with weights_only=False (before: six
+    lines)."""
+    out = copy_run(finished_runs, fmt, tmp_path)
+    marker = tmp_path / "ran"
+    payload = {"format": checkpoint.FORMAT, "step": 2, "rng": RunsCode(marker)}
+    if fmt == "dcp":
+        path = out / "checkpoints" / "step_00000002"
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        plant(path, "state.pt", buffer.getvalue())
+        expected = f"{path}: refusing to unpickle code from state.pt: it references posix.system"
+    else:
+        path = out / "checkpoints" / "step_00000002.pt"
+        checkpoint.save(payload, path)
+        expected = f"{path}: refusing to unpickle code: it references posix.system"
+    expected = expected.replace("posix", os.system.__module__)
+    assert checkpoint.verify(path) is None
+    message = _read_with_load(path, out, tmp_path, capsys)
+    assert message == expected
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        run(synthetic_data, out, "schedule.total_steps=3", f"checkpoint.format={fmt}")
+    assert str(err.value) == expected
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("fmt, damage, reason", [
+    ("dcp", lambda p: (p / "SHA256SUMS").write_text((p / "SHA256SUMS").read_text()[:100]),
+     "SHA256SUMS line 2 is not '<sha256>  <file>' (cut short?)"),
+    ("file", lambda p: p.with_name(p.name + ".sha256").write_bytes(b"\xff\xfe\x00garbage"),
+     "sha256 mismatch (truncated or corrupt; {size} bytes)"),
+], ids=["manifest-cut-mid-line", "sidecar-not-text"])
+def test_a_checksum_file_cut_short_falls_back_to_the_previous_checkpoint(
+        finished_runs, tmp_path, fmt, damage, reason):
+    """The newest checkpoint's SHA256SUMS cut in the middle of a line (or a sidecar that is
+    not text): one warning naming it, and the previous checkpoint is the one to resume
+    (before: a ValueError traceback, no fallback)."""
+    out = copy_run(finished_runs, fmt, tmp_path)
+    store = checkpoint.CheckpointStore(out / "checkpoints", keep_last=3, sharded=fmt == "dcp")
+    newest = store.step_path(2)
+    damage(newest)
+    found = []
+    warnings = checkpoint_warnings(lambda: found.append(store.latest_valid()))
+    assert found == [store.step_path(1)]
+    size = newest.stat().st_size
+    assert warnings == [f"checkpoint {newest} is unusable ({reason.format(size=size)}); trying "
+                        f"the previous one"]
+
+
+def _index_naming_an_unlisted_file(directory: Path) -> bytes:
+    """The checkpoint's own .metadata with its first entry's data moved to a file that
+    SHA256SUMS does not list (so no checksum would have covered it)."""
+    from fr_distill.engine.sharded_checkpoint import read_metadata
+
+    metadata = read_metadata(directory)
+    next(iter(metadata.storage_data.values())).relative_path = "__9_0.distcp"
+    return pickle.dumps(metadata)
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (lambda d: pickle.dumps([1, 2]),
+     ".metadata is not a DCP index (ValueError: a list, not a Metadata naming each entry's "
+     "file)"),
+    (_index_naming_an_unlisted_file, ".metadata names __9_0.distcp, which SHA256SUMS does not "
+                                     "list"),
+], ids=["not-an-index", "unlisted-file"])
+def test_a_checkpoint_index_of_other_files_falls_back_to_the_previous_checkpoint(
+        finished_runs, tmp_path, payload, reason):
+    """checkpoint.format=dcp: a .metadata (its checksum to match) holding no DCP index, or
+    one that sends DCP to a file SHA256SUMS does not list: one warning naming it, and the
+    previous checkpoint is the one to resume (before: a traceback when read, or a file read
+    that no checksum covered)."""
+    out = copy_run(finished_runs, "dcp", tmp_path)
+    store = checkpoint.CheckpointStore(out / "checkpoints", keep_last=3, sharded=True)
+    newest = store.step_path(2)
+    plant(newest, ".metadata", payload(newest))
+    found = []
+    warnings = checkpoint_warnings(lambda: found.append(store.latest_valid()))
+    assert found == [store.step_path(1)]
+    assert warnings == [f"checkpoint {newest} is unusable ({reason}); trying the previous one"]
+
+
+def _student_state(data: Path, *change: str) -> dict:
+    cfg = load_config(None, overrides(data, Path("unused"), *change))
+    return build_student(cfg.model).state_dict()
+
+
+def _differences(a: dict, b: dict) -> int:
+    """How many tensors differ between two state dicts: in one only, or in shape."""
+    return len(a.keys() ^ b.keys()) + sum(a[k].shape != b[k].shape for k in a.keys() & b.keys())
+
+
+@pytest.mark.parametrize("fmt, change, first", [
+    ("file", "model.width=0.25",
+     "'student/conv1.weight' is [8, 3, 3, 3] in the checkpoint, [16, 3, 3, 3] in this run"),
+    ("dcp", "model.width=0.25",
+     "'student/conv1.weight' is [8, 3, 3, 3] in the checkpoint, [16, 3, 3, 3] in this run"),
+    ("dcp", "model.name=mobilefacenet",
+     "this run's 'student/layers.0.layers.0.weight' [16, 3, 3, 3] is not in the checkpoint"),
+], ids=["file-width", "dcp-width", "dcp-backbone"])
+def test_resuming_a_run_of_another_student_is_one_line_before_training(
+        finished_runs, synthetic_data, tmp_path, single_thread, fmt, change, first):
+    """The same run directory resumed with another model.width or model.name: exit status
+    2 before any step, one line naming the checkpoint, the first tensor that differs with
+    both shapes and how many others differ (before: 271 lines of size mismatches; with dcp
+    and another backbone, a backbone tensor called "this run's head")."""
+    out = copy_run(finished_runs, fmt, tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").iterdir()}
+    records = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        run(synthetic_data, out, "schedule.total_steps=3", f"checkpoint.format={fmt}", change)
+    others = _differences(_student_state(synthetic_data), _student_state(synthetic_data, change))
+    newest = out / "checkpoints" / ("step_00000002" if fmt == "dcp" else "step_00000002.pt")
+    assert str(err.value) == (f"{newest} does not fit this run: {first} (and {others - 1} other "
+                              f"tensors differ); resume with the settings it was written with, "
+                              f"or start afresh (checkpoint.resume=false)")
+    assert err.value.exit_code == 2
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").iterdir()} == before
+    assert (out / "metrics.jsonl").read_bytes() == records
+
+
+def test_resuming_with_another_optimizer_layout_is_one_line_before_training(
+        finished_runs, synthetic_data, tmp_path, single_thread):
+    """optim.no_decay_bn_bias switched on for a resume: two parameter groups where the
+    checkpoint has one (before: torch's ValueError traceback)."""
+    out = copy_run(finished_runs, "file", tmp_path)
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        run(synthetic_data, out, "schedule.total_steps=3", "optim.no_decay_bn_bias=true")
+    student = build_student(load_config(None, overrides(synthetic_data, out)).model)
+    dims = [p.dim() for p in student.parameters() if p.requires_grad] + [2, 1]  # + the head
+    decayed = sum(d > 1 for d in dims)
+    assert str(err.value) == (
+        f"{out / 'checkpoints' / 'step_00000002.pt'} does not fit this run: its optimizer has "
+        f"[{len(dims)}] parameters per group, this run's [{decayed}, {len(dims) - decayed}] "
+        f"(another optim.no_decay_bn_bias or objective); resume with the settings it was "
+        f"written with, or start afresh (checkpoint.resume=false)")
+    assert err.value.exit_code == 2
 
 
 # -- corrupt training images -----------------------------------------------------------------

@@ -241,3 +241,23 @@ def test_the_dry_run_names_the_init_file(synthetic_data, teacher_file, tmp_path)
                                                "model.init_skip=[features.*, fc.*]")))
     assert (f"student   iresnet18 width 0.125, 32-d, initialized from {teacher_file}, leaving "
             f"features.*, fc.* at their fresh initialization") in plan.splitlines()
+
+
+def test_a_resumed_run_needs_no_model_init_file(synthetic_data, teacher_file, tmp_path,
+                                                single_thread):
+    """A requeued job whose scratch copy of the model.init file was cleaned up: the run
+    resumes from its checkpoint (and its dry run says so) instead of refusing the missing
+    file it would not read; a fresh start still refuses it."""
+    init = tmp_path / "backbone.pth"
+    init.write_bytes(teacher_file.read_bytes())
+    out = tmp_path / "run"
+    train(load_config(None, overrides(synthetic_data, out, f"model.init={init}")))
+    init.unlink()
+    again = load_config(None, overrides(synthetic_data, out, f"model.init={init}",
+                                        "schedule.total_steps=2"))
+    assert (f"student   iresnet18 width 0.125, 32-d; model.init {init} ignored (the "
+            f"checkpoint's student resumes)") in dry_run(again).splitlines()
+    result = train(again)
+    assert (result.status, result.start_step, result.step) == ("completed", 1, 2)
+    err = refused(synthetic_data, tmp_path / "fresh", f"model.init={init}")
+    assert str(err) == f"config key 'model.init': path not found: {init}"

@@ -181,7 +181,8 @@ def test_bad_sharded_checkpoints_fall_back_naming_the_file_and_resume_exactly(
     """checkpoint.format=dcp: the newest directory has a truncated rank file, the next one
     lacks a rank file, the next its commit marker, and an interrupted save left a temporary
     directory; the run falls back to step 2 (one warning per directory, naming the file)
-    and ends bitwise equal to the uninterrupted run. A head of another size is refused."""
+    and ends bitwise equal to the uninterrupted run. A head of another size (two training
+    sets: 48 identities) is refused."""
     out = tmp_path / "run"
     cfg = load_config(None, _overrides(synthetic_data, out, teacher_file) + [
         "data.batch_size=8", "schedule.total_steps=8", "checkpoint.every_steps=2",
@@ -216,13 +217,15 @@ def test_bad_sharded_checkpoints_fall_back_naming_the_file_and_resume_exactly(
     for part in ("student", "objective", "optimizer"):
         _assert_identical(uninterrupted[part], again[part], part)
     other_head = load_config(None, _overrides(synthetic_data, out, teacher_file) + [
-        "data.batch_size=8", "schedule.total_steps=10", "checkpoint.format=dcp",
-        "model.embedding_dim=16", "model.projector=true"])
+        f"data.train=[{synthetic_data / 'train'}, {synthetic_data / 'train.rec'}]",
+        "data.batch_size=8", "schedule.total_steps=10", "checkpoint.format=dcp"])
     with pytest.raises(checkpoint.CheckpointError) as err:
         train(other_head)
     assert str(err.value) == (
-        f"{store.step_path(8)}: 'objective/head.weight' is [24, 32]; this run's head is "
-        f"[24, 16] (num_classes, embedding dim): not this run's checkpoint")
+        f"{store.step_path(8)} does not fit this run: 'objective/head.weight' is [24, 32] in "
+        f"the checkpoint, [48, 32] in this run; resume with the settings it was written with, "
+        f"or start afresh (checkpoint.resume=false)")
+    assert err.value.exit_code == 2
 
 
 class _SigtermAfter(Callback):

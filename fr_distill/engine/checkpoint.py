@@ -16,6 +16,13 @@ leaves either the new checkpoint complete or the previous ones untouched, and a 
 corrupt or incomplete checkpoint is skipped (with a warning naming the file) in favour of the
 previous one. Either format resumes on any world size; :func:`load` reads either into the
 same dict, loadable from a file with ``torch.load(weights_only=True)``.
+
+Nothing read runs code: files are read with ``torch.load(weights_only=True)``, a checkpoint
+directory's index with a restricted unpickler (:mod:`fr_distill.engine.sharded_checkpoint`).
+A checksum cannot tell a planted file from a good one (whoever writes the file can write its
+checksum), so a pickle referring to code is refused whatever its checksum, in one line naming
+the file; a directory whose index is refused counts as unusable, and a resumed run falls back
+to the previous checkpoint.
 """
 from __future__ import annotations
 
@@ -33,8 +40,9 @@ import torch
 
 from fr_distill import dist
 from fr_distill.engine import sharded_checkpoint
-from fr_distill.errors import FrDistillError
+from fr_distill.errors import FrDistillError, first_line
 from fr_distill.paths import file_sha256, fsync_dir
+from fr_distill.unpickling import refusal
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,29 @@ class CheckpointError(FrDistillError, RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or not an fr_distill checkpoint."""
 
     exit_code = 1
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A valid checkpoint that does not fit this run (another student, head or optimizer
+    layout): the config must change, so exit status 2."""
+
+    exit_code = 2
+
+
+def rank_error(err: BaseException) -> BaseException:
+    """A rank's own exception inside DCP's ``CheckpointException`` (else ``err``)."""
+    if isinstance(err, sharded_checkpoint.dcp.CheckpointException):
+        return next(iter(err.failures.values()))[0]
+    return err
+
+
+def unloadable(path: str | os.PathLike, err: BaseException) -> CheckpointError:
+    """The one-line error for checkpoint ``path`` whose reading raised ``err``: the global
+    its pickle refers to when that was refused (naming the file of a directory), else the
+    error's first line; never torch's advice to retry with ``weights_only=False``."""
+    err = rank_error(err)
+    reason = refusal(err) or f"cannot be loaded ({first_line(err)})"
+    return CheckpointError(f"{path}: {reason}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -93,9 +124,9 @@ def verify(path: str | os.PathLike) -> str | None:
         return "file missing"
     if not sidecar.is_file():
         return f"checksum file {sidecar.name} missing (write interrupted?)"
-    expected = sidecar.read_text().split()[:1]
+    expected = sidecar.read_bytes().split()[:1]
     actual = file_sha256(path)
-    if expected != [actual]:
+    if expected != [actual.encode()]:
         return f"sha256 mismatch (truncated or corrupt; {path.stat().st_size} bytes)"
     return None
 
@@ -118,7 +149,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
         else:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # a corrupt zip or unpickling error: one line, not a traceback
-        raise CheckpointError(f"{path}: cannot be loaded ({type(err).__name__}: {err})") from None
+        raise unloadable(path, err) from None
     return _checked(ckpt, path)
 
 
@@ -131,8 +162,8 @@ def load_for_resume(path: str | os.PathLike) -> dict:
         return load(path)
     try:
         state = sharded_checkpoint.read_state(path)
-    except Exception as err:  # changed since it was verified: one line
-        raise CheckpointError(f"{path}: cannot be loaded ({type(err).__name__}: {err})") from None
+    except Exception as err:  # changed since it was verified, or refers to code: one line
+        raise unloadable(path, err) from None
     return _checked(state, path)
 
 
@@ -216,8 +247,7 @@ class CheckpointStore:
         try:
             return write(*args)
         except (OSError, sharded_checkpoint.dcp.CheckpointException) as err:
-            if isinstance(err, sharded_checkpoint.dcp.CheckpointException):
-                err = next(iter(err.failures.values()))[0]  # a rank's own exception
+            err = rank_error(err)
             reason = (err.strerror if isinstance(err, OSError) and err.strerror
                       else str(err).strip().splitlines()[0])
             raise CheckpointError(f"{path}: cannot be written ({reason}); the checkpoints "

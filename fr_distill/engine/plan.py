@@ -153,12 +153,12 @@ def dry_run(cfg: Config) -> str:
     """Validate paths, the logging packages, data, evaluation sets, the teacher cache and the
     run directory and describe the run, without building models, training or changing any
     file."""
-    check_paths(cfg)
+    resume_path = find_resume(cfg)
+    check_paths(cfg, resuming=resume_path is not None)
     check_logging(cfg)
     info = apply_decode_check(preflight(cfg.data), cfg.data, select_backend(cfg.data.loader))
     check_bin_sets(list(cfg.eval.bin_sets), cfg.eval.best_metric)
     check_bin_sets(list(cfg.teacher.check_sets))
-    resume_path = find_resume(cfg)
     note = probe_run_dir(cfg.run.output_dir, checkpoint_store(cfg), resume_path is None)
     resumed = checkpoint.load_for_resume(resume_path) if resume_path else None
     plan = make_plan(cfg, info, dist.env_world()[1], resume_path, resumed)

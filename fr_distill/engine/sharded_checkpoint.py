@@ -29,10 +29,24 @@ Loading reshards: a rank asks DCP for the block of rows its head holds (a
 :func:`fr_distill.dist.row_block`), whatever world size or head mode wrote the checkpoint.
 :func:`load_whole` reads a checkpoint into the dict of a single-file checkpoint (for export,
 evaluation and comparisons), in one process.
+
+Nothing read runs code. ``state.pt`` and the tensors of the rank files are read with
+``torch.load(weights_only=True)``. DCP's own reader unpickles ``.metadata`` with
+``pickle.load``, and whoever can write ``.metadata`` can write ``SHA256SUMS`` too, so the
+checksums prove nothing against a planted file: here ``.metadata`` is only ever unpickled by
+:func:`read_metadata`, which resolves DCP's metadata classes and the few torch types they
+hold and refuses any other global before it is called. DCP gets it through
+:class:`IndexReader`, a ``FileSystemReader`` whose ``read_metadata`` is that one (rather
+than a check of the file before DCP reads it again: the file could change in between), and
+:func:`verify` reads it too, so a checkpoint whose index is refused counts as unusable, like
+a corrupt one, wherever a checkpoint directory is read.
 """
 from __future__ import annotations
 
 import os
+import pathlib
+import pickle
+import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -42,13 +56,19 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.staging import AsyncStager
 
 from fr_distill import dist
+from fr_distill.errors import first_line
 from fr_distill.paths import file_sha256, fsync_dir
+from fr_distill.unpickling import AllowlistUnpickler, RefusedGlobal, refusal, refused_global
 
 STATE_FILE = "state.pt"
+METADATA = ".metadata"  # DCP's index of the tensors
 MANIFEST = "SHA256SUMS"
+_MANIFEST_LINE = re.compile(r"(?P<digest>[0-9a-f]{64})  (?P<name>[^/]+)")
 TENSOR_PATHS = "tensor_paths"  # state.pt's map: DCP key -> path of the tensor in the dict
 
 Destination = Callable[[str, torch.Size, torch.dtype], torch.Tensor]
@@ -93,15 +113,18 @@ def merge_tensors(rest: dict, tensors: dict[str, torch.Tensor], paths: dict[str,
 
 
 def verify(directory: str | os.PathLike) -> str | None:
-    """``None`` when every file ``SHA256SUMS`` lists is present and matches, else the reason
-    (naming the file). The files are hashed in parallel threads (hashlib releases the GIL)."""
+    """``None`` when every file ``SHA256SUMS`` lists is present and matches and ``.metadata``
+    is an index of those files (:func:`read_metadata`), else the reason (naming the file).
+    The files are hashed in parallel threads (hashlib releases the GIL)."""
     directory = Path(directory)
     manifest = directory / MANIFEST
     if not manifest.is_file():
         return f"commit marker {MANIFEST} missing (write interrupted?)"
-    listed = dict(reversed(line.split(maxsplit=1)) for line in manifest.read_text().splitlines()
-                  if line.strip())
-    for required in (".metadata", STATE_FILE):
+    try:
+        listed = read_manifest(manifest)
+    except ValueError as err:
+        return str(err)
+    for required in (METADATA, STATE_FILE):
         if required not in listed:
             return f"{MANIFEST} does not list {required}"
     missing = [name for name in sorted(listed) if not (directory / name).is_file()]
@@ -114,7 +137,97 @@ def verify(directory: str | os.PathLike) -> str | None:
         if digest != listed[name]:
             size = (directory / name).stat().st_size
             return f"{name}: sha256 mismatch (truncated or corrupt; {size} bytes)"
+    return _index_problem(directory, listed)
+
+
+def read_manifest(manifest: Path) -> dict[str, str]:
+    """File name → sha256 of each line of ``SHA256SUMS``; :class:`ValueError` naming the
+    first line that is not ``<sha256>  <file>`` (e.g. the file cut short)."""
+    listed = {}
+    lines = manifest.read_bytes().decode(errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        match = _MANIFEST_LINE.fullmatch(line)
+        if match is None:
+            raise ValueError(f"{MANIFEST} line {number} is not '<sha256>  <file>' (cut short?)")
+        listed[match["name"]] = match["digest"]
+    return listed
+
+
+def _index_problem(directory: Path, listed: dict[str, str]) -> str | None:
+    """Why ``.metadata`` of ``directory`` is not an index of the files ``listed`` (a pickle
+    refused for the code it refers to, another object, a file not listed), else ``None``."""
+    try:
+        metadata = read_metadata(directory)
+    except Exception as err:  # whatever a pickle that is no DCP index raises: one line
+        return refusal(err) or f"{METADATA} is not a DCP index ({first_line(err)})"
+    unlisted = sorted({info.relative_path for info in metadata.storage_data.values()}
+                      - listed.keys())
+    if unlisted:
+        return f"{METADATA} names {unlisted[0]}, which {MANIFEST} does not list"
     return None
+
+
+# ----------------------------------------------------------------------------------------
+# DCP's index, read without running code
+# ----------------------------------------------------------------------------------------
+class _IndexUnpickler(AllowlistUnpickler):
+    """Resolves what DCP's index of a checkpoint of tensors holds (a real ``.metadata``
+    of this project, read with ``pickletools``): DCP's metadata classes, ``torch.Size``, the
+    dtypes, the layout (``torch.serialization._get_layout``, a lookup by name), the memory
+    format enum and the ``PosixPath`` it was written to. Not ``BytesStorageMetadata``: DCP
+    reads a bytes entry with ``torch.load(weights_only=False)``, and these checkpoints hold
+    none. The classes are keyed by where pickle finds them (``__module__``)."""
+
+    allowed = {
+        **{(obj.__module__, obj.__qualname__): obj for obj in (
+            dcp_metadata.Metadata, dcp_metadata.TensorStorageMetadata,
+            dcp_metadata.TensorProperties, dcp_metadata.ChunkStorageMetadata,
+            dcp_metadata.MetadataIndex, dcp_metadata.StorageMeta,
+            dcp_metadata._MEM_FORMAT_ENCODING, _StorageInfo, torch.Size,
+            torch.serialization._get_layout, pathlib.PosixPath)},
+        **{("torch", name): value for name, value in vars(torch).items()
+           if isinstance(value, torch.dtype)},
+    }
+
+
+def read_metadata(directory: str | os.PathLike) -> dcp_metadata.Metadata:
+    """DCP's index of ``directory`` (``.metadata``), unpickled by :class:`_IndexUnpickler`:
+    :class:`~fr_distill.unpickling.RefusedGlobal` (``source`` ``.metadata``) for a pickle
+    referring to anything else, :class:`ValueError` when it holds another object (a pickle of
+    the allowed classes may leave out attributes)."""
+    with open(Path(directory) / METADATA, "rb") as f:
+        try:
+            metadata = _IndexUnpickler(f).load()
+        except RefusedGlobal as err:
+            err.source = METADATA
+            raise
+    if not _is_index(metadata):
+        raise ValueError(f"a {type(metadata).__name__}, not a Metadata naming each entry's "
+                         f"file")
+    return metadata
+
+
+def _is_index(metadata: object) -> bool:
+    """Whether ``metadata`` is DCP's ``Metadata`` naming each entry's file."""
+    storage = getattr(metadata, "storage_data", None)
+    return (isinstance(metadata, dcp_metadata.Metadata) and isinstance(storage, dict)
+            and all(isinstance(info, _StorageInfo)
+                    and isinstance(getattr(info, "relative_path", None), str)
+                    for info in storage.values()))
+
+
+class IndexReader(dcp.FileSystemReader):
+    """DCP's reader of a checkpoint directory, reading ``.metadata`` with
+    :func:`read_metadata` instead of ``pickle.load``."""
+
+    def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
+        metadata = read_metadata(self.path)
+        if metadata.storage_meta is None:  # what FileSystemReader.read_metadata adds
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 # ----------------------------------------------------------------------------------------
@@ -232,13 +345,21 @@ def commit(tmp: Path, directory: Path) -> None:
 
 
 def read_state(directory: str | os.PathLike) -> dict:
-    """``state.pt``: the checkpoint dict without its tensors, plus :data:`TENSOR_PATHS`."""
-    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    """``state.pt``: the checkpoint dict without its tensors, plus :data:`TENSOR_PATHS`; a
+    pickle referring to code is refused (:class:`~fr_distill.unpickling.RefusedGlobal`,
+    ``source`` ``state.pt``)."""
+    try:
+        return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        name = refused_global(err)
+        if name is None:
+            raise
+        raise RefusedGlobal(name, STATE_FILE) from None
 
 
 def tensor_shapes(directory: str | os.PathLike) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """Every tensor of the checkpoint: its global shape and dtype (from DCP's metadata)."""
-    metadata = dcp.FileSystemReader(directory).read_metadata()
+    metadata = read_metadata(directory)
     return {key: (md.size, md.properties.dtype)
             for key, md in metadata.state_dict_metadata.items() if hasattr(md, "size")}
 
@@ -250,7 +371,7 @@ def load(directory: str | os.PathLike, state: dict, destination: Destination) ->
     (e.g. a head of another size). No collective: each rank reads its own part."""
     tensors = {key: destination(key, size, dtype)
                for key, (size, dtype) in tensor_shapes(directory).items()}
-    dcp.load(tensors, storage_reader=dcp.FileSystemReader(directory), no_dist=True)
+    dcp.load(tensors, storage_reader=IndexReader(directory), no_dist=True)
     rest = {key: value for key, value in state.items() if key != TENSOR_PATHS}
     return merge_tensors(rest, tensors, state[TENSOR_PATHS])
 

@@ -12,7 +12,9 @@ writes its part (:mod:`fr_distill.engine.sharded_checkpoint`).
 
 Class-sharded parameters hold contiguous row blocks in rank order; their optimizer state is
 stored as the full matrix (a sharded checkpoint: as row blocks of it) and re-sliced on load,
-so a run resumes on another world size and head mode.
+so a run resumes on another world size and head mode. A checkpoint of another student, head
+or optimizer layout is refused in one line before any of its tensors is loaded
+(:func:`check_fits`).
 """
 from __future__ import annotations
 
@@ -113,13 +115,14 @@ class Run:
                 "metrics": self.metrics}
 
     def complete_checkpoint(self, ckpt: dict, path: Path) -> dict:
-        """``ckpt`` as :func:`checkpoint.load_for_resume` read it, with a sharded checkpoint's
-        tensors read in: this rank's rows of the head and its momentum (whatever world size
-        and head mode wrote them), the replicated tensors whole. A head of another size is
-        refused (:class:`checkpoint.CheckpointError` naming ``path``) before anything is read."""
-        if sharded_checkpoint.TENSOR_PATHS not in ckpt:
-            return ckpt
-        return load_sharded(path, ckpt, self.objective, self.optimizer)
+        """``ckpt`` as :func:`checkpoint.load_for_resume` read it, checked to fit this run
+        (:func:`check_fits`), with a sharded checkpoint's tensors read in: this rank's rows of
+        the head and its momentum (whatever world size and head mode wrote them), the
+        replicated tensors whole."""
+        sharded = sharded_checkpoint.TENSOR_PATHS in ckpt
+        check_fits(path, ckpt, checkpoint_shapes(path, ckpt), self.student, self.objective,
+                   self.optimizer)
+        return load_sharded(path, ckpt, self.objective, self.optimizer) if sharded else ckpt
 
     def load_state_dict(self, ckpt: dict) -> None:
         """Restore a checkpoint written by :meth:`state_dict` (any world size)."""
@@ -151,12 +154,77 @@ def objective_state(objective: nn.Module, optimizer: torch.optim.Optimizer,
                                  else _gather_sharded_state(optimizer, params))}
 
 
+def checkpoint_shapes(path: Path, ckpt: dict) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of checkpoint ``path`` (``ckpt`` as
+    :func:`checkpoint.load_for_resume` read it), under DCP's ``a/b/c`` names."""
+    if sharded_checkpoint.TENSOR_PATHS not in ckpt:
+        tensors = sharded_checkpoint.split_tensors(ckpt)[1]
+        return {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+    try:
+        return {key: tuple(size)
+                for key, (size, _) in sharded_checkpoint.tensor_shapes(path).items()}
+    except Exception as err:  # changed since it was verified: one line
+        raise checkpoint.unloadable(path, err) from None
+
+
+# the tensors whose names and shapes must be the run's (the memory bank is resized on load)
+_CHECKED = ("student/", "objective/head.", "objective/projector.")
+
+
+def check_fits(path: Path, ckpt: dict, shapes: dict[str, tuple[int, ...]], student: nn.Module,
+               objective: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse checkpoint ``path`` (``ckpt``, its tensors' ``shapes``) unless it holds this
+    run's student (every name and shape), head and projector shapes (the memory bank is
+    resized on load) and optimizer layout (parameters per group), before any of its tensors
+    is loaded: :class:`checkpoint.CheckpointMismatchError`, one line naming the first tensor
+    that differs with both shapes and how many others differ (a torch ``load_state_dict``
+    would print one line per tensor, hundreds for another width)."""
+    expected = {f"student/{key}": tuple(value.shape)
+                for key, value in student.state_dict().items()}
+    run_objective = {f"objective/{key}": value
+                     for key, value in objective.sharded_state_dict().items()}
+    expected.update({key: dist.global_shape(value) for key, value in run_objective.items()
+                     if key.startswith(_CHECKED)})
+    recorded = {key: shape for key, shape in shapes.items() if key.startswith(_CHECKED)}
+    differences = [_difference(key, recorded.get(key), shape) for key, shape in expected.items()
+                   if recorded.get(key) != shape]
+    differences += [_difference(key, shape, None) for key, shape in recorded.items()
+                    if key not in expected]
+    groups = [len(group["params"]) for group in optimizer.param_groups]
+    recorded_groups = [len(group["params"]) for group in ckpt["optimizer"]["param_groups"]]
+    if not differences and groups != recorded_groups:
+        differences = [f"its optimizer has {recorded_groups} parameters per group, this run's "
+                       f"{groups} (another optim.no_decay_bn_bias or objective)"]
+    if differences:
+        raise mismatch(path, differences)
+
+
+def _difference(key: str, recorded: tuple | None, expected: tuple | None) -> str:
+    """How tensor ``key`` differs: its shape in the checkpoint and in this run (``None``:
+    absent there)."""
+    if recorded is None:
+        return f"this run's '{key}' {list(expected)} is not in the checkpoint"
+    if expected is None:
+        return f"the checkpoint's '{key}' {list(recorded)} is not in this run"
+    return f"'{key}' is {list(recorded)} in the checkpoint, {list(expected)} in this run"
+
+
+def mismatch(path: Path, differences: list[str]) -> checkpoint.CheckpointMismatchError:
+    """The one-line error for checkpoint ``path`` that does not fit this run: the first of
+    ``differences`` and how many others there are."""
+    others = f" (and {len(differences) - 1} other tensors differ)" if len(differences) > 1 else ""
+    return checkpoint.CheckpointMismatchError(
+        f"{path} does not fit this run: {differences[0]}{others}; resume with the settings it "
+        f"was written with, or start afresh (checkpoint.resume=false)")
+
+
 def load_sharded(path: Path, state: dict, objective: nn.Module,
                  optimizer: torch.optim.Optimizer) -> dict:
     """The sharded checkpoint ``path`` (its ``state.pt`` read as ``state``) with its tensors:
-    this rank's rows of the head and its momentum, the replicated tensors whole. A head of
-    another size is refused (:class:`checkpoint.CheckpointError` naming ``path``) before
-    any tensor is read."""
+    this rank's rows of the head and its momentum, the replicated tensors whole. Where the
+    run keeps its head's rows, a tensor of another size is refused
+    (:class:`checkpoint.CheckpointMismatchError` naming ``path``) before any tensor is read
+    (in training :func:`check_fits` refused it already)."""
     head = objective.head
     rows = set()
     if head is not None:  # the keys holding the head's [C, D] rows
@@ -167,9 +235,7 @@ def load_sharded(path: Path, state: dict, objective: nn.Module,
         if key not in rows:
             return torch.empty(size, dtype=dtype)
         if tuple(size) != (head.num_classes, head.dim):
-            raise checkpoint.CheckpointError(
-                f"{path}: '{key}' is {list(size)}; this run's head is [{head.num_classes}, "
-                f"{head.dim}] (num_classes, embedding dim): not this run's checkpoint")
+            raise mismatch(path, [_difference(key, tuple(size), (head.num_classes, head.dim))])
         if key == "objective/head.weight" and head.weight.device.type == "cpu":
             block = head.weight.detach()  # read in place: no second copy of the rows
         else:
@@ -181,8 +247,7 @@ def load_sharded(path: Path, state: dict, objective: nn.Module,
     except checkpoint.CheckpointError:
         raise
     except Exception as err:  # a file changed since it was verified: one line
-        raise checkpoint.CheckpointError(
-            f"{path}: cannot be loaded ({type(err).__name__}: {err})") from None
+        raise checkpoint.unloadable(path, err) from None
 
 
 def load_objective_state(ckpt: dict, objective: nn.Module,

@@ -1,16 +1,17 @@
 """The training loop: distill a frozen teacher into a student under torchrun DDP.
 
-``train(cfg)`` reads top to bottom: process group → pre-flight (config paths, the logging
-packages, data, resume checkpoint, a fresh start's ``model.init`` file read, the run
-directory claimed (:mod:`fr_distill.engine.run_dir`), batch plan) → models (the student,
-loaded from ``model.init`` on a fresh start, under DDP; the frozen teacher run on the fly, or
-with ``teacher.cache`` its checked rows (:mod:`fr_distill.teacher_cache`); the objective with
-its head and memory bank) → optimizer, schedule, scaler, loader → restore the checkpoint →
-loop. One optimizer step is :func:`fr_distill.engine.step.train_step`: ``accumulation``
-micro-steps of teacher forward, student forward, objective and backward, one all-reduce on
-which every rank agrees whether the step was finite and whether to stop (the step's one host
-read), then the optimizer, schedule and memory bank advance. Checkpointing, evaluation and
-logging are callbacks (:mod:`fr_distill.engine.callbacks`,
+``train(cfg)`` reads top to bottom: process group → pre-flight (resume checkpoint, config
+paths (``model.init`` only for a fresh start), the logging packages, data, a fresh start's
+``model.init`` file read, the run directory claimed (:mod:`fr_distill.engine.run_dir`),
+batch plan) → models (the student, loaded from ``model.init`` on a fresh start, under DDP;
+the frozen teacher run on the fly, or with ``teacher.cache`` its checked rows
+(:mod:`fr_distill.teacher_cache`); the objective with its head and memory bank) → optimizer,
+schedule, scaler, loader → restore the checkpoint (refused in one line if it does not fit
+the run) → loop. One optimizer step is :func:`fr_distill.engine.step.train_step`:
+``accumulation`` micro-steps of teacher forward, student forward, objective and backward, one
+all-reduce on which every rank agrees whether the step was finite and whether to stop (the
+step's one host read), then the optimizer, schedule and memory bank advance. Checkpointing,
+evaluation and logging are callbacks (:mod:`fr_distill.engine.callbacks`,
 :mod:`fr_distill.engine.run_log`).
 
 Nothing here branches on the rank: the collectives of ``dist`` are no-ops on one process,
@@ -91,12 +92,12 @@ def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> TrainResult:
 def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) -> TrainResult:
     device = info.device
     # -- pre-flight: before any model is built -------------------------------------------------
-    check_paths(cfg)
+    resume_path = find_resume(cfg)  # first: a resumed run does not read model.init
+    check_paths(cfg, resuming=resume_path is not None)
     dist.run_on_main(check_logging, cfg)
     data_info = apply_decode_check(preflight(cfg.data), cfg.data, select_backend(cfg.data.loader))
     dist.run_on_main(check_bin_sets, list(cfg.eval.bin_sets), cfg.eval.best_metric)
     dist.run_on_main(check_bin_sets, list(cfg.teacher.check_sets))
-    resume_path = find_resume(cfg)
     store = checkpoint_store(cfg)
     # read before the claim, which may move a checkpoint model.init names aside
     init_state, init_kind = (read_init_weights(cfg.model.init, cfg.model)

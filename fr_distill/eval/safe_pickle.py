@@ -4,7 +4,8 @@ A `.bin` file is a pickle of ``(bins, issame_list)``. Unpickling an untrusted pi
 standard unpickler can run arbitrary code (any callable reachable by ``GLOBAL`` / ``REDUCE``),
 so this module admits only the globals needed to rebuild bytes, str, list, tuple, bool,
 int, float and numpy **bool** arrays, and checks each reconstructed numpy array's dtype.
-Anything else is refused with :class:`EvalDataError` before it is called.
+Anything else is refused with :class:`EvalDataError` before it is called
+(:class:`fr_distill.unpickling.AllowlistUnpickler`).
 """
 from __future__ import annotations
 
@@ -20,23 +21,9 @@ except ImportError:  # numpy < 2
     from numpy.core.multiarray import _reconstruct as _numpy_reconstruct
 
 from fr_distill.paths import read_regular
+from fr_distill.unpickling import AllowlistUnpickler
 
 from .errors import EvalDataError
-
-# The globals a numpy bool array (and a Python-2 era bytes payload) pickle refers to.
-# ``_reconstruct`` (protocols 0-4) and ``_frombuffer`` (protocol 5) live in ``numpy.core.multiarray`` (numpy 1.x pickles) or
-# ``numpy._core.multiarray`` (numpy 2.x pickles); ``_codecs.encode`` is how protocol-2
-# pickles written by Python 3 spell a bytes object.
-_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),
-    ("builtins", "bytearray"),
-}
 
 
 def _checked_reconstruct(subtype, shape, dtype_code):
@@ -75,23 +62,27 @@ def _checked_bytearray(*args):
     return bytearray(*args)
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+# The globals a numpy bool array (and a Python-2 era bytes payload) pickle refers to, each
+# resolved to a checked version. ``_reconstruct`` (protocols 0-4) and ``_frombuffer``
+# (protocol 5) live in ``numpy.core.multiarray`` (numpy 1.x pickles) or
+# ``numpy._core.multiarray`` (numpy 2.x pickles); ``_codecs.encode`` is how protocol-2
+# pickles written by Python 3 spell a bytes object.
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"): _checked_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _checked_reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _checked_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _checked_frombuffer,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _checked_dtype,
+    ("_codecs", "encode"): _checked_encode,
+    ("builtins", "bytearray"): _checked_bytearray,
+}
+
+
+class RestrictedUnpickler(AllowlistUnpickler):
     """Unpickler that resolves only the globals of :data:`_ALLOWED`."""
 
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _ALLOWED:
-            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
-        if name == "_reconstruct":
-            return _checked_reconstruct
-        if name == "_frombuffer":
-            return _checked_frombuffer
-        if name == "dtype":
-            return _checked_dtype
-        if name == "ndarray":
-            return np.ndarray
-        if name == "encode":
-            return _checked_encode
-        return _checked_bytearray
+    allowed = _ALLOWED
 
 
 def _check_values(obj: Any, path: str, depth: int = 0) -> None:

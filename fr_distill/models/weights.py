@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 
@@ -20,6 +19,7 @@ from fr_distill.config import ConfigError, ModelConfig, from_dict
 from fr_distill.models.errors import ModelLoadError
 from fr_distill.models.iresnet import IRESNET_LAYERS, STEM_CHANNELS
 from fr_distill.models.registry import build_student
+from fr_distill.unpickling import refusal
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 LISTED_KEYS = 5
@@ -44,13 +44,10 @@ def safe_torch_load(path: str) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, LookupError) as err:
         # bytes of another format read as pickle opcodes may fail a memo or stack lookup
-        # (KeyError, IndexError: e.g. a text file starting with "h"). torch < 2.6: "Unsupported
-        # global: GLOBAL x.y"; torch 2.14: "unsupported GLOBAL x.y whose module x is blocked"
-        # (or "... was not an allowed global")
-        match = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(err))
-        if match:
-            raise ModelLoadError(f"refusing to unpickle code from {path}: it references "
-                                 f"{match.group(1)} (save a state_dict instead)") from None
+        # (KeyError, IndexError: e.g. a text file starting with "h")
+        refused = refusal(err, path)
+        if refused:
+            raise ModelLoadError(f"{refused} (save a state_dict instead)") from None
         raise ModelLoadError(f"cannot read {path}: not a torch.save file (truncated, corrupt, or "
                              f"another format such as ONNX)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
