@@ -1,15 +1,21 @@
-"""Shared fixtures: launching torchrun process groups (gloo on the CPU), image folders, FIFOs
-and images whose header lies about their size."""
+"""Shared fixtures: launching torchrun process groups (gloo on the CPU), finding the processes
+a test started, the synthetic data, image folders, FIFOs and images whose header lies about
+their size."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
+import time
+import uuid
 import zlib
 from pathlib import Path
 
@@ -36,12 +42,17 @@ def torchrun_env(extra: dict | None = None) -> dict:
 def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float = 600,
                  torchrun_args: tuple[str, ...] = (), env: dict | None = None,
                  check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``script`` under ``torchrun --nproc_per_node nproc`` on a free loopback port."""
+    """Run ``script`` under ``torchrun --nproc_per_node nproc`` on a free loopback port. The
+    output goes through files, not pipes: a process left behind cannot hold the call up."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *torchrun_args,
            str(script), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=REPO, env=torchrun_env(env), capture_output=True, text=True,
-                          timeout=timeout)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        status = subprocess.run(cmd, cwd=REPO, env=torchrun_env(env), stdout=out, stderr=err,
+                                timeout=timeout).returncode
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(cmd, status, out.read(), err.read())
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
@@ -195,3 +206,52 @@ def forbid_decoding(monkeypatch) -> None:
 
     monkeypatch.setattr(simplejpeg, "decode_jpeg", decoded)
     monkeypatch.setattr(ImageFile.ImageFile, "load", decoded)
+
+#: Environment variable marking the processes of one test (:func:`process_tag`).
+TAG_VARIABLE = "FR_DISTILL_TEST_TAG"
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Pids of the live processes whose environment holds ``TAG_VARIABLE=tag``: the processes
+    a test started with the tag and everything they forked or spawned, orphans included."""
+    needle = f"{TAG_VARIABLE}={tag}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):  # gone meanwhile, or not ours
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+    return pids
+
+
+def wait_until(condition, timeout: float = 60.0) -> bool:
+    """Poll ``condition()`` until it is true (True) or ``timeout`` seconds passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def lock_is_free(directory: Path) -> bool:
+    """No process holds a ``flock`` on ``directory/.lock`` (a run's or a cache build's)."""
+    fd = os.open(directory / ".lock", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def process_tag():
+    """A tag for the environment of the processes a test starts (``{TAG_VARIABLE: tag}``);
+    whatever still carries it at the end is SIGKILLed, so a failed test leaves no orphan."""
+    tag = uuid.uuid4().hex
+    yield tag
+    for pid in tagged_processes(tag):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

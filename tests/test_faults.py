@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import (REPO, TAG_VARIABLE, lock_is_free, tagged_processes, torchrun_env,
+                      wait_until)
 from fr_distill.config import ConfigError, load_config
 from fr_distill.engine import checkpoint, train
 from fr_distill.engine.callbacks import Callback
@@ -457,6 +460,160 @@ def test_resuming_with_another_optimizer_layout_is_one_line_before_training(
         f"(another optim.no_decay_bn_bias or objective); resume with the settings it was "
         f"written with, or start afresh (checkpoint.resume=false)")
     assert err.value.exit_code == 2
+
+
+# -- a killed run's child processes ----------------------------------------------------------
+WORKER = REPO / "tests" / "workers" / "worker_train_run.py"
+
+def run_tagged(command: list[str], tag: str, log: Path) -> tuple[int, str]:
+    """Run ``command`` with ``tag`` (:func:`conftest.process_tag`), its output to ``log`` (not
+    a pipe, which a surviving child would keep open); its exit status and the log's end."""
+    with open(log, "w") as out:
+        status = subprocess.run(command, env=torchrun_env({TAG_VARIABLE: tag}), stdout=out,
+                                stderr=subprocess.STDOUT, timeout=300).returncode
+    return status, log.read_text()[-3000:]
+
+
+#: A process that locks a directory (argv[2]) as a run does, starts a DALI loader on the
+#: folder argv[1] with two Python workers started by argv[3] (fork; spawn, as when CUDA is
+#: initialized) and waits to be killed.
+DALI_LOADER_HOLDING_A_LOCK = """
+import sys, time
+from pathlib import Path
+import torch
+from fr_distill.config import DataConfig
+from fr_distill.data import build_train_loader, preflight
+from fr_distill.engine.run_dir import lock_directory
+if sys.argv[3] == "spawn":
+    torch.cuda.is_initialized = lambda: True
+lock_directory(Path(sys.argv[2]))
+cfg = DataConfig(train=sys.argv[1], batch_size=4, num_workers=2, loader="dali")
+batches = build_train_loader(cfg, preflight(cfg), 0, 1, "cpu", 0).iterate(0)
+next(batches)
+print("running", flush=True)
+time.sleep(600)
+"""
+
+
+#: A process that locks a directory (argv[1]) as a run does, forks a child as DALI starts its
+#: workers (the child sleeps), prints the child's pid and waits to be killed.
+FORKS_A_CHILD_WHILE_LOCKED = """
+import os, sys, time
+from pathlib import Path
+from fr_distill.engine.run_dir import lock_directory
+lock_directory(Path(sys.argv[1]))
+child = os.fork()
+if child == 0:
+    time.sleep(600)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_child_forked_by_a_run_never_holds_its_lock(tmp_path, process_tag):
+    """A process holding a run's lock forks a child and is SIGKILLed: while the child lives
+    on, the lock is free (before, the child shared the lock's open file description and
+    held it until it exited)."""
+    proc = subprocess.Popen([sys.executable, "-c", FORKS_A_CHILD_WHILE_LOCKED, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True,
+                            env=torchrun_env({TAG_VARIABLE: process_tag}))
+    try:
+        child = int(proc.stdout.readline())
+        assert not lock_is_free(tmp_path)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert wait_until(lambda: lock_is_free(tmp_path), timeout=10)
+    os.kill(child, 0)  # the child is alive, and does not hold the lock
+    assert tagged_processes(process_tag) == [child]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_a_killed_dali_loaders_workers_die_with_it_and_never_hold_its_lock(
+        synthetic_data, tmp_path, process_tag, start):
+    """SIGKILL to a process holding a run's lock while its DALI workers (forked, or spawned)
+    wait for tasks: the workers exit at once (before, they lived on, reparented, ignoring
+    SIGTERM) and the lock is free (before, forked ones kept it, refusing every rerun)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DALI_LOADER_HOLDING_A_LOCK, str(synthetic_data / "train"),
+         str(tmp_path), start], stdout=subprocess.PIPE, text=True,
+        env=torchrun_env({TAG_VARIABLE: process_tag}))
+    try:
+        assert proc.stdout.readline().strip() == "running"
+        assert len(tagged_processes(process_tag)) >= 3  # the process and its two workers
+        assert not lock_is_free(tmp_path)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert wait_until(lambda: not tagged_processes(process_tag)), tagged_processes(process_tag)
+    assert lock_is_free(tmp_path)
+
+
+@pytest.mark.timeout(600)
+def test_a_sigkilled_dali_run_leaves_no_worker_or_lock_and_its_rerun_resumes(
+        synthetic_data, tmp_path, process_tag):
+    """A one-rank run on the DALI loader (two Python workers, as by default) SIGKILLed after
+    step 1: no process of it is left, its lock is free, and the same command again resumes
+    from the step-1 checkpoint and completes (before: 'in use by another run (pid N)', N
+    dead, exit 2, for as long as the orphaned workers lived)."""
+    out = tmp_path / "run"
+    command = [sys.executable, str(WORKER), "--fault", "kill", "--fault-step", "1",
+               "--fault-rank", "0", "--marker", str(tmp_path / "killed_once"),
+               *overrides(synthetic_data, out, "data.loader=dali", "data.num_workers=2",
+                          "schedule.total_steps=2", "checkpoint.every_steps=1")]
+    killed, log = run_tagged(command, process_tag, tmp_path / "killed.log")
+    assert killed == -signal.SIGKILL, log
+    assert wait_until(lambda: not tagged_processes(process_tag)), tagged_processes(process_tag)
+    assert lock_is_free(out)
+    rerun, log = run_tagged(command, process_tag, tmp_path / "rerun.log")
+    assert rerun == 0, log
+    result = json.loads((out / "result.json").read_text())
+    assert (result["status"], result["start_step"], result["step"]) == ("completed", 1, 2)
+    assert wait_until(lambda: not tagged_processes(process_tag)), tagged_processes(process_tag)
+
+
+#: ``fr-distill cache-teacher`` SIGKILLing itself once its first shard is recorded.
+CACHE_BUILD_KILLED_AFTER_A_SHARD = """
+import os, signal, sys
+from fr_distill.teacher_cache import build
+finish = build._finish_shard
+def finish_and_die(*args):
+    finish(*args)
+    os.kill(os.getpid(), signal.SIGKILL)
+build._finish_shard = finish_and_die
+sys.exit(build.cache_teacher_main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_a_sigkilled_cache_build_leaves_no_lock_and_its_rerun_finishes(
+        synthetic_data, teacher_file, tmp_path, process_tag):
+    """``fr-distill cache-teacher`` on the DALI loader SIGKILLed after its first shard: no
+    process of it is left, the cache's lock is free and the command again finishes the
+    cache (before: 'in use by another cache build', exit 2)."""
+    from fr_distill.teacher_cache.store import read_manifest
+
+    cache = tmp_path / "cache"
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    args = ["--config", str(config), "--shard-samples", "100",
+            f"data.train={synthetic_data / 'train'}", "data.loader=dali", "data.num_workers=2",
+            "data.batch_size=32", f"teacher.path={teacher_file}", "teacher.name=iresnet18", "teacher.width=0.125",
+            "teacher.embedding_dim=32", f"teacher.cache={cache}", "precision.amp=fp32"]
+    killed, log = run_tagged([sys.executable, "-c", CACHE_BUILD_KILLED_AFTER_A_SHARD, *args],
+                             process_tag, tmp_path / "killed.log")
+    assert killed == -signal.SIGKILL, log
+    assert sorted(read_manifest(cache)["shards"]) == ["0"]
+    assert wait_until(lambda: not tagged_processes(process_tag)), tagged_processes(process_tag)
+    assert lock_is_free(cache)
+    rerun, log = run_tagged([sys.executable, "-m", "fr_distill.cli", "cache-teacher", *args],
+                            process_tag, tmp_path / "rerun.log")
+    assert rerun == 0, log
+    manifest = read_manifest(cache)
+    assert manifest["complete"] and sorted(manifest["shards"]) == ["0", "1"]
 
 
 # -- corrupt training images -----------------------------------------------------------------

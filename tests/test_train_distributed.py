@@ -2,7 +2,8 @@
 
 * 2 ranks × batch B equal 1 rank × batch 2B (losses and weights within 1e-5);
 * a worker SIGKILLed at a random step with ``--max-restarts 1``: the run completes with final
-  weights bitwise equal to the reference;
+  weights bitwise equal to the reference; on the DALI loader, rank 0 (the lock holder)
+  SIGKILLed: the restarted group takes the lock and completes, and no process is left;
 * SIGTERM on one rank: every rank stops after the same step, a checkpoint and the requeue
   marker appear, workers exit with REQUEUE_EXIT_CODE, and resuming ends bitwise equal;
 * resume on a different world size keeps the global batch (class-sharded head re-sharded);
@@ -25,7 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, assert_checkpoints_bitwise, run_torchrun
+from conftest import (REPO, TAG_VARIABLE, assert_checkpoints_bitwise, lock_is_free, run_torchrun,
+                      tagged_processes, wait_until)
 from fr_distill.config import load_config
 from fr_distill.engine import REQUEUE_EXIT_CODE, REQUEUE_MARKER, checkpoint
 from fr_distill.models import get_backbone
@@ -54,11 +56,12 @@ def setup(tmp_path_factory, synthetic_data) -> dict:
     return {"root": root, "teacher": teacher_file, "overrides": overrides}
 
 
-def _run(setup, name: str, *extra: str, torchrun_args=(), check=True, worker_args=()):
+def _run(setup, name: str, *extra: str, torchrun_args=(), check=True, worker_args=(),
+         env=None):
     out = setup["root"] / name
     proc = run_torchrun(WORKER, *worker_args, "--teacher-file", str(setup["teacher"]),
                         *setup["overrides"], f"run.output_dir={out}", *extra, nproc=2,
-                        torchrun_args=torchrun_args, check=check, timeout=300)
+                        torchrun_args=torchrun_args, check=check, timeout=300, env=env)
     return out, proc
 
 
@@ -176,6 +179,26 @@ def test_killed_worker_restarts_and_ends_bitwise_equal(setup, reference):
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "completed" and result["start_step"] == step - step % 2, step
     assert_checkpoints_bitwise(_final(reference), _final(out))
+
+
+def test_killed_lock_holder_on_the_dali_loader_restarts_and_leaves_no_process(setup,
+                                                                             process_tag):
+    """The DALI loader (one Python worker per rank): rank 0, which holds the run's lock,
+    SIGKILLed after step 3. The restarted group takes the lock, resumes from step 2 and
+    completes (before, the killed rank's orphaned workers kept the lock and both restarted
+    ranks failed 'in use by another run'), and no process of the run is left."""
+    out = setup["root"] / "killed_dali"
+    out.mkdir()
+    _run(setup, "killed_dali", "data.loader=dali", "data.num_workers=1",
+         "schedule.total_steps=4", "eval.bin_sets=[]", "eval.best_metric=",
+         torchrun_args=("--max-restarts", "1"), env={TAG_VARIABLE: process_tag},
+         worker_args=("--fault", "kill", "--fault-step", "3", "--fault-rank", "0",
+                      "--marker", str(out / "killed_once")))
+    assert (out / "killed_once").read_text() == "3"
+    result = json.loads((out / "result.json").read_text())
+    assert (result["status"], result["start_step"], result["step"]) == ("completed", 2, 4)
+    assert wait_until(lambda: not tagged_processes(process_tag)), tagged_processes(process_tag)
+    assert lock_is_free(out)
 
 
 def test_worker_killed_during_evaluation_loses_nothing_saved(setup, reference):

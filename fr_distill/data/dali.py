@@ -11,10 +11,19 @@ as torch tensors on the rank's device.
 
 Worker start: ``fork`` while CUDA is not initialized in this process (fast), else ``spawn``
 (the source object is picklable; the RecordIO reader reopens its file in each worker).
+Either way a worker dies with the process that built the pipeline (:func:`die_with_parent`):
+DALI's workers wait for tasks in C and keep that process's Python signal handlers (the
+run's SIGTERM handler only takes note), so a SIGKILLed run would otherwise leave them
+running for good, holding their memory (never the run directory's lock:
+:func:`~fr_distill.engine.run_dir.lock_directory`).
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
+import os
+import pickle
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -24,6 +33,52 @@ from .dataset import IMAGE_SIZE, SampleBytes
 from .decode import decode_rgb
 from .errors import DataError, from_worker
 from .sampler import GlobalSampler
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up now: no dlopen in a forked child
+
+#: While :func:`build_pipeline` starts forked workers: the pid they die with.
+_forking_workers_of: int | None = None
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a worker: have the kernel SIGKILL this process when ``parent_pid`` (the pipeline's
+    process; strictly its thread that started the worker, the one building the pipeline)
+    ends, and exit now if it already has (it died before this call)."""
+    if _prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0),
+              ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _in_forked_child() -> None:
+    """``os.register_at_fork`` hook: a worker forked by :func:`build_pipeline` dies with its
+    parent (its own children, if any, are not workers)."""
+    global _forking_workers_of
+    if _forking_workers_of is not None:
+        parent, _forking_workers_of = _forking_workers_of, None
+        die_with_parent(parent)
+
+
+os.register_at_fork(after_in_child=_in_forked_child)
+
+
+class SpawnPickler:
+    """DALI's ``py_callback_pickler`` for spawned workers: plain pickle, and a worker
+    unpickling its source (the first thing it does) first ties its life to ``parent_pid``."""
+
+    def __init__(self, parent_pid: int) -> None:
+        self.parent_pid = parent_pid
+
+    def dumps(self, obj) -> bytes:
+        return pickle.dumps(obj)
+
+    def loads(self, data: bytes):
+        die_with_parent(self.parent_pid)
+        return pickle.loads(data)
 
 
 class BatchSource:
@@ -56,10 +111,11 @@ def build_pipeline(source: BatchSource, batch_size: int, device: torch.device,
     device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
         if on_gpu else None
     start_method = "spawn" if torch.cuda.is_initialized() else "fork"
+    pickler = SpawnPickler(os.getpid()) if start_method == "spawn" else None
 
     @pipeline_def(batch_size=batch_size, num_threads=max(1, num_workers), device_id=device_id,
                   prefetch_queue_depth=prefetch, py_num_workers=max(1, num_workers),
-                  py_start_method=start_method)
+                  py_start_method=start_method, py_callback_pickler=pickler)
     def pipeline():
         encoded, mirror, index = fn.external_source(
             source=source, num_outputs=3, batch=True, batch_info=True, parallel=True,
@@ -71,8 +127,13 @@ def build_pipeline(source: BatchSource, batch_size: int, device: torch.device,
                                           output_layout="CHW", mean=[127.5] * 3, std=[127.5] * 3)
         return images, index, mirror
 
+    global _forking_workers_of
     pipe = pipeline()
-    pipe.build()
+    _forking_workers_of = os.getpid()  # build() starts the workers
+    try:
+        pipe.build()
+    finally:
+        _forking_workers_of = None
     return pipe
 
 

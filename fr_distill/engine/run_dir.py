@@ -4,9 +4,10 @@ Before the first model is built, :func:`claim_run_dir` (a collective; rank 0 act
 broadcasts the outcome, so every rank raises the same one-line error):
 
 * **One run at a time.** Rank 0 holds an exclusive ``flock`` on ``<output_dir>/.lock`` for the
-  life of the process; a second run started on the same directory fails at once with
-  :class:`RunDirError` naming the holder (pid, host, start time). The lock dies with the
-  process, so a crashed or preempted run never leaves a stale lock (on file systems without
+  life of the process (:mod:`fr_distill.locks`); a second run started on the same directory
+  fails at once with :class:`RunDirError` naming the holder (pid, host, start time). The
+  lock dies with the process and never lives on in a child of it (DALI's forked workers),
+  so a crashed, killed or preempted run never leaves a stale lock (on file systems without
   ``flock`` support, e.g. some NFS mounts, the call fails and the error says so).
 * **Writable.** The directory and ``checkpoints/`` are created and a file is written and
   removed in each, so a permission problem is a one-line error before training, not a
@@ -25,10 +26,9 @@ import fcntl
 import json
 import logging
 import os
-import socket
 from pathlib import Path
 
-from fr_distill import dist
+from fr_distill import dist, locks
 from fr_distill.engine.checkpoint import CheckpointStore
 from fr_distill.errors import FrDistillError
 from fr_distill.paths import require_writable_dir
@@ -42,7 +42,7 @@ WANDB_RUN_ID = "wandb_run_id"
 #: What belongs to one run besides its checkpoints (moved aside with them).
 RUN_RECORDS = ("metrics.jsonl", "tensorboard", WANDB_RUN_ID, "wandb")
 
-_held_locks: dict[Path, int] = {}  # directory -> open lock fd, for the life of the process
+_held_locks: dict[Path, int] = {}  # directory -> its lock (fr_distill.locks descriptor)
 
 
 class RunDirError(FrDistillError, RuntimeError):
@@ -53,34 +53,27 @@ class RunDirError(FrDistillError, RuntimeError):
 
 
 def lock_directory(directory: Path, key: str = "run.output_dir", user: str = "run") -> None:
-    """Take ``directory``'s exclusive lock (kept until the process ends or :func:`release`);
-    the error names the config ``key`` and the holder (a ``user`` of the directory)."""
-    if directory in _held_locks:
+    """Take ``directory``'s exclusive lock (:func:`fr_distill.locks.acquire`: never held by a
+    child of this process), kept until this process ends or calls :func:`release`; the error
+    names the config ``key`` and the holder (a ``user`` of the directory)."""
+    if locks.is_held(_held_locks.get(directory)):
         return
     path = directory / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
-        os.close(fd)
-        raise RunDirError(f"{key} {directory} is in use by another {user} ({holder}); "
+        _held_locks[directory] = locks.acquire(path)
+    except locks.LockBusy as busy:
+        raise RunDirError(f"{key} {directory} is in use by another {user} ({busy}); "
                           f"wait for it, stop it, or choose another {key}") from None
     except OSError as err:
-        os.close(fd)
-        raise RunDirError(f"{key} {directory}: cannot lock {path} ({err.strerror}); "
-                          f"the file system does not support flock") from None
-    os.ftruncate(fd, 0)
-    started = datetime.datetime.now().isoformat(timespec="seconds")
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}".encode())
-    _held_locks[directory] = fd
+        unsupported = "; the file system does not support flock" \
+            if isinstance(err, locks.FlockUnsupported) else ""
+        raise RunDirError(f"{key} {directory}: cannot lock {path} ({err.strerror})"
+                          f"{unsupported}") from None
 
 
 def release(run_dir: str | os.PathLike) -> None:
     """Release the lock this process holds on ``run_dir`` (at the end of a run)."""
-    fd = _held_locks.pop(Path(run_dir), None)
-    if fd is not None:
-        os.close(fd)
+    locks.release(_held_locks.pop(Path(run_dir), None))
 
 
 def set_aside_earlier_run(run_dir: Path, store: CheckpointStore, reason: str) -> Path | None:
@@ -118,7 +111,7 @@ def probe_run_dir(run_dir: str | os.PathLike, store: CheckpointStore, fresh_star
                 raise RunDirError(f"config key 'run.output_dir': cannot write to {directory}")
             break
     lock = run_dir / LOCK_FILE
-    if lock.is_file() and run_dir not in _held_locks:
+    if lock.is_file() and not locks.is_held(_held_locks.get(run_dir)):
         with open(lock, "r+b") as f:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
