@@ -210,7 +210,7 @@ def test_a_file_that_is_not_weights_is_refused(synthetic_data, tmp_path, capsys,
     assert train_main(["--config", str(config),
                        *overrides(synthetic_data, out, f"model.init={path}")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: model.init: ") and str(path) in err and message in err
+    assert err.startswith("error: model.init: ") and str(path) in err and message in err
     assert err.count("\n") == 1
 
 
