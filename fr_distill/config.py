@@ -198,7 +198,9 @@ class SphereFace2Config:
 class ILEDConfig:
     """METHOD (E2)."""
 
-    weight: float = setting(1.0, "lambda_ILED (E2, E5); 0 disables ILED", NON_NEGATIVE)
+    weight: float = setting(7.0, "lambda_ILED (E2, E5); 0 disables ILED. 7 = SphereFace2's lw x "
+                                 "lambda, its gradient per unit of cosine (the reading the study "
+                                 "supports, METHOD §8); 1 is the literal reading", NON_NEGATIVE)
     r: float = setting(40.0, "ILED steepness r (E2)", POSITIVE)
     s: float = setting(0.9, "ILED target cosine s (E2)", Rule(lambda v: -1 <= v <= 1, "in [-1, 1]"))
     b: float = setting(0.1, "ILED bias b (E2)")
@@ -216,9 +218,10 @@ class RPSDConfig:
     t: float = setting(0.05, "RPSD tolerance t (E4)", Rule(lambda v: 0 <= v <= 2, "in [0, 2]"))
     b: float = setting(1.0, "RPSD bias b' (E4)")
     student_anchor: Literal["student_bank", "teacher_bank", "ema_student_bank"] = setting(
-        "student_bank", "what the student's similarities S^s are taken against: its own past "
-                        "embeddings (student_bank), the teacher's (teacher_bank), or those of a "
-                        "momentum (EMA) copy of the student (ema_student_bank) (E4)")
+        "teacher_bank", "what the student's similarities S^s are taken against: the teacher's "
+                        "bank rows (teacher_bank, the reading the study supports, METHOD §8), "
+                        "its own past embeddings (student_bank, the literal reading), or those "
+                        "of a momentum (EMA) copy of the student (ema_student_bank) (E4)")
     ema_momentum: float = setting(0.99, "momentum m of the EMA student that fills the student "
                                         "bank with student_anchor=ema_student_bank: after each "
                                         "optimizer step theta_ema = m theta_ema + (1 - m) theta "

@@ -54,7 +54,7 @@ def test_two_ranks_equal_one_rank(two_rank_run, run):
         diffs, trace = results[0]["diffs"][run], results[0]["reference_balance"]
         assert {f"balance/{t}" for t in terms[1:]} | {"balance/held"} <= set(diffs)
         assert trace["balance/held"] == [0.0] * 4
-        start = {"iled": 1.0, "l2": 0.5, "fc": 1.0, "rkd": 1.0}  # RPSD's bank is empty at first
+        start = {"iled": 7.0, "l2": 0.5, "fc": 1.0, "rkd": 1.0}  # RPSD's bank is empty at first
         for term, weight in start.items():
             assert all(abs(value / weight - 1) > 1e-3 for value in trace[f"balance/{term}"]), term
         assert trace["balance/rpsd"][0] == 40.0 and trace["balance/rpsd"][-1] != 40.0

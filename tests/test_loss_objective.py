@@ -40,7 +40,7 @@ def test_total_is_the_weighted_sum_of_the_reported_terms():
     objective.update_bank(*batch(1)[:2])
     out = objective(f_s, f_t, labels)
     assert set(out.terms) == {"sphereface2", "iled", "rpsd", "l2", "fc", "rkd"}
-    weights = {"sphereface2": 1.0, "iled": 1.0, "rpsd": 40.0, "l2": 0.5, "fc": 2.0, "rkd": 3.0}
+    weights = {"sphereface2": 1.0, "iled": 7.0, "rpsd": 40.0, "l2": 0.5, "fc": 2.0, "rkd": 3.0}
     expected = sum(weights[k] * v for k, v in out.terms.items())
     assert out.total.item() == pytest.approx(expected.item(), rel=1e-6)
     assert all(not v.requires_grad and v.dtype == torch.float32 for v in out.terms.values())

@@ -309,3 +309,19 @@ def test_report_pools_every_set_for_the_mean_accuracy_interval():
     assert diffs["mean acc"]["diff"] == pytest.approx(50.0)
     half = 1.96 * 100 * np.sqrt(0.25 / 400)  # the share of drawn pairs from set a
     assert low == pytest.approx(50 - half, abs=1.0) and high == pytest.approx(50 + half, abs=1.0)
+
+
+def test_settings_of_terms_a_run_does_not_use_do_not_make_it_another_run():
+    """A default changed for a term that is off (here RPSD's anchor and ILED's weight in a run
+    without them) leaves a finished run reusable; the same change in a run using them does not."""
+    from fr_distill.config import load_config
+    from fr_distill.study.runner import effective_settings
+
+    plain = ["loss.iled.weight=0", "loss.rpsd.weight=0"]
+    assert effective_settings(load_config(None, plain + ["loss.rpsd.student_anchor=student_bank",
+                                                         "loss.balance.smoothing=0.3"])) == \
+        effective_settings(load_config(None, plain + ["loss.rpsd.student_anchor=teacher_bank"]))
+    assert effective_settings(load_config(None, ["loss.rpsd.student_anchor=student_bank"])) != \
+        effective_settings(load_config(None, ["loss.rpsd.student_anchor=teacher_bank"]))
+    assert effective_settings(load_config(None, plain + ["loss.l2.weight=1"])) != \
+        effective_settings(load_config(None, plain))

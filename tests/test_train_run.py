@@ -344,7 +344,8 @@ def test_diagnostics_are_logged_on_logging_steps_and_leave_training_unchanged(
 def _balanced_ema(synthetic_data: Path, out: Path, teacher_file: Path) -> list[str]:
     return _overrides(synthetic_data, out, teacher_file) + [
         "data.batch_size=8", "schedule.total_steps=4", "checkpoint.every_steps=2",
-        "checkpoint.keep_last=3", "logging.every_steps=1", "loss.balance.enabled=true",
+        "checkpoint.keep_last=3", "logging.every_steps=1", "loss.iled.weight=1",
+        "loss.balance.enabled=true",
         "loss.balance.iled=0.5", "loss.balance.rpsd=1.0", "loss.balance.smoothing=0.5",
         "loss.rpsd.student_anchor=ema_student_bank", "loss.rpsd.ema_momentum=0.5"]
 

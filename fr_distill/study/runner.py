@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fr_distill.config import Config, ConfigError, load_config, to_dict
+from fr_distill.config import KD_TERMS, Config, ConfigError, load_config, to_dict
 from fr_distill.engine.checkpoint import CheckpointStore
 from fr_distill.engine.plan import CHECKPOINT_SUBDIR
 from fr_distill.study.spec import IJBSet, StudyError, StudySpec, student_config
@@ -113,15 +113,32 @@ def prepare_data(spec: StudySpec, out: Path) -> StudyData:
                      [IJBSet(str(data / "ijb" / ijb_name), ijb_name)])
 
 
+def effective_settings(config: Config) -> dict:
+    """``config`` as a dict without the settings of the loss terms that are off (a term's keys
+    but its weight; the memory bank without RPSD; balancing when disabled): a changed default
+    of a term a run does not use does not make it another run."""
+    settings = to_dict(config)
+    loss = settings["loss"]
+    for term in KD_TERMS:
+        if loss[term]["weight"] <= 0:
+            loss[term] = {"weight": loss[term]["weight"]}
+    if loss["rpsd"]["weight"] <= 0:
+        del loss["bank"]
+    if not loss["balance"]["enabled"]:
+        del loss["balance"]
+    return settings
+
+
 def _check_config_unchanged(run: StudyRun) -> None:
     """A run directory holds the run of exactly this config, or nothing yet. The saved config
     is read through the current schema, so keys added since (at their defaults) do not count
-    as a change."""
+    as a change, nor do settings of loss terms the run does not use
+    (:func:`effective_settings`)."""
     saved = run.run_dir / "config.yaml"
     if not saved.is_file():
         return
     try:
-        same = to_dict(load_config(saved)) == to_dict(run.config)
+        same = effective_settings(load_config(saved)) == effective_settings(run.config)
     except ConfigError:
         same = False
     if not same:
