@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, torchrun_env
 
-MODELS = ["teacher", "none", "iled", "rpsd_teacher_bank", "unified_teacher_bank"]
+MODELS = ["teacher", "none", "iled", "rpsd", "unified"]
 CHANCE = 50.0  # verification pairs are half genuine, half impostor
 
 
@@ -52,7 +52,7 @@ def test_quick_demo_learns_and_reuses(tmp_path):
         # learning: the whole 95 % interval of the pooled accuracy is well above chance
         assert low > CHANCE + 10, (name, cells)
     diff_header, diffs = table(report, "| model | paired seeds |")
-    assert list(diffs) == ["teacher", "iled", "rpsd_teacher_bank", "unified_teacher_bank"]
+    assert list(diffs) == ["teacher", "iled", "rpsd", "unified"]
     diff, low, high = numbers(diffs["teacher"][diff_header.index("mean acc")])
     assert low > 0 and low <= diff <= high, diffs["teacher"]  # the teacher is stronger
     for figure in ("roc_IJBS.png", "cosine.png", "grad_share.png", "loss_terms.png"):
