@@ -19,7 +19,7 @@ import simplejpeg
 import torch
 
 from fr_distill.data import DataError, RecordIOReader
-from fr_distill.data.align import ARCFACE_TEMPLATE, align_face, alignment_matrix
+from fr_distill.data.align import ARCFACE_TEMPLATE, alignment_matrix
 from fr_distill.data.synthetic import generate
 from fr_distill.data.synthetic.build import identity_pool
 from fr_distill.data.synthetic.release import CSV_COLUMNS
