@@ -153,8 +153,10 @@ def update_bank(run: Run, embeddings: list[tuple[torch.Tensor, torch.Tensor | No
     """Enqueue each micro-step's global batch into the memory bank (METHOD E3); with
     ``ema_student_bank`` (E4) the EMA student follows the student first and embeds ``images``
     (each micro-step's) for the bank's student rows."""
-    with autocast(run.info.device, run.amp_dtype):
-        ema = run.objective.ema_embeddings(run.student, images)
+    ema = None
+    if run.objective.ema_student is not None:  # no autocast entered on the other steps
+        with autocast(run.info.device, run.amp_dtype):
+            ema = run.objective.ema_embeddings(run.student, images)
     for i, (f_s, f_t) in enumerate(embeddings):
         run.objective.update_bank(f_s, f_t, None if ema is None else ema[i])
 
