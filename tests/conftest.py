@@ -352,7 +352,9 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture
 def background(request):
-    """The result of the test's background job (waited for), or the job's exception."""
+    """The result of the test's background job (waited for). An exception of the job (an
+    assertion it makes on a step, a timeout) is raised here: pytest reports it as an error
+    in the test's setup, and the wait shows in ``--durations`` as the test's setup."""
     job = _BACKGROUND.get(request.node.nodeid)
     if job is None:  # collected without the hook (e.g. run by another plugin): run it here
         root = request.getfixturevalue("tmp_path")
