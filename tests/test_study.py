@@ -150,8 +150,9 @@ BAD_SPECS = [
 @pytest.fixture(scope="module")
 def bad_spec_cli(tmp_path_factory) -> dict:
     """``fr-distill study`` run on each of ``BAD_SPECS`` (index -> (spec, out, future of the
-    process)): the processes, each importing torch on one core, run side by side as soon as
-    the first case asks for them, so the cases' total wall time is about one process's."""
+    process)): each process spends its seconds importing torch on one core, so they run one
+    per core, all started when the first case asks for them (the cases' wall time is about
+    their serial time divided by the cores)."""
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
