@@ -125,7 +125,7 @@ def test_the_shipped_study_spec_loads():
     assert spec.baseline == "none" and len(spec.seeds) >= 3
 
 
-BAD_SPECS = [
+@pytest.mark.parametrize("change, message", [
     (("iled: [loss.iled.weight=1.0]", "iled: [loss.iled.weigth=1.0]"),
      r"variant 'iled': .*unknown config key 'loss.iled.weigth'; did you mean loss.iled.weight"),
     (("teacher: {config: teacher.yaml}", "teacher: {path: missing.pt}"),
@@ -144,37 +144,16 @@ BAD_SPECS = [
      r"'teacher_cache' must be true or false, got 'yes please'"),
     (("iled: [loss.iled.weight=1.0]", "iled: [loss.iled.weight=1.0, loss.balance.enabled=true]"),
      r"variant 'iled': .*'loss.balance.iled' must be > 0 with loss.balance.enabled"),
-]
-
-
-@pytest.fixture(scope="module")
-def bad_spec_cli(tmp_path_factory) -> dict:
-    """``fr-distill study`` run on each of ``BAD_SPECS`` (index -> (spec, out, future of the
-    process)): each process spends its seconds importing torch on one core, so they run one
-    per core, all started when the first case asks for them (the cases' wall time is about
-    their serial time divided by the cores)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
-    runs = {}
-    for index, (change, _) in enumerate(BAD_SPECS):
-        root = tmp_path_factory.mktemp(f"bad_spec{index}")
-        spec, out = write_spec(root, GOOD.replace(*change)), root / "out"
-        runs[index] = (spec, out, pool.submit(
-            subprocess.run, [sys.executable, "-m", "fr_distill.cli", "study", str(spec), "--out",
-                             str(out)], cwd=REPO, env=torchrun_env(), capture_output=True,
-            text=True, timeout=120))
-    yield runs
-    pool.shutdown(wait=True)
-
-
-@pytest.mark.parametrize("index", range(len(BAD_SPECS)))
-def test_bad_specs_get_one_line_before_any_training(bad_spec_cli, index):
-    spec, out, future = bad_spec_cli[index]
-    with pytest.raises(StudyError, match=BAD_SPECS[index][1]) as err:
+])
+def test_bad_specs_get_one_line_before_any_training(tmp_path, change, message):
+    spec = write_spec(tmp_path, GOOD.replace(*change))
+    with pytest.raises(StudyError, match=message) as err:
         load_spec(spec)
     assert "\n" not in str(err.value)
-    proc = future.result()
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "fr_distill.cli", "study", str(spec), "--out",
+                           str(out)], cwd=REPO, env=torchrun_env(), capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: ") and not out.exists()
 
