@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEMO_ARGS ?=
 
-.PHONY: install test demo bench clean-venv
+.PHONY: install test test-fast demo bench clean-venv
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# the suite without the end-to-end runs (slow) and the torchrun process groups (dist)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not dist" tests
 
 demo: $(STAMP)
 	$(PY) tools/demo.py $(DEMO_ARGS)

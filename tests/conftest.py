@@ -1,6 +1,6 @@
 """Shared fixtures: launching torchrun process groups (gloo on the CPU), finding the processes
 a test started, the synthetic data, image folders, FIFOs and images whose header lies about
-their size."""
+their size; end-to-end runs started in the background when collection ends."""
 from __future__ import annotations
 
 import contextlib
@@ -255,3 +255,113 @@ def process_tag():
     for pid in tagged_processes(tag):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+# -- end-to-end runs in the background ---------------------------------------------------------
+# The end-to-end tests (the quick demo, the reduced study) spend minutes in subprocesses. A
+# test marked ``@pytest.mark.background(job=f)`` has ``f(root)`` started in a thread as soon as
+# collection ends, its processes at a low CPU priority (``nice``): they use what the rest of
+# the suite leaves idle (most tests train on one thread, one core of two) and barely slow it
+# down. The test itself runs last; its ``background`` fixture waits for the job's result (or
+# re-raises its exception) and the test asserts on it as it would on a run made in its body.
+BACKGROUND_NICE = 10
+
+
+class BackgroundJob:
+    def __init__(self, name: str, job, root: Path) -> None:
+        self.name, self.job, self.root = name, job, root
+        self.done = threading.Event()
+        self.result = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.job(self.root)
+        except BaseException as err:  # noqa: BLE001 (re-raised in the test)
+            self.error = err
+        finally:
+            self.done.set()
+
+
+_BACKGROUND: dict[str, BackgroundJob] = {}
+_BACKGROUND_PROCS: list[subprocess.Popen] = []
+_SESSION_OVER = threading.Event()  # no background process starts after the session's end
+
+
+def background_popen(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen`` of ``cmd`` at the background priority, in a session of its own,
+    killed (its group) if the test session ends first."""
+    if _SESSION_OVER.is_set():
+        raise RuntimeError("the test session is over")
+    proc = subprocess.Popen(["nice", "-n", str(BACKGROUND_NICE), *map(str, cmd)],
+                            start_new_session=True, **kwargs)
+    _BACKGROUND_PROCS.append(proc)
+    return proc
+
+
+def background_run(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` through :func:`background_popen`."""
+    proc = background_popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "background(job=f): f(root) runs in a background thread "
+                            "from the end of collection; the test runs last and reads its result "
+                            "through the `background` fixture")
+
+
+@pytest.hookimpl(trylast=True)  # after -m/-k deselected what will not run
+def pytest_collection_modifyitems(session, config, items):
+    marked = [item for item in items if item.get_closest_marker("background")]
+    if not marked or config.option.collectonly:
+        return
+    items[:] = [item for item in items if item not in marked] + marked
+    jobs = []
+    for item in marked:
+        name = item.nodeid
+        job = BackgroundJob(name, item.get_closest_marker("background").kwargs["job"],
+                            config._tmp_path_factory.mktemp(item.name[:30]))
+        _BACKGROUND[name] = job
+        jobs.append(job)
+
+    def run_all() -> None:
+        for job in jobs:
+            job.run()
+
+    threading.Thread(target=run_all, name="background-jobs", daemon=True).start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _SESSION_OVER.set()
+    for proc in _BACKGROUND_PROCS:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    for job in _BACKGROUND.values():  # torchrun starts its workers in sessions of their own
+        if not job.done.is_set():
+            subprocess.run(["pkill", "-KILL", "-f", str(job.root)], check=False)
+
+
+@pytest.fixture
+def background(request):
+    """The result of the test's background job (waited for). An exception of the job (an
+    assertion it makes on a step, a timeout) is raised here: pytest reports it as an error
+    in the test's setup, and the wait shows in ``--durations`` as the test's setup."""
+    job = _BACKGROUND.get(request.node.nodeid)
+    if job is None:  # collected without the hook (e.g. run by another plugin): run it here
+        root = request.getfixturevalue("tmp_path")
+        job = BackgroundJob(request.node.nodeid,
+                            request.node.get_closest_marker("background").kwargs["job"], root)
+        job.run()
+    job.done.wait()
+    if job.error is not None:
+        raise job.error
+    return job.result

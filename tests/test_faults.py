@@ -552,6 +552,7 @@ def test_a_killed_dali_loaders_workers_die_with_it_and_never_hold_its_lock(
     assert lock_is_free(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_sigkilled_dali_run_leaves_no_worker_or_lock_and_its_rerun_resumes(
         synthetic_data, tmp_path, process_tag):
@@ -588,6 +589,7 @@ sys.exit(build.cache_teacher_main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_sigkilled_cache_build_leaves_no_lock_and_its_rerun_finishes(
         synthetic_data, teacher_file, tmp_path, process_tag):

@@ -11,23 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, background_run, free_port
 
 
-def run(cmd: list, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def run(cmd: list, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = background_run(cmd, cwd=cwd, env=env, timeout=timeout)
     assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> Path:
+def install(root: Path) -> Path:
     """A throw-away virtual environment with the package installed from a built wheel; its
     dependencies are this environment's (linked, without this environment's own fr_distill)."""
-    root = tmp_path_factory.mktemp("installed")
     deps = root / "deps"
     deps.mkdir()
     ours = Path(sysconfig.get_paths()["purelib"])
@@ -47,24 +44,41 @@ def installed(tmp_path_factory) -> Path:
     return venv
 
 
-@pytest.mark.slow
-def test_the_installed_package_trains_and_finds_its_configs_outside_the_checkout(installed,
-                                                                                   tmp_path):
+def installed_package_runs(root: Path) -> dict:
+    """The package installed into a fresh environment under ``root``, then run from
+    ``root/work`` (the background job of the test below): what each command printed."""
+    installed = install(root)
+    work = root / "work"
+    work.mkdir()
     python = installed / "bin" / "python"
-    where = run([python, "-c", "import fr_distill; print(fr_distill.__file__)"], cwd=tmp_path)
+    seen = {"installed": installed, "work": work}
+    seen["where"] = run([python, "-c", "import fr_distill; print(fr_distill.__file__)"], cwd=work)
+    seen["demo"] = demo = run([installed / "bin" / "fr-distill", "demo", "--quick", "--dry-run"],
+                              cwd=work)
+    spec = Path(demo.stdout.split(":")[0])
+    run([python, "-c", "from fr_distill.data.synthetic import generate; "
+         "generate('data', num_identities=6, images_per_identity=4, bin_identities=4, "
+         "bin_pairs=4, ijb_subjects=2)"], cwd=work)
+    teacher = spec.parent / "teacher.yaml"
+    seen["trained"] = run([python, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                           "-m", "fr_distill.cli", "train", "--config", teacher,
+                           "data.train=data/train", "run.output_dir=run",
+                           "schedule.total_steps=2", "schedule.warmup_steps=1",
+                           "data.batch_size=4", "checkpoint.every_steps=2",
+                           "logging.tensorboard=false"], cwd=work)
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.background(job=installed_package_runs)
+def test_the_installed_package_trains_and_finds_its_configs_outside_the_checkout(background):
+    installed, work = background["installed"], background["work"]
+    where = background["where"]
     assert where.stdout.startswith(str(installed)), where.stdout
-    demo = run([installed / "bin" / "fr-distill", "demo", "--quick", "--dry-run"], cwd=tmp_path)
+    demo = background["demo"]
     spec = Path(demo.stdout.split(":")[0])
     assert spec.is_relative_to(installed) and spec.parts[-3:] == ("demo", "quick", "study.yaml")
     assert "runs: teacher, none/seed1, iled/seed1, rpsd/seed1, unified/seed1" in demo.stdout
-    run([python, "-c", "from fr_distill.data.synthetic import generate; "
-         "generate('data', num_identities=6, images_per_identity=4, bin_identities=4, "
-         "bin_pairs=4, ijb_subjects=2)"], cwd=tmp_path)
-    teacher = spec.parent / "teacher.yaml"
-    trained = run([python, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                   "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-                   "-m", "fr_distill.cli", "train", "--config", teacher, "data.train=data/train", "run.output_dir=run",
-                   "schedule.total_steps=2", "schedule.warmup_steps=1", "data.batch_size=4",
-                   "checkpoint.every_steps=2", "logging.tensorboard=false"], cwd=tmp_path)
-    assert "completed at step 2" in trained.stdout
-    assert (tmp_path / "run" / "checkpoints" / "step_00000002.pt").is_file()
+    assert "completed at step 2" in background["trained"].stdout
+    assert (work / "run" / "checkpoints" / "step_00000002.pt").is_file()

@@ -33,6 +33,8 @@ from fr_distill.engine import REQUEUE_EXIT_CODE, REQUEUE_MARKER, checkpoint
 from fr_distill.models import get_backbone
 from fr_distill.models.export import load_student
 
+pytestmark = pytest.mark.dist  # every test reads runs launched under torchrun
+
 WORKER = REPO / "tests" / "workers" / "worker_train_run.py"
 STEPS = 8
 

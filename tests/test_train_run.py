@@ -48,6 +48,7 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_short_run_raises_verification_accuracy(synthetic_data, tmp_path, single_thread):
     """60 steps of SphereFace2 training: verification on the synthetic .bin sets (identities
     disjoint from training) rises well above the same initialization's untrained values."""
