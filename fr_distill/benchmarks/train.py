@@ -51,11 +51,11 @@ from ..data import Batch
 from ..engine.faults import NonFiniteGuard, StopSignal
 from ..engine.optim import build_optimizer
 from ..engine.state import Run
-from ..engine.step import image_layout, train_step
+from ..engine.step import train_step
 from .. import dist
 from ..losses import build_objective
 from ..models import FrozenTeacher, get_backbone
-from ..precision import amp_dtype as resolve_amp
+from ..precision import amp_dtype as resolve_amp, image_layout
 
 PHASES = ("data", "teacher", "student_fwd_bwd", "objective", "agree", "optimizer", "bank")
 
@@ -79,7 +79,7 @@ def detect_peak_tflops(device: torch.device) -> float | None:
 
 def layout(device: torch.device) -> torch.memory_format:
     """The trainer's image/model memory format on ``device`` (channels_last on CUDA)."""
-    return image_layout(Config(), device)
+    return image_layout(Config().model.channels_last, device)
 
 
 @dataclass

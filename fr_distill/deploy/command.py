@@ -30,7 +30,7 @@ from fr_distill.eval.runner import check_bin_sets
 from fr_distill.models.export import ExportError, load_student
 from fr_distill.models.registry import build_student
 from fr_distill.models.weights import architecture
-from fr_distill.paths import require_writable_dir
+from fr_distill.paths import atomic_write, require_writable_dir
 from fr_distill.study.report import machine_description
 
 from . import report as costs
@@ -223,9 +223,7 @@ def _publish(staging: Path, out: Path, artifacts: list[dict], report: dict,
         os.replace(staging / art["file"], out / art["file"])
     for name in sorted(earlier - written - {REPORT}):
         (out / name).unlink(missing_ok=True)
-    tmp = staging / REPORT
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out / REPORT)
+    atomic_write(out / REPORT, (json.dumps(report, indent=2) + "\n").encode())
 
 
 def export_for_deployment(args: argparse.Namespace) -> dict:

@@ -32,7 +32,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ import torch
 from fr_distill import dist
 from fr_distill.engine import sharded_checkpoint
 from fr_distill.errors import FrDistillError, first_line
-from fr_distill.paths import file_sha256, fsync_dir
+from fr_distill.paths import atomic_write, file_sha256
 from fr_distill.unpickling import refusal
 
 log = logging.getLogger(__name__)
@@ -79,26 +78,6 @@ def unloadable(path: str | os.PathLike, err: BaseException) -> CheckpointError:
     err = rank_error(err)
     reason = refusal(err) or f"cannot be loaded ({first_line(err)})"
     return CheckpointError(f"{path}: {reason}")
-
-
-# ----------------------------------------------------------------------------------------
-# Atomic files
-# ----------------------------------------------------------------------------------------
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` holds either its old or its new content."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 def save(payload: dict, path: str | os.PathLike) -> None:

@@ -33,31 +33,19 @@ import torch
 from torch import nn
 
 from fr_distill import dist
-from fr_distill.config import Config
 from fr_distill.data import Batch
 from fr_distill.engine.callbacks import StepStats
 from fr_distill.engine.faults import StopSignal
 from fr_distill.engine.optim import clip_gradients
 from fr_distill.engine.state import Run
 from fr_distill.losses.objective import ObjectiveOutput
-from fr_distill.precision import autocast
+from fr_distill.precision import autocast, image_layout
 
 log = logging.getLogger(__name__)
 
 #: Names of the embeddings in the non-finite flags; when one of them is non-finite, the loss
 #: terms computed from it are too, and only the embeddings are reported.
 EMBEDDINGS = ("student embeddings", "teacher embeddings")
-
-
-def image_layout(cfg: Config, device: torch.device) -> torch.memory_format:
-    """channels_last (``model.channels_last``) on CUDA, where its convolutions are faster.
-
-    On the CPU, torch 2.14.1's channels_last IResNet backward corrupts the heap (``free():
-    invalid next size``), and CPU kernels gain nothing from it, so the CPU keeps NCHW.
-    """
-    if cfg.model.channels_last and device.type == "cuda":
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def gradient_sync(model: nn.Module, last_micro_step: bool):
@@ -192,7 +180,7 @@ def train_step(run: Run, batches: Iterator[Batch], stop: StopSignal,
         waited += time.perf_counter() - t
         images += batch.images.shape[0] * run.info.world_size
         mark("data")
-        batch_images = batch.images.contiguous(memory_format=image_layout(run.cfg, device))
+        batch_images = batch.images.contiguous(memory_format=image_layout(run.cfg.model.channels_last, device))
         f_t = teacher_forward(run, batch, batch_images)
         if f_t is not None:
             mark("teacher")

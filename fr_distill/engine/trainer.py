@@ -47,7 +47,7 @@ from fr_distill.engine.plan import checkpoint_store, find_resume, make_plan
 from fr_distill.engine.run_dir import claim_run_dir, release as release_run_dir
 from fr_distill.engine.schedule import build_scheduler
 from fr_distill.engine.state import Run
-from fr_distill.engine.step import image_layout, train_step
+from fr_distill.engine.step import train_step
 from fr_distill.engine.teacher_check import check_sets, check_teacher
 from fr_distill.eval.runner import check_bin_sets
 from fr_distill.losses import build_objective
@@ -116,7 +116,7 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
 
     # -- models: identical initialization on every rank ----------------------------------------
     seed_everything(cfg.run.seed)
-    memory_format = image_layout(cfg, device)
+    memory_format = precision.image_layout(cfg.model.channels_last, device)
     student = build_student(cfg.model).to(device, memory_format=memory_format)
     if init_state is not None:  # a fresh start from pretrained weights (draws no random numbers)
         skipped = load_init_weights(student, init_state, cfg.model.init, cfg.model)
@@ -149,7 +149,7 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
     model = data_parallel(student, device)
     if cfg.model.compile and device.type == "cuda":
         model = torch.compile(model)
-    elif cfg.model.compile:  # observed here, like channels_last in image_layout
+    elif cfg.model.compile:  # observed here, like channels_last in precision.image_layout
         log.warning("model.compile is ignored on the CPU: torch 2.14.1's compiled IResNet "
                     "backward corrupts the heap there (free(): invalid next size)")
     if teacher is not None and cfg.teacher.compile:

@@ -35,6 +35,7 @@ import torch
 from fr_distill.config import KD_TERMS, Config, ConfigError, load_config, to_dict
 from fr_distill.engine.checkpoint import CheckpointStore
 from fr_distill.engine.plan import CHECKPOINT_SUBDIR
+from fr_distill.paths import atomic_writer
 from fr_distill.study.spec import IJBSet, StudyError, StudySpec, student_config
 
 TEACHER = "teacher"
@@ -268,9 +269,8 @@ def _save_outcomes(path: Path, outcomes: dict) -> None:
     for set_name, pairs in outcomes.get("ijb", {}).items():
         arrays[f"ijb/{set_name}/scores"] = pairs["scores"]
         arrays[f"ijb/{set_name}/labels"] = pairs["labels"]
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    with atomic_writer(path) as handle:
+        np.savez(handle, **arrays)
 
 
 def load_outcomes(path: Path) -> dict:
@@ -300,7 +300,7 @@ def evaluate_run(run: StudyRun, data: StudyData, out: Path, batch_size: int = 12
         return
     done.unlink(missing_ok=True)
     # an evaluation-only copy: channels_last runs its forward 1.8x faster on CPUs (the trainer
-    # keeps NCHW on CPUs for its backward, see engine.trainer.image_layout)
+    # keeps NCHW on CPUs for its backward, see precision.image_layout)
     model = load_frozen_model(str(model_file), device="cpu").to(memory_format=torch.channels_last)
     outcomes: dict = {}
     evaluate_model(model, "cpu", data.bin_sets, [(s.root, s.name) for s in data.ijb_sets],

@@ -179,7 +179,7 @@ def _record_content(cfg: Config, info: DatasetInfo, directory: Path, manifest: d
 
 
 def _build(cfg: Config, info: dist.DistInfo, shard_samples: int, force: bool) -> dict:
-    from fr_distill.engine.step import image_layout, teacher_embeddings
+    from fr_distill.engine.step import teacher_embeddings
     from fr_distill.engine.teacher_check import check_sets, check_teacher
     from fr_distill.eval.runner import check_bin_sets
     from fr_distill.models import load_frozen_model
@@ -197,7 +197,7 @@ def _build(cfg: Config, info: dist.DistInfo, shard_samples: int, force: bool) ->
                                                 select_backend(cfg.data.loader))
     dist.run_on_main(check_bin_sets, list(cfg.teacher.check_sets))
     amp_dtype = precision.amp_dtype(cfg.precision.amp, device)
-    memory_format = image_layout(cfg, device)
+    memory_format = precision.image_layout(cfg.model.channels_last, device)
     teacher = load_frozen_model(cfg.teacher.path, cfg.teacher.name, cfg.teacher.embedding_dim,
                                 cfg.teacher.width, device, cfg.teacher.onnx_backend,
                                 cfg.teacher.input_mean, cfg.teacher.input_std)

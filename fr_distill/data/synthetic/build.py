@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fr_distill.paths import atomic_write
+
 from ..errors import DataError
 from . import faces, release, tinyface
 
@@ -78,9 +80,7 @@ def _reusable(out_dir: Path, parameters: dict) -> dict | None:
 
 
 def _write_manifest(out_dir: Path, manifest: dict) -> None:
-    tmp = out_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.replace(out_dir / MANIFEST)
+    atomic_write(out_dir / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _clear_previous(out_dir: Path, ijb_name: str) -> None:

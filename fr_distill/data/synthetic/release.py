@@ -21,6 +21,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from fr_distill.paths import atomic_writer
+
 from ..recordio import RecordIOWriter
 from . import faces
 
@@ -221,10 +223,8 @@ def write_bin(path: Path, jobs: Sequence[RenderJob], issame: list[bool], workers
     bins = [data for encoded in run_jobs(jobs, workers) for data in encoded]
     if len(bins) != 2 * len(issame):
         raise RuntimeError(f"{path}: rendered {len(bins)} images for {len(issame)} pairs")
-    tmp = path.with_suffix(".bin.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_writer(path) as f:
         pickle.dump((bins, issame), f, protocol=4)
-    tmp.replace(path)
     return len(issame)
 
 
