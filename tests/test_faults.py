@@ -406,8 +406,8 @@ def test_a_checkpoint_index_of_other_files_falls_back_to_the_previous_checkpoint
 
 
 def _student_state(data: Path, *change: str) -> dict:
-    cfg = load_config(None, overrides(data, Path("unused"), *change))
-    return build_student(cfg.model).state_dict()
+    model = load_config(None, overrides(data, Path("unused"), *change)).model
+    return build_student(model.name, model.embedding_dim, model.width, model.dropout).state_dict()
 
 
 def _differences(a: dict, b: dict) -> int:
@@ -451,7 +451,8 @@ def test_resuming_with_another_optimizer_layout_is_one_line_before_training(
     out = copy_run(finished_runs, "file", tmp_path)
     with pytest.raises(checkpoint.CheckpointError) as err:
         run(synthetic_data, out, "schedule.total_steps=3", "optim.no_decay_bn_bias=true")
-    student = build_student(load_config(None, overrides(synthetic_data, out)).model)
+    model = load_config(None, overrides(synthetic_data, out)).model
+    student = build_student(model.name, model.embedding_dim, model.width, model.dropout)
     dims = [p.dim() for p in student.parameters() if p.requires_grad] + [2, 1]  # + the head
     decayed = sum(d > 1 for d in dims)
     assert str(err.value) == (

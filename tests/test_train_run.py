@@ -58,7 +58,9 @@ def test_short_run_raises_verification_accuracy(synthetic_data, tmp_path, single
         "logging.every_steps=20", f"eval.bin_sets=[{','.join(bins)}]",
         "eval.best_metric=synth_lfw/auc"])
     torch.manual_seed(cfg.run.seed)  # the trainer's initialization of the student
-    untrained = evaluate_bin_sets(build_student(cfg.model), bins, torch.device("cpu"))
+    student = build_student(cfg.model.name, cfg.model.embedding_dim, cfg.model.width,
+                            cfg.model.dropout)
+    untrained = evaluate_bin_sets(student, bins, torch.device("cpu"))
     result = train(cfg)
     trained = result.metrics["eval"]
     assert trained["step"] == 60

@@ -261,7 +261,8 @@ def _export_into(out: Path, earlier: set[str], args: argparse.Namespace,
             logger.info("PyTorch model on %s (%d pairs): 10-fold accuracy %.3f %%", vset.name,
                         len(vset.issame), vset.accuracy)
         artifacts = [_write_and_verify(fmt, model, staging, sets,
-                                       lambda: build_student(model_cfg), args)
+                                       lambda: build_student(model_cfg.name, model_cfg.embedding_dim,
+                                                             model_cfg.width, model_cfg.dropout), args)
                      for fmt in formats]
         report = {
             "checkpoint": str(args.checkpoint), "step": step,

@@ -117,7 +117,8 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
     # -- models: identical initialization on every rank ----------------------------------------
     seed_everything(cfg.run.seed)
     memory_format = precision.image_layout(cfg.model.channels_last, device)
-    student = build_student(cfg.model).to(device, memory_format=memory_format)
+    student = build_student(cfg.model.name, cfg.model.embedding_dim, cfg.model.width,
+                            cfg.model.dropout).to(device, memory_format=memory_format)
     if init_state is not None:  # a fresh start from pretrained weights (draws no random numbers)
         skipped = load_init_weights(student, init_state, cfg.model.init, cfg.model)
         log.info("student initialized from %s (%s): %d tensors loaded strictly; left at their "

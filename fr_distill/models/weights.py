@@ -17,7 +17,8 @@ from torch import nn
 
 from fr_distill.config import ConfigError, ModelConfig, from_dict
 from fr_distill.models.errors import ModelLoadError
-from fr_distill.models.iresnet import IRESNET_LAYERS, STEM_CHANNELS
+from fr_distill.backbones import IRESNET_LAYERS
+from fr_distill.models.iresnet import STEM_CHANNELS
 from fr_distill.models.registry import build_student
 from fr_distill.unpickling import refusal
 
@@ -75,7 +76,9 @@ def architecture(model_cfg: ModelConfig) -> str:
 def model_from_checkpoint(checkpoint: dict, path: str) -> tuple[nn.Module, str]:
     """The student architecture recorded in an fr_distill checkpoint's ``config["model"]``."""
     model_cfg = checkpoint_model_config(checkpoint, path)
-    return build_student(model_cfg), f"checkpoint model {architecture(model_cfg)}"
+    model = build_student(model_cfg.name, model_cfg.embedding_dim, model_cfg.width,
+                          model_cfg.dropout)
+    return model, f"checkpoint model {architecture(model_cfg)}"
 
 
 def state_dict_of(payload: object, path: str) -> dict[str, torch.Tensor]:
