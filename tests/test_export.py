@@ -46,7 +46,7 @@ def calibrated(name: str) -> nn.Module:
 
 
 def write_checkpoint(path: Path, model: nn.Module, name: str) -> None:
-    """A checkpoint in the fr_distill contract format (as engine/checkpoint.py writes it)."""
+    """A checkpoint in the fr_distill contract format (as checkpoint/files.py writes it)."""
     cfg = Config()
     cfg.model.name, cfg.model.embedding_dim, cfg.model.width = name, DIM, WIDTH
     torch.save({"format": "fr_distill", "version": 1, "step": 1200, "config": to_dict(cfg),

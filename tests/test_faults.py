@@ -25,7 +25,8 @@ import torch
 from conftest import (REPO, TAG_VARIABLE, lock_is_free, tagged_processes, torchrun_env,
                       wait_until)
 from fr_distill.config import ConfigError, load_config
-from fr_distill.engine import checkpoint, train
+from fr_distill.checkpoint import files as checkpoint
+from fr_distill.engine import train
 from fr_distill.engine.callbacks import Callback
 from fr_distill.engine.entry import train_main
 from fr_distill.engine.faults import TrainingError
@@ -240,7 +241,7 @@ def plant(directory: Path, name: str, payload: bytes) -> None:
 
 
 def checkpoint_warnings(action) -> list[str]:
-    """The warnings of fr_distill.engine.checkpoint while ``action()`` runs (fr_distill's
+    """The warnings of fr_distill.checkpoint.files while ``action()`` runs (fr_distill's
     loggers do not propagate)."""
     warnings = []
     handler = logging.Handler(logging.WARNING)
@@ -375,7 +376,7 @@ def test_a_checksum_file_cut_short_falls_back_to_the_previous_checkpoint(
 def _index_naming_an_unlisted_file(directory: Path) -> bytes:
     """The checkpoint's own .metadata with its first entry's data moved to a file that
     SHA256SUMS does not list (so no checksum would have covered it)."""
-    from fr_distill.engine.sharded_checkpoint import read_metadata
+    from fr_distill.checkpoint.sharded import read_metadata
 
     metadata = read_metadata(directory)
     next(iter(metadata.storage_data.values())).relative_path = "__9_0.distcp"

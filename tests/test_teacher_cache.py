@@ -18,7 +18,8 @@ import torch
 from conftest import assert_checkpoints_bitwise
 from fr_distill.config import ConfigError, load_config
 from fr_distill.data import preflight
-from fr_distill.engine import checkpoint, train
+from fr_distill.checkpoint import files as checkpoint
+from fr_distill.engine import train
 from fr_distill.engine.callbacks import Callback
 from fr_distill.models import get_backbone
 from fr_distill.teacher_cache import CacheError, check_cache

@@ -29,7 +29,8 @@ import torch
 from conftest import (REPO, TAG_VARIABLE, assert_checkpoints_bitwise, lock_is_free, run_torchrun,
                       tagged_processes, wait_until)
 from fr_distill.config import load_config
-from fr_distill.engine import REQUEUE_EXIT_CODE, REQUEUE_MARKER, checkpoint
+from fr_distill.checkpoint import files as checkpoint
+from fr_distill.engine import REQUEUE_EXIT_CODE, REQUEUE_MARKER
 from fr_distill.models import get_backbone
 from fr_distill.models.export import load_student
 

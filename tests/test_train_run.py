@@ -15,7 +15,8 @@ import torch
 
 from conftest import REPO, assert_checkpoints_bitwise
 from fr_distill.config import load_config
-from fr_distill.engine import NonFiniteLossError, checkpoint, train
+from fr_distill.checkpoint import files as checkpoint
+from fr_distill.engine import NonFiniteLossError, train
 from fr_distill.engine.callbacks import Callback
 from fr_distill.engine.entry import train_main
 from fr_distill.eval import evaluate_bin_sets

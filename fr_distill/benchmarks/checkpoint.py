@@ -68,8 +68,8 @@ def _build(classes: int, dim: int, with_momentum: bool):
 def worker(variant: str, phase: str, directory: Path, classes: int, dim: int) -> dict:
     """One phase in this process (a torchrun worker); rank 0 returns the ranks' records."""
     from fr_distill import dist
-    from fr_distill.engine import checkpoint, sharded_checkpoint
-    from fr_distill.engine.state import load_objective_state, load_sharded, objective_state
+    from fr_distill.checkpoint import files as checkpoint, sharded as sharded_checkpoint
+    from fr_distill.checkpoint.state import load_objective_state, load_sharded, objective_state
 
     dist.init("gloo", "cpu")
     objective, optimizer = _build(classes, dim, with_momentum=phase == "save")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from fr_distill import dist
-from fr_distill.engine.checkpoint import CheckpointStore
+from fr_distill.checkpoint.files import CheckpointStore
 from fr_distill.engine.faults import REQUEUE_MARKER
 from fr_distill.engine.state import Run
 from fr_distill.eval import evaluate_bin_sets

@@ -38,7 +38,7 @@ from fr_distill.config import Config, check_paths
 from fr_distill.data import build_train_loader, preflight
 from fr_distill.data.decode_check import apply_decode_check
 from fr_distill.data.loader import select_backend
-from fr_distill.engine import checkpoint
+from fr_distill.checkpoint import files as checkpoint
 from fr_distill.engine.callbacks import Callback, CallbackList, CheckpointCallback, EvalCallback
 from fr_distill.engine.faults import NonFiniteGuard, StopSignal, TrainingError
 from fr_distill.engine.run_log import LoggingCallback, check_logging, setup_console

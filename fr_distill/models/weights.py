@@ -15,6 +15,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
+from fr_distill.checkpoint import files as checkpoint
 from fr_distill.config import ConfigError, ModelConfig, from_dict
 from fr_distill.models.errors import ModelLoadError
 from fr_distill.backbones import IRESNET_LAYERS
@@ -35,8 +36,6 @@ def safe_torch_load(path: str) -> object:
     """``torch.load(weights_only=True)`` with one-line :class:`ModelLoadError` failures; a
     sharded checkpoint directory (``checkpoint.format=dcp``) is verified and read whole."""
     if os.path.isdir(path):
-        from fr_distill.engine import checkpoint  # the engine imports this module
-
         try:
             return checkpoint.load(path)
         except checkpoint.CheckpointError as err:

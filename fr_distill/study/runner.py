@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from fr_distill.config import KD_TERMS, Config, ConfigError, load_config, to_dict
-from fr_distill.engine.checkpoint import CheckpointStore
+from fr_distill.checkpoint.files import CheckpointStore
 from fr_distill.engine.plan import CHECKPOINT_SUBDIR
 from fr_distill.paths import atomic_writer
 from fr_distill.study.spec import IJBSet, StudyError, StudySpec, student_config
