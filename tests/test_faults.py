@@ -705,7 +705,7 @@ def test_a_teacher_below_min_accuracy_stops_the_run_before_the_first_step(
     """A random teacher measured on synth_lfw before the first step: below
     teacher.min_accuracy the run stops naming the set and the accuracy; without the floor it
     is logged, kept in the run's metrics, and training is bitwise unchanged by the check."""
-    from fr_distill.engine.teacher_check import TeacherCheckError
+    from fr_distill.eval.teacher_check import TeacherCheckError
     from fr_distill.eval import evaluate_bin_sets
     from fr_distill.models import load_frozen_model
 

@@ -170,7 +170,7 @@ def write_cache(models: Models, batches: Iterator[Batch], count: int, directory:
     embeddings of the first ``count`` synthetic batches, which cover samples ``0 …``."""
     import numpy as np
 
-    from ..engine.step import teacher_embeddings
+    from ..models.teacher import teacher_embeddings
     from ..teacher_cache import TeacherCache
     from ..teacher_cache.store import ROWS_FILE
 

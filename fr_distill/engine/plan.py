@@ -24,7 +24,7 @@ from fr_distill.engine.faults import TrainingError
 from fr_distill.engine.optim import scaled_lr
 from fr_distill.engine.run_dir import probe_run_dir
 from fr_distill.engine.run_log import check_logging
-from fr_distill.engine.teacher_check import check_sets
+from fr_distill.eval.teacher_check import check_sets
 from fr_distill.eval.runner import check_bin_sets
 from fr_distill.teacher_cache import check_cache
 

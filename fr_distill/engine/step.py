@@ -27,6 +27,7 @@ import contextlib
 import logging
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -34,14 +35,31 @@ from torch import nn
 
 from fr_distill import dist
 from fr_distill.data import Batch
-from fr_distill.engine.callbacks import StepStats
 from fr_distill.engine.faults import StopSignal
 from fr_distill.engine.optim import clip_gradients
 from fr_distill.engine.state import Run
 from fr_distill.losses.objective import ObjectiveOutput
+from fr_distill.models.teacher import teacher_embeddings
 from fr_distill.precision import autocast, image_layout
 
 log = logging.getLogger(__name__)
+
+@dataclass
+class StepStats:
+    """What one optimizer step measured on this rank (tensors stay on the device)."""
+
+    step: int                                  # optimizer steps completed, this one included
+    terms: dict[str, torch.Tensor]             # unweighted loss terms, mean over micro-steps
+    total: torch.Tensor
+    cosine: torch.Tensor | None
+    lr: float                                  # learning rate this step used
+    images: int                                # images of this step over all ranks
+    data_wait_s: float
+    step_time_s: float
+    skipped: bool
+    grad_norm: torch.Tensor | None = None
+    diagnostics: dict[str, torch.Tensor] | None = None  # METHOD D1, on logging steps
+
 
 #: Names of the embeddings in the non-finite flags; when one of them is non-finite, the loss
 #: terms computed from it are too, and only the embeddings are reported.
@@ -53,14 +71,6 @@ def gradient_sync(model: nn.Module, last_micro_step: bool):
     if last_micro_step or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
-
-
-def teacher_embeddings(teacher: nn.Module, images: torch.Tensor, device: torch.device,
-                       amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """A frozen teacher's float32 embeddings of ``images`` (``no_grad``, autocast): the one
-    teacher forward of training and of the teacher-embedding cache's build."""
-    with torch.no_grad(), autocast(device, amp_dtype):
-        return teacher(images).float()
 
 
 def teacher_forward(run: Run, batch: Batch, images: torch.Tensor) -> torch.Tensor | None:

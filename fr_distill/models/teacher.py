@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fr_distill.precision import autocast
 from fr_distill.models.errors import ModelLoadError
 from fr_distill.models.onnx_teacher import (ONNX_BACKENDS, PIPELINE_MEAN, PIPELINE_STD,
                                             InputNormalization, load_onnx_teacher)
@@ -152,3 +153,9 @@ def _load_pickled_weights(path: str, name: str, embedding_dim: int, width: float
     return model.to(device), "torch", model.embedding_dim, kind == "state dict"
 
 
+def teacher_embeddings(teacher: nn.Module, images: torch.Tensor, device: torch.device,
+                       amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """A frozen teacher's float32 embeddings of ``images`` (``no_grad``, autocast): the one
+    teacher forward of training and of the teacher-embedding cache's build."""
+    with torch.no_grad(), autocast(device, amp_dtype):
+        return teacher(images).float()

@@ -5,7 +5,7 @@ sample depends on nothing but the sample and its flip, so a run can read it inst
 running the teacher every step (``teacher.cache``). The build runs under torchrun like
 training: each global batch of the sweep is split over the ranks, each rank runs the teacher
 on its slice through the very code training uses (the run's loader and decoder,
-:func:`fr_distill.engine.step.teacher_embeddings` at ``precision.amp``, the same memory
+:func:`fr_distill.models.teacher.teacher_embeddings` at ``precision.amp``, the same memory
 layout and per-rank batch ``data.batch_size``), rank 0 gathers the rows and writes them.
 
 Exactness: a CPU or GPU convolution may give a sample other last bits in a batch of another
@@ -37,11 +37,16 @@ import torch
 
 from fr_distill import dist, precision
 from fr_distill.config import Config, check_paths, load_config
+from fr_distill.console import setup_console
 from fr_distill.data import DatasetInfo, TrainLoader, preflight
 from fr_distill.data.decode_check import apply_decode_check
 from fr_distill.data.loader import select_backend
 from fr_distill.errors import FrDistillError, exit_with
-from fr_distill.paths import file_sha256
+from fr_distill.eval.runner import check_bin_sets
+from fr_distill.eval.teacher_check import check_sets, check_teacher
+from fr_distill.models import load_frozen_model
+from fr_distill.models.teacher import teacher_embeddings
+from fr_distill.paths import file_sha256, require_writable_dir
 from fr_distill.teacher_cache.identity import (CacheError, execution, execution_differences,
                                                first_difference, flips_of, identity)
 from fr_distill.teacher_cache.content import content_difference, record_digests
@@ -90,8 +95,6 @@ def build_cache(cfg: Config, shard_samples: int = DEFAULT_SHARD_SAMPLES,
                 force: bool = False) -> dict:
     """Build (or finish) the cache ``teacher.cache`` of ``cfg``'s teacher and training set on
     torchrun's process group; returns its manifest."""
-    from fr_distill.engine.run_log import setup_console
-
     info = dist.init(cfg.distributed.backend, cfg.distributed.device, cfg.distributed.timeout_s)
     setup_console(info.is_main)
     try:
@@ -106,7 +109,6 @@ def _prepare(cfg: Config, info: DatasetInfo, directory: Path, run_identity: dict
     """Rank 0: lock ``directory`` and read or start its manifest; returns the manifest and
     the shards still to compute. ``layout``: flips, shard size and embedding size of the
     rows; ``settings``: how they are computed (:func:`~.identity.execution`)."""
-    from fr_distill.paths import require_writable_dir
 
     require_writable_dir(directory, "config key 'teacher.cache'")
     lock_cache(directory, fcntl.LOCK_EX)  # held until build_cache ends
@@ -179,11 +181,6 @@ def _record_content(cfg: Config, info: DatasetInfo, directory: Path, manifest: d
 
 
 def _build(cfg: Config, info: dist.DistInfo, shard_samples: int, force: bool) -> dict:
-    from fr_distill.engine.step import teacher_embeddings
-    from fr_distill.engine.teacher_check import check_sets, check_teacher
-    from fr_distill.eval.runner import check_bin_sets
-    from fr_distill.models import load_frozen_model
-
     if not cfg.teacher.path:
         raise CacheError("config key 'teacher.path' is empty: name the teacher to cache")
     if not cfg.teacher.cache:
