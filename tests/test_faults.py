@@ -26,9 +26,9 @@ from conftest import (REPO, TAG_VARIABLE, lock_is_free, tagged_processes, torchr
                       wait_until)
 from fr_distill.config import ConfigError, load_config
 from fr_distill.checkpoint import files as checkpoint
-from fr_distill.engine import train
+from fr_distill.engine.trainer import train
 from fr_distill.engine.callbacks import Callback
-from fr_distill.engine.entry import train_main
+from fr_distill.commands.train import train_main
 from fr_distill.engine.faults import TrainingError
 from fr_distill.engine.run_dir import EARLIER_RUNS, LOCK_FILE, RunDirError
 from fr_distill.errors import FrDistillError
@@ -261,14 +261,14 @@ def _read_with_load(directory: Path, data: Path, tmp_path: Path, capsys) -> str:
 
 
 def _read_with_export(directory: Path, data: Path, tmp_path: Path, capsys) -> str:
-    from fr_distill.deploy import export_main
+    from fr_distill.commands.export import export_main
 
     assert export_main(["--checkpoint", str(directory), "--out", str(tmp_path / "export")]) == 2
     return capsys.readouterr().err
 
 
 def _read_with_eval(directory: Path, data: Path, tmp_path: Path, capsys) -> str:
-    from fr_distill.eval.runner import eval_main
+    from fr_distill.commands.eval import eval_main
 
     assert eval_main(["--model", str(directory), "--bin", str(data / "synth_lfw.bin"),
                       "--out", str(tmp_path / "eval")]) == 2
@@ -580,13 +580,14 @@ def test_a_sigkilled_dali_run_leaves_no_worker_or_lock_and_its_rerun_resumes(
 #: ``fr-distill cache-teacher`` SIGKILLing itself once its first shard is recorded.
 CACHE_BUILD_KILLED_AFTER_A_SHARD = """
 import os, signal, sys
+from fr_distill.commands.cache_teacher import cache_teacher_main
 from fr_distill.teacher_cache import build
 finish = build._finish_shard
 def finish_and_die(*args):
     finish(*args)
     os.kill(os.getpid(), signal.SIGKILL)
 build._finish_shard = finish_and_die
-sys.exit(build.cache_teacher_main(sys.argv[1:]))
+sys.exit(cache_teacher_main(sys.argv[1:]))
 """
 
 
@@ -826,7 +827,7 @@ def test_a_failed_periodic_evaluation_lets_training_go_on(synthetic_data, tmp_pa
          "--ijb-name NAME ... and/or --tinyface DIR"),
 ])
 def test_evaluation_usage_errors_exit_2(tmp_path, capsys, args, message):
-    from fr_distill.eval.runner import eval_main
+    from fr_distill.commands.eval import eval_main
 
     with pytest.raises(SystemExit) as exit_:
         eval_main(["--model", str(tmp_path / "m.pt"), "--out", str(tmp_path / "out"), *args])
@@ -836,7 +837,7 @@ def test_evaluation_usage_errors_exit_2(tmp_path, capsys, args, message):
 
 def test_an_evaluation_out_that_cannot_be_written_fails_before_the_model_loads(
         synthetic_data, tmp_path, capsys):
-    from fr_distill.eval.runner import eval_main
+    from fr_distill.commands.eval import eval_main
 
     (tmp_path / "taken").write_text("a file")
     code = eval_main(["--model", str(tmp_path / "missing.pt"), "--bin",

@@ -108,7 +108,7 @@ def test_reference_run_records_and_teacher_unchanged(reference):
 
 
 def test_two_ranks_equal_one_rank_with_double_batch(setup, reference, single_thread):
-    from fr_distill.engine import train
+    from fr_distill.engine.trainer import train
 
     out = setup["root"] / "one_rank"
     cfg = load_config(None, setup["overrides"] + ["data.batch_size=8", f"run.output_dir={out}"])
@@ -136,7 +136,7 @@ def _copy_checkpoint(source: Path, out: Path) -> None:
 
 def _resume_in_process(setup, name: str, source: Path, *extra: str):
     """Train on 1 rank (in this process) from a copy of the checkpoint ``source``."""
-    from fr_distill.engine import train
+    from fr_distill.engine.trainer import train
 
     out = setup["root"] / name
     _copy_checkpoint(source, out)

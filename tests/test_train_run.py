@@ -16,9 +16,10 @@ import torch
 from conftest import REPO, assert_checkpoints_bitwise
 from fr_distill.config import load_config
 from fr_distill.checkpoint import files as checkpoint
-from fr_distill.engine import NonFiniteLossError, train
+from fr_distill.engine import NonFiniteLossError
+from fr_distill.engine.trainer import train
 from fr_distill.engine.callbacks import Callback
-from fr_distill.engine.entry import train_main
+from fr_distill.commands.train import train_main
 from fr_distill.eval import evaluate_bin_sets
 from fr_distill.models import build_student
 
@@ -281,7 +282,7 @@ def test_nonfinite_loss_skips_steps_then_stops_with_one_line(synthetic_data, tea
     assert [r["step"] for r in skipped] == [2]
 
 
-def test_launch_script_is_the_engine_entry_point():
+def test_launch_script_is_the_train_command():
     spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

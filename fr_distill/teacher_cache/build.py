@@ -25,7 +25,6 @@ cache's lock exclusively (:mod:`.lock`): it refuses a cache a run is reading.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import logging
@@ -36,12 +35,12 @@ import numpy as np
 import torch
 
 from fr_distill import dist, precision
-from fr_distill.config import Config, check_paths, load_config
+from fr_distill.config import Config, check_paths
 from fr_distill.console import setup_console
 from fr_distill.data import DatasetInfo, TrainLoader, preflight
 from fr_distill.data.decode_check import apply_decode_check
 from fr_distill.data.loader import select_backend
-from fr_distill.errors import FrDistillError, exit_with
+from fr_distill.errors import FrDistillError
 from fr_distill.eval.runner import check_bin_sets
 from fr_distill.eval.teacher_check import check_sets, check_teacher
 from fr_distill.models import load_frozen_model
@@ -288,25 +287,3 @@ def _finish_shard(info: dist.DistInfo, directory: Path, manifest: dict,
     error = dist.broadcast_object(error)
     if error is not None:
         raise error
-
-
-def cache_teacher_main(argv: list[str] | None = None) -> int:
-    """``fr-distill cache-teacher --config C [--shard-samples N] [--force] [key=value ...]``."""
-    parser = argparse.ArgumentParser(
-        prog="fr-distill cache-teacher",
-        description="Compute the teacher's embedding of every training sample, unflipped and "
-                    "flipped, into teacher.cache (run under torchrun like training).")
-    parser.add_argument("--config", required=True, help="the training config (YAML)")
-    parser.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES,
-                        help="samples per checksummed shard, the unit of resumption "
-                             f"(default {DEFAULT_SHARD_SAMPLES})")
-    parser.add_argument("--force", action="store_true",
-                        help="discard what teacher.cache holds and build it from scratch")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted config overrides, e.g. teacher.cache=/data/cache")
-    args = parser.parse_intermixed_args(argv)
-    try:
-        build_cache(load_config(args.config, args.overrides), args.shard_samples, args.force)
-    except FrDistillError as err:
-        return exit_with(err)
-    return 0
