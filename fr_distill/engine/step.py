@@ -5,7 +5,7 @@
 logging steps) → :func:`backward` (DDP's gradient all-reduce only on the last micro-step), then
 :func:`agree` → :func:`optimizer_step` or :func:`skip_step` → :func:`update_bank` →
 :func:`balance` (METHOD E7, on logging steps). The phases
-are functions so that ``fr_distill.benchmarks.train`` times this very step (its ``mark``
+are functions so that ``benchmarks.train`` times this very step (its ``mark``
 argument), not a copy of it.
 
 **One host read per optimizer step.** Reading a device value on the host stalls a GPU's
@@ -190,7 +190,8 @@ def train_step(run: Run, batches: Iterator[Batch], stop: StopSignal,
         waited += time.perf_counter() - t
         images += batch.images.shape[0] * run.info.world_size
         mark("data")
-        batch_images = batch.images.contiguous(memory_format=image_layout(run.cfg.model.channels_last, device))
+        layout = image_layout(run.cfg.model.channels_last, device)
+        batch_images = batch.images.contiguous(memory_format=layout)
         f_t = teacher_forward(run, batch, batch_images)
         if f_t is not None:
             mark("teacher")

@@ -35,6 +35,9 @@ from pathlib import Path
 RUNS = (("file", "save"), ("dcp", "save"), ("dcp_async", "save"), ("file", "load"),
         ("dcp", "load"))
 
+#: the checkout holding ``benchmarks/``, put on the workers' path (``-m benchmarks.checkpoint``)
+REPO = Path(__file__).resolve().parents[1]
+
 
 def _memory_kib(field: str) -> int:
     """``VmHWM`` (peak) or ``VmRSS`` (now) of this process, in KiB."""
@@ -121,10 +124,11 @@ def _run_phase(variant: str, phase: str, directory: Path, args) -> dict:
     out = directory / f"{variant}_{phase}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(args.port), "-m",
-           "fr_distill.benchmarks.checkpoint", "--worker", variant, phase, "--dir",
+           "benchmarks.checkpoint", "--worker", variant, phase, "--dir",
            str(directory), "--classes", str(args.classes), "--dim", str(args.dim),
            "--result", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
