@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from fr_distill.config import Config, to_dict
-from fr_distill.data.synthetic import generate
-from fr_distill.data.synthetic.build import write_verification_bin
+from fr_distill.synthetic import generate
+from fr_distill.synthetic.build import write_verification_bin
 from fr_distill.commands.export import export_main
 from fr_distill.deploy import artifacts, verify
 from fr_distill.eval.runner import evaluate_bin_sets

@@ -57,7 +57,7 @@ def test_the_installed_package_trains_and_finds_its_configs_outside_the_checkout
     spec = Path(demo.stdout.split(":")[0])
     assert spec.is_relative_to(installed) and spec.parts[-3:] == ("demo", "quick", "study.yaml")
     assert "runs: teacher, none/seed1, iled/seed1, rpsd/seed1, unified/seed1" in demo.stdout
-    run([python, "-c", "from fr_distill.data.synthetic import generate; "
+    run([python, "-c", "from fr_distill.synthetic import generate; "
          "generate('data', num_identities=6, images_per_identity=4, bin_identities=4, "
          "bin_pairs=4, ijb_subjects=2)"], cwd=tmp_path)
     teacher = spec.parent / "teacher.yaml"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from fr_distill.data.synthetic.build import write_verification_bin
+from fr_distill.synthetic.build import write_verification_bin
 from fr_distill.errors import FrDistillError
 from fr_distill.eval.runner import check_bin_sets
 from fr_distill.models.export import ExportError, load_student
@@ -228,9 +228,11 @@ def _export_into(out: Path, earlier: set[str], args: argparse.Namespace,
         for vset in sets:
             logger.info("PyTorch model on %s (%d pairs): 10-fold accuracy %.3f %%", vset.name,
                         len(vset.issame), vset.accuracy)
-        artifacts = [_write_and_verify(fmt, model, staging, sets,
-                                       lambda: build_student(model_cfg.name, model_cfg.embedding_dim,
-                                                             model_cfg.width, model_cfg.dropout), args)
+        def fresh_student():
+            return build_student(model_cfg.name, model_cfg.embedding_dim, model_cfg.width,
+                                 model_cfg.dropout)
+
+        artifacts = [_write_and_verify(fmt, model, staging, sets, fresh_student, args)
                      for fmt in formats]
         report = {
             "checkpoint": str(args.checkpoint), "step": step,

@@ -34,7 +34,7 @@ import torch
 
 from fr_distill.config import KD_TERMS, Config, ConfigError, load_config, to_dict
 from fr_distill.checkpoint.files import CheckpointStore
-from fr_distill.data.synthetic import generate
+from fr_distill.synthetic import generate
 from fr_distill.engine.plan import CHECKPOINT_SUBDIR
 from fr_distill.eval.runner import evaluate_model
 from fr_distill.models import load_frozen_model
