@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import argparse
 
+from fr_distill import study
 from fr_distill.errors import FrDistillError, exit_with
 from fr_distill.study.runner import run_study
 from fr_distill.study.spec import load_spec
 
-DESCRIPTION = ("``fr-distill study``: the distillation objectives compared on one teacher and one "
-               "data set, variants × seeds, every run through the real trainer, with uncertainty "
-               "(METHOD S1).")
-
 
 def study_main(argv: list[str] | None = None) -> int:
     """``fr-distill study SPEC [--out DIR] [--dry-run | --report-only]``."""
-    parser = argparse.ArgumentParser(prog="fr-distill study", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="fr-distill study", description=study.__doc__.split("\n\n")[0])
     parser.add_argument("spec", help="study spec (YAML), e.g. configs/study/study.yaml")
     parser.add_argument("--out", default="study_out",
                         help="output directory; running again reuses and continues what is there")
