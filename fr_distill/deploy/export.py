@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from fr_distill.synthetic.build import write_verification_bin
 from fr_distill.errors import FrDistillError
 from fr_distill.eval.runner import check_bin_sets
 from fr_distill.models.export import ExportError, load_student
@@ -33,6 +32,7 @@ from fr_distill.models.registry import build_student
 from fr_distill.models.weights import architecture
 from fr_distill.paths import atomic_write, require_writable_dir
 from fr_distill.study.report import machine_description
+from fr_distill.synthetic.build import write_verification_bin
 
 from . import report as costs
 from .artifacts import FORMATS, STATE_DICT, WRITERS, Format, insightface_input, load_artifact

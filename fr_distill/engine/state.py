@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from fr_distill import dist
-from fr_distill.config import Config, to_dict
-from fr_distill.data import TrainLoader
 from fr_distill.checkpoint import files as checkpoint
 from fr_distill.checkpoint import sharded as sharded_checkpoint
 from fr_distill.checkpoint.state import (check_fits, checkpoint_shapes, load_objective_state,
                                          load_sharded, objective_state, to_cpu)
+from fr_distill.config import Config, to_dict
+from fr_distill.data import TrainLoader
 from fr_distill.engine.faults import NonFiniteGuard
 from fr_distill.teacher_cache.store import TeacherCache
 

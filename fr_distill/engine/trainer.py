@@ -34,23 +34,23 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fr_distill import dist, precision
+from fr_distill.checkpoint import files as checkpoint
 from fr_distill.config import Config, check_paths
 from fr_distill.console import setup_console
 from fr_distill.data import build_train_loader, preflight
 from fr_distill.data.decode_check import apply_decode_check
 from fr_distill.data.loader import select_backend
-from fr_distill.checkpoint import files as checkpoint
 from fr_distill.engine.callbacks import Callback, CallbackList, CheckpointCallback, EvalCallback
 from fr_distill.engine.faults import NonFiniteGuard, StopSignal, TrainingError
-from fr_distill.engine.run_log import LoggingCallback, check_logging
 from fr_distill.engine.optim import build_optimizer
 from fr_distill.engine.plan import checkpoint_store, find_resume, make_plan
 from fr_distill.engine.run_dir import claim_run_dir, release as release_run_dir
+from fr_distill.engine.run_log import LoggingCallback, check_logging
 from fr_distill.engine.schedule import build_scheduler
 from fr_distill.engine.state import Run
 from fr_distill.engine.step import train_step
-from fr_distill.eval.teacher_check import check_sets, check_teacher
 from fr_distill.eval.runner import check_bin_sets
+from fr_distill.eval.teacher_check import check_sets, check_teacher
 from fr_distill.losses import build_objective
 from fr_distill.models import build_student, load_frozen_model
 from fr_distill.models.weights import load_init_weights, read_init_weights

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fr_distill.precision import autocast
 from fr_distill.models.errors import ModelLoadError
 from fr_distill.models.onnx_teacher import (ONNX_BACKENDS, PIPELINE_MEAN, PIPELINE_STD,
                                             InputNormalization, load_onnx_teacher)
 from fr_distill.models.registry import get_backbone
 from fr_distill.models.weights import (is_fr_distill_checkpoint, load_strict,
                                        model_from_checkpoint, safe_torch_load, state_dict_of)
+from fr_distill.precision import autocast
 
 logger = logging.getLogger("fr_distill")
 

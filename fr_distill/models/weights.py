@@ -15,10 +15,10 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
+from fr_distill.backbones import IRESNET_LAYERS
 from fr_distill.checkpoint import files as checkpoint
 from fr_distill.config import ConfigError, ModelConfig, from_dict
 from fr_distill.models.errors import ModelLoadError
-from fr_distill.backbones import IRESNET_LAYERS
 from fr_distill.models.iresnet import STEM_CHANNELS
 from fr_distill.models.registry import build_student
 from fr_distill.unpickling import refusal

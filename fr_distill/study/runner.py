@@ -32,9 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fr_distill.config import KD_TERMS, Config, ConfigError, load_config, to_dict
 from fr_distill.checkpoint.files import CheckpointStore
-from fr_distill.synthetic import generate
+from fr_distill.config import KD_TERMS, Config, ConfigError, load_config, to_dict
 from fr_distill.engine.plan import CHECKPOINT_SUBDIR
 from fr_distill.eval.runner import evaluate_model
 from fr_distill.models import load_frozen_model
@@ -42,6 +41,7 @@ from fr_distill.paths import atomic_writer
 from fr_distill.study.report import write_report
 from fr_distill.study.runs import TEACHER, StudyRun
 from fr_distill.study.spec import IJBSet, StudyError, StudySpec, student_config
+from fr_distill.synthetic import generate
 
 CACHE = "teacher_cache"
 
