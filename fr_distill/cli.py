@@ -1,4 +1,4 @@
-"""The ``fr-distill`` command: configuration utilities and the entry points of the launchers.
+"""The ``fr-distill`` command: dispatch to the command modules of :mod:`fr_distill.commands`.
 
 ``fr-distill config validate FILE [key=value ...]``  check a config (types, ranges, input paths)
 ``fr-distill config show FILE [key=value ...]``      print the resolved config as YAML
@@ -11,66 +11,27 @@
 """
 from __future__ import annotations
 
-import argparse
+import importlib
 import sys
 
-import yaml
-
-from fr_distill.errors import FrDistillError, exit_with
-
-from fr_distill.config import check_paths, load_config, schema_reference, to_dict
-
-
-def config_reference_markdown() -> str:
-    """Markdown table of every config key with its type, default and rule."""
-    lines = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
-    for key, type_name, default, rule, meaning in schema_reference():
-        shown = "`\"\"`" if default == "" else f"`{default}`"
-        lines.append(f"| `{key}` | {type_name} | {shown} | {rule} | {meaning} |")
-    return "\n".join(lines)
-
-
-def _config_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fr-distill config",
-                                     description="Validate, show or document configurations.")
-    parser.add_argument("action", choices=("validate", "show", "reference"))
-    parser.add_argument("file", nargs="?", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.rpsd.weight=20")
-    args = parser.parse_args(argv)
-    if args.action == "reference":
-        print(config_reference_markdown())
-        return 0
-    if args.file is None:
-        parser.error(f"'{args.action}' needs a config FILE")
-    try:
-        cfg = load_config(args.file, args.overrides)
-        if args.action == "validate":
-            check_paths(cfg)
-    except FrDistillError as err:
-        return exit_with(err)
-    if args.action == "show":
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-    else:
-        print(f"{args.file}: OK")
-    return 0
+#: command -> (module, function) of :mod:`fr_distill.commands`
+COMMANDS = {"config": ("fr_distill.commands.config", "config_main"),
+            "train": ("fr_distill.commands.train", "train_main"),
+            "eval": ("fr_distill.commands.eval", "eval_main"),
+            "study": ("fr_distill.commands.study", "study_main"),
+            "demo": ("fr_distill.commands.demo", "demo_main"),
+            "cache-teacher": ("fr_distill.commands.cache_teacher", "cache_teacher_main"),
+            "export": ("fr_distill.commands.export", "export_main")}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from fr_distill.engine.entry import train_main
-    from fr_distill.demo import demo_main
-    from fr_distill.deploy import export_main
-    from fr_distill.eval.runner import eval_main
-    from fr_distill.study import study_main
-    from fr_distill.teacher_cache.build import cache_teacher_main
-
-    commands = {"config": _config_command, "train": train_main, "eval": eval_main,
-                "study": study_main, "demo": demo_main, "cache-teacher": cache_teacher_main,
-                "export": export_main}
-    if not argv or argv[0] not in commands:
+    if not argv or argv[0] not in COMMANDS:
         print(__doc__.strip())
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    return commands[argv[0]](argv[1:]) or 0
+    module, function = COMMANDS[argv[0]]
+    # Only the command run is imported: the others' libraries (torch models, DALI) are not.
+    return getattr(importlib.import_module(module), function)(argv[1:]) or 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from typing import Any, Literal, NamedTuple
 
 import yaml
 
+from fr_distill.backbones import is_backbone_name
 from fr_distill.errors import FrDistillError
 
 
@@ -56,13 +57,7 @@ WIDTH = Rule(lambda v: 0 < v <= 4, "in (0, 4]")
 EMBEDDING_DIM = Rule(lambda v: 1 <= v <= 16384, "in [1, 16384]")
 
 
-def _known_backbone(name: str) -> bool:
-    from fr_distill.models.registry import is_backbone_name  # the registry imports this module
-
-    return is_backbone_name(name)
-
-
-BACKBONE = Rule(_known_backbone, "iresnet18/34/50/100/200, mobilefacenet or timm:<name>")
+BACKBONE = Rule(is_backbone_name, "iresnet18/34/50/100/200, mobilefacenet or timm:<name>")
 # what wandb accepts as a project name
 WANDB_PROJECT = Rule(lambda v: 0 < len(v) <= 128 and not set(v) & set("/\\#?%:"),
                      "1-128 characters, none of / \\ # ? % :")
@@ -849,15 +844,25 @@ def check_paths(cfg: Config, cache_exists: bool = True, resuming: bool = False) 
         _check_cache_outside_images(cfg)
 
 
+def train_source(train: str, fmt: str = "auto") -> tuple[str, Path, Path | None]:
+    """(format, folder or .rec path, .idx path or None) that one ``data.train`` entry names
+    under ``data.format``: a directory holding ``train.rec`` stands for that file unless the
+    format is ``folder``. Nothing is checked here (the data package's ``resolve`` does)."""
+    path = Path(train)
+    if path.is_dir() and (path / "train.rec").is_file() and fmt != "folder":
+        path = path / "train.rec"
+    if fmt == "recordio" or (fmt == "auto" and path.is_file()):
+        return "recordio", path, path.with_suffix(".idx")
+    return "folder", path, None
+
+
 def _check_cache_outside_images(cfg: Config) -> None:
     """Refuse ``teacher.cache`` inside an image folder of ``data.train``: every later scan of
     that folder would take the cache's directory for an identity and its files for images."""
-    from fr_distill.data.dataset import resolve
-
     cache = Path(cfg.teacher.cache).resolve()
     train = [cfg.data.train] if isinstance(cfg.data.train, str) else cfg.data.train
     for entry in train:
-        fmt, root, _ = resolve(entry, cfg.data.format)
+        fmt, root, _ = train_source(entry, cfg.data.format)
         if fmt == "folder" and cache.is_relative_to(root.resolve()):
             raise ConfigError(f"config key 'teacher.cache': {cfg.teacher.cache} is inside the "
                               f"training image folder {entry} (data.train), where its files "

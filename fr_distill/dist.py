@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fr_distill.errors import FrDistillError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -148,8 +150,6 @@ def all_gather_object(obj) -> list:
 def run_on_main(check, *args) -> None:
     """Run ``check(*args)`` on rank 0 only and raise the :class:`FrDistillError` it raised on
     every rank (a collective): a pre-flight check done once, failing everywhere alike."""
-    from fr_distill.errors import FrDistillError
-
     error = None
     if is_main():
         try:

@@ -1,12 +1,15 @@
 """Checks of the directories a command will write, made before its expensive work starts, the
-file helpers of the project's durable writes (checksums, directory fsync), and the one way
-input files are opened (regular files only)."""
+file helpers of the project's durable writes (the one atomic write, checksums, directory
+fsync), and the one way input files are opened (regular files only)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
+import secrets
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -73,6 +76,38 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, mode: int = 0o666) -> Iterator[BinaryIO]:
+    """A binary file whose content replaces ``path`` when the ``with`` block ends without an
+    exception, so that ``path`` holds either its old or its new content, never a part.
+
+    The content goes to a new temporary file beside ``path`` (a name of its own, created
+    exclusively with ``mode`` less the umask, never following a link), is fsynced, renamed over
+    ``path``, and the directory fsynced; on any exception the temporary file is removed and
+    ``path`` is left as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a read-only file system refuses even this
+            tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o666) -> None:
+    """Write the bytes ``data`` to ``path`` atomically (:func:`atomic_writer`)."""
+    with atomic_writer(path, mode) as handle:
+        handle.write(data)
 
 
 _SPECIAL_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),

@@ -5,7 +5,7 @@ them (``REDUCE``, ``NEWOBJ``, ``BUILD``), so unpickling a file with :func:`pickl
 whatever it names, ``os.system`` included. :class:`AllowlistUnpickler` resolves only the
 globals a format needs and refuses any other before it is called; the `.bin` sets of
 evaluation (:mod:`fr_distill.eval.safe_pickle`) and the index of a sharded checkpoint
-(:mod:`fr_distill.engine.sharded_checkpoint`) are read with it. Weights and checkpoints are
+(:mod:`fr_distill.checkpoint.sharded`) are read with it. Weights and checkpoints are
 read with ``torch.load(weights_only=True)``, torch's own allowlist. :func:`refusal` says in
 one line which global either refused, for the project's one-line errors, which never repeat
 torch's advice to retry with ``weights_only=False``.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from fr_distill.eval.runner import eval_main as main
+from fr_distill.commands.eval import eval_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

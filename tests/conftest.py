@@ -119,7 +119,7 @@ def synthetic_data(tmp_path_factory) -> Path:
     """The synthetic face data set, generated once per session (``SYNTHETIC_DATA_ARGS``): 24
     identities × 8 images (folder + RecordIO), synth_lfw/synth_cfp .bin sets of 100 pairs, an
     IJB-style release ``ijb/IJBS`` of 12 subjects; its ``manifest.json`` holds the counts."""
-    from fr_distill.data.synthetic import generate
+    from fr_distill.synthetic import generate
 
     out = tmp_path_factory.mktemp("synthetic")
     generate(out, **SYNTHETIC_DATA_ARGS)

@@ -1,4 +1,4 @@
-"""The `train` benchmark (fr_distill/benchmarks/train.py): its FLOP counts against an
+"""The `train` benchmark (benchmarks/train.py): its FLOP counts against an
 independent count from the layers' shapes, its phase accounting, ratios and JSON."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import torch
 from torch import nn
 
-from fr_distill.benchmarks import train as bench
+from benchmarks import train as bench
 from fr_distill.models import get_backbone
 
 TINY = ["--student", "iresnet18", "--width", "0.25", "--embedding-dim", "32",

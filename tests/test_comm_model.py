@@ -1,4 +1,4 @@
-"""The communication model of a training step (fr_distill.benchmarks.comm) against the
+"""The communication model of a training step (benchmarks.comm) against the
 collectives the trainer's step really makes, counted under torchrun (gloo, CPU)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fr_distill.benchmarks import comm
+from benchmarks import comm
 
 MODULE = Path(comm.__file__)
 #: One torchrun launch. Three ranks rather than two: a W-dependent term cannot pass by

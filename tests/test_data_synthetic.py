@@ -20,9 +20,9 @@ import torch
 
 from fr_distill.data import DataError, RecordIOReader
 from fr_distill.data.align import ARCFACE_TEMPLATE, alignment_matrix
-from fr_distill.data.synthetic import generate
-from fr_distill.data.synthetic.build import identity_pool
-from fr_distill.data.synthetic.release import CSV_COLUMNS
+from fr_distill.synthetic import generate
+from fr_distill.synthetic.build import identity_pool
+from fr_distill.synthetic.release import CSV_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(bin_identities=4, bin_pairs=12, ijb_subjects=3, ijb_probe_templates=1,

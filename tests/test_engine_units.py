@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fr_distill.config import OptimConfig, ScheduleConfig
-from fr_distill.engine import checkpoint as ckpt
+from fr_distill.checkpoint import files as ckpt
 from fr_distill.engine.faults import NonFiniteGuard, NonFiniteLossError, StopSignal
 from fr_distill.engine.optim import build_optimizer, clip_gradients, param_groups, scaled_lr
 from fr_distill.engine.schedule import build_scheduler, lr_factor

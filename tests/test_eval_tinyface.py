@@ -15,7 +15,7 @@ from PIL import Image
 from fr_distill.eval import EvalDataError
 from fr_distill.eval.extract import extract_features
 from fr_distill.eval.report import flat_scalars
-from fr_distill.eval.runner import eval_main
+from fr_distill.commands.eval import eval_main
 from fr_distill.eval.tinyface import ResizedImages, cmc, label_of, load_tinyface, mate_ranks
 from tests.conftest import fifos
 from tests.eval_data import tiny_model, write_tinyface

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from fr_distill.config import Config, to_dict
-from fr_distill.data.synthetic import generate
-from fr_distill.data.synthetic.build import write_verification_bin
-from fr_distill.deploy import artifacts, export_main, verify
+from fr_distill.synthetic import generate
+from fr_distill.synthetic.build import write_verification_bin
+from fr_distill.commands.export import export_main
+from fr_distill.deploy import artifacts, verify
 from fr_distill.eval.runner import evaluate_bin_sets
 from fr_distill.models import get_backbone
 
@@ -46,7 +47,7 @@ def calibrated(name: str) -> nn.Module:
 
 
 def write_checkpoint(path: Path, model: nn.Module, name: str) -> None:
-    """A checkpoint in the fr_distill contract format (as engine/checkpoint.py writes it)."""
+    """A checkpoint in the fr_distill contract format (as checkpoint/files.py writes it)."""
     cfg = Config()
     cfg.model.name, cfg.model.embedding_dim, cfg.model.width = name, DIM, WIDTH
     torch.save({"format": "fr_distill", "version": 1, "step": 1200, "config": to_dict(cfg),
@@ -337,7 +338,7 @@ def test_an_out_holding_files_no_export_wrote_is_refused_before_any_work(student
     --out lost its backbone.onnx and had its backbone.pth replaced. Only an earlier export's
     files (listed in its export.json) are replaced; anything else stops the export, naming the
     directory and the first such file, exit 2, before the checkpoint is read."""
-    from fr_distill.deploy import command
+    from fr_distill.deploy import export as command
 
     monkeypatch.setattr(command, "load_student",
                         lambda path: pytest.fail("the checkpoint was read before --out was checked"))
@@ -369,7 +370,7 @@ def test_an_out_holding_files_no_export_wrote_is_refused_before_any_work(student
 
 
 def test_formats_default_to_the_installed_ones(monkeypatch):
-    from fr_distill.deploy.command import ExportInputError, parse_formats
+    from fr_distill.deploy.export import ExportInputError, parse_formats
 
     assert [f.name for f in parse_formats(None)] == ["state-dict", "onnx-fp32", "onnx-fp16",
                                                      "torchscript"]

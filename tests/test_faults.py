@@ -25,9 +25,10 @@ import torch
 from conftest import (REPO, TAG_VARIABLE, lock_is_free, tagged_processes, torchrun_env,
                       wait_until)
 from fr_distill.config import ConfigError, load_config
-from fr_distill.engine import checkpoint, train
+from fr_distill.checkpoint import files as checkpoint
+from fr_distill.engine.trainer import train
 from fr_distill.engine.callbacks import Callback
-from fr_distill.engine.entry import train_main
+from fr_distill.commands.train import train_main
 from fr_distill.engine.faults import TrainingError
 from fr_distill.engine.run_dir import EARLIER_RUNS, LOCK_FILE, RunDirError
 from fr_distill.errors import FrDistillError
@@ -240,7 +241,7 @@ def plant(directory: Path, name: str, payload: bytes) -> None:
 
 
 def checkpoint_warnings(action) -> list[str]:
-    """The warnings of fr_distill.engine.checkpoint while ``action()`` runs (fr_distill's
+    """The warnings of fr_distill.checkpoint.files while ``action()`` runs (fr_distill's
     loggers do not propagate)."""
     warnings = []
     handler = logging.Handler(logging.WARNING)
@@ -260,14 +261,14 @@ def _read_with_load(directory: Path, data: Path, tmp_path: Path, capsys) -> str:
 
 
 def _read_with_export(directory: Path, data: Path, tmp_path: Path, capsys) -> str:
-    from fr_distill.deploy import export_main
+    from fr_distill.commands.export import export_main
 
     assert export_main(["--checkpoint", str(directory), "--out", str(tmp_path / "export")]) == 2
     return capsys.readouterr().err
 
 
 def _read_with_eval(directory: Path, data: Path, tmp_path: Path, capsys) -> str:
-    from fr_distill.eval.runner import eval_main
+    from fr_distill.commands.eval import eval_main
 
     assert eval_main(["--model", str(directory), "--bin", str(data / "synth_lfw.bin"),
                       "--out", str(tmp_path / "eval")]) == 2
@@ -375,7 +376,7 @@ def test_a_checksum_file_cut_short_falls_back_to_the_previous_checkpoint(
 def _index_naming_an_unlisted_file(directory: Path) -> bytes:
     """The checkpoint's own .metadata with its first entry's data moved to a file that
     SHA256SUMS does not list (so no checksum would have covered it)."""
-    from fr_distill.engine.sharded_checkpoint import read_metadata
+    from fr_distill.checkpoint.sharded import read_metadata
 
     metadata = read_metadata(directory)
     next(iter(metadata.storage_data.values())).relative_path = "__9_0.distcp"
@@ -406,8 +407,8 @@ def test_a_checkpoint_index_of_other_files_falls_back_to_the_previous_checkpoint
 
 
 def _student_state(data: Path, *change: str) -> dict:
-    cfg = load_config(None, overrides(data, Path("unused"), *change))
-    return build_student(cfg.model).state_dict()
+    model = load_config(None, overrides(data, Path("unused"), *change)).model
+    return build_student(model.name, model.embedding_dim, model.width, model.dropout).state_dict()
 
 
 def _differences(a: dict, b: dict) -> int:
@@ -451,7 +452,8 @@ def test_resuming_with_another_optimizer_layout_is_one_line_before_training(
     out = copy_run(finished_runs, "file", tmp_path)
     with pytest.raises(checkpoint.CheckpointError) as err:
         run(synthetic_data, out, "schedule.total_steps=3", "optim.no_decay_bn_bias=true")
-    student = build_student(load_config(None, overrides(synthetic_data, out)).model)
+    model = load_config(None, overrides(synthetic_data, out)).model
+    student = build_student(model.name, model.embedding_dim, model.width, model.dropout)
     dims = [p.dim() for p in student.parameters() if p.requires_grad] + [2, 1]  # + the head
     decayed = sum(d > 1 for d in dims)
     assert str(err.value) == (
@@ -579,13 +581,14 @@ def test_a_sigkilled_dali_run_leaves_no_worker_or_lock_and_its_rerun_resumes(
 #: ``fr-distill cache-teacher`` SIGKILLing itself once its first shard is recorded.
 CACHE_BUILD_KILLED_AFTER_A_SHARD = """
 import os, signal, sys
+from fr_distill.commands.cache_teacher import cache_teacher_main
 from fr_distill.teacher_cache import build
 finish = build._finish_shard
 def finish_and_die(*args):
     finish(*args)
     os.kill(os.getpid(), signal.SIGKILL)
 build._finish_shard = finish_and_die
-sys.exit(build.cache_teacher_main(sys.argv[1:]))
+sys.exit(cache_teacher_main(sys.argv[1:]))
 """
 
 
@@ -705,7 +708,7 @@ def test_a_teacher_below_min_accuracy_stops_the_run_before_the_first_step(
     """A random teacher measured on synth_lfw before the first step: below
     teacher.min_accuracy the run stops naming the set and the accuracy; without the floor it
     is logged, kept in the run's metrics, and training is bitwise unchanged by the check."""
-    from fr_distill.engine.teacher_check import TeacherCheckError
+    from fr_distill.eval.teacher_check import TeacherCheckError
     from fr_distill.eval import evaluate_bin_sets
     from fr_distill.models import load_frozen_model
 
@@ -826,7 +829,7 @@ def test_a_failed_periodic_evaluation_lets_training_go_on(synthetic_data, tmp_pa
          "--ijb-name NAME ... and/or --tinyface DIR"),
 ])
 def test_evaluation_usage_errors_exit_2(tmp_path, capsys, args, message):
-    from fr_distill.eval.runner import eval_main
+    from fr_distill.commands.eval import eval_main
 
     with pytest.raises(SystemExit) as exit_:
         eval_main(["--model", str(tmp_path / "m.pt"), "--out", str(tmp_path / "out"), *args])
@@ -836,7 +839,7 @@ def test_evaluation_usage_errors_exit_2(tmp_path, capsys, args, message):
 
 def test_an_evaluation_out_that_cannot_be_written_fails_before_the_model_loads(
         synthetic_data, tmp_path, capsys):
-    from fr_distill.eval.runner import eval_main
+    from fr_distill.commands.eval import eval_main
 
     (tmp_path / "taken").write_text("a file")
     code = eval_main(["--model", str(tmp_path / "missing.pt"), "--bin",

@@ -56,7 +56,7 @@ def installed_package_runs(root: Path) -> dict:
     seen["demo"] = demo = run([installed / "bin" / "fr-distill", "demo", "--quick", "--dry-run"],
                               cwd=work)
     spec = Path(demo.stdout.split(":")[0])
-    run([python, "-c", "from fr_distill.data.synthetic import generate; "
+    run([python, "-c", "from fr_distill.synthetic import generate; "
          "generate('data', num_identities=6, images_per_identity=4, bin_identities=4, "
          "bin_pairs=4, ijb_subjects=2)"], cwd=work)
     teacher = spec.parent / "teacher.yaml"

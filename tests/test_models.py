@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fr_distill.config import ModelConfig
 from fr_distill.models import ModelLoadError, build_student, get_backbone
 
 LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3),
@@ -238,11 +237,11 @@ def test_timm_backbone_embeds():
     assert model.fc.in_features == model.trunk.num_features
 
 
-def test_build_student_from_config():
-    model = build_student(ModelConfig(name="iresnet18", embedding_dim=64, width=0.25, dropout=0.2))
+def test_build_student_from_its_config_keys():
+    model = build_student("iresnet18", embedding_dim=64, width=0.25, dropout=0.2)
     assert model.fc.out_features == 64 and model.conv1.weight.shape[0] == 16
     assert model.dropout.p == 0.2
-    assert build_student(ModelConfig(name="mobilefacenet", embedding_dim=32, width=0.25)) \
+    assert build_student("mobilefacenet", embedding_dim=32, width=0.25) \
         .features.layers[2].out_features == 32
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fr_distill import precision
+from fr_distill.commands.eval import build_parser
 from fr_distill.eval import extract
-from fr_distill.eval.runner import build_parser
 
 
 @pytest.mark.parametrize("amp, dtype", [("fp32", None), ("off", None), ("fp16", torch.float16),

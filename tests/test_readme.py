@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fr_distill.cli import config_reference_markdown
+from fr_distill.commands.config import config_reference_markdown
 from fr_distill.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from fr_distill.config import ConfigError, load_config
-from fr_distill.engine import checkpoint, train
+from fr_distill.checkpoint import files as checkpoint
+from fr_distill.engine.trainer import train
 from fr_distill.engine.callbacks import Callback
-from fr_distill.engine.entry import train_main
+from fr_distill.commands.train import train_main
 from fr_distill.engine.plan import dry_run
 from fr_distill.errors import FrDistillError
 from fr_distill.models import get_backbone

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from fr_distill.config import Config, to_dict
-from fr_distill.data.synthetic.onnx_teachers import RawPixelsInput
+from fr_distill.synthetic.onnx_teachers import RawPixelsInput
 from fr_distill.models import FrozenTeacher, ModelLoadError, get_backbone, load_frozen_model
 
 DIM, WIDTH = 32, 0.25

@@ -18,11 +18,13 @@ import torch
 from conftest import assert_checkpoints_bitwise
 from fr_distill.config import ConfigError, load_config
 from fr_distill.data import preflight
-from fr_distill.engine import checkpoint, train
+from fr_distill.checkpoint import files as checkpoint
+from fr_distill.engine.trainer import train
 from fr_distill.engine.callbacks import Callback
 from fr_distill.models import get_backbone
 from fr_distill.teacher_cache import CacheError, check_cache
-from fr_distill.teacher_cache.build import build_cache, cache_teacher_main
+from fr_distill.commands.cache_teacher import cache_teacher_main
+from fr_distill.teacher_cache.build import build_cache
 from fr_distill.paths import file_sha256
 from fr_distill.teacher_cache.store import MANIFEST, ROWS_FILE, read_manifest, write_manifest
 

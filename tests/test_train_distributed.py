@@ -29,7 +29,8 @@ import torch
 from conftest import (REPO, TAG_VARIABLE, assert_checkpoints_bitwise, lock_is_free, run_torchrun,
                       tagged_processes, wait_until)
 from fr_distill.config import load_config
-from fr_distill.engine import REQUEUE_EXIT_CODE, REQUEUE_MARKER, checkpoint
+from fr_distill.checkpoint import files as checkpoint
+from fr_distill.engine import REQUEUE_EXIT_CODE, REQUEUE_MARKER
 from fr_distill.models import get_backbone
 from fr_distill.models.export import load_student
 
@@ -109,7 +110,7 @@ def test_reference_run_records_and_teacher_unchanged(reference):
 
 
 def test_two_ranks_equal_one_rank_with_double_batch(setup, reference, single_thread):
-    from fr_distill.engine import train
+    from fr_distill.engine.trainer import train
 
     out = setup["root"] / "one_rank"
     cfg = load_config(None, setup["overrides"] + ["data.batch_size=8", f"run.output_dir={out}"])
@@ -137,7 +138,7 @@ def _copy_checkpoint(source: Path, out: Path) -> None:
 
 def _resume_in_process(setup, name: str, source: Path, *extra: str):
     """Train on 1 rank (in this process) from a copy of the checkpoint ``source``."""
-    from fr_distill.engine import train
+    from fr_distill.engine.trainer import train
 
     out = setup["root"] / name
     _copy_checkpoint(source, out)

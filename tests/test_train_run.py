@@ -15,9 +15,11 @@ import torch
 
 from conftest import REPO, assert_checkpoints_bitwise
 from fr_distill.config import load_config
-from fr_distill.engine import NonFiniteLossError, checkpoint, train
+from fr_distill.checkpoint import files as checkpoint
+from fr_distill.engine import NonFiniteLossError
+from fr_distill.engine.trainer import train
 from fr_distill.engine.callbacks import Callback
-from fr_distill.engine.entry import train_main
+from fr_distill.commands.train import train_main
 from fr_distill.eval import evaluate_bin_sets
 from fr_distill.models import build_student
 
@@ -59,7 +61,9 @@ def test_short_run_raises_verification_accuracy(synthetic_data, tmp_path, single
         "logging.every_steps=20", f"eval.bin_sets=[{','.join(bins)}]",
         "eval.best_metric=synth_lfw/auc"])
     torch.manual_seed(cfg.run.seed)  # the trainer's initialization of the student
-    untrained = evaluate_bin_sets(build_student(cfg.model), bins, torch.device("cpu"))
+    student = build_student(cfg.model.name, cfg.model.embedding_dim, cfg.model.width,
+                            cfg.model.dropout)
+    untrained = evaluate_bin_sets(student, bins, torch.device("cpu"))
     result = train(cfg)
     trained = result.metrics["eval"]
     assert trained["step"] == 60
@@ -279,7 +283,7 @@ def test_nonfinite_loss_skips_steps_then_stops_with_one_line(synthetic_data, tea
     assert [r["step"] for r in skipped] == [2]
 
 
-def test_launch_script_is_the_engine_entry_point():
+def test_launch_script_is_the_train_command():
     spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

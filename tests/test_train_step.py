@@ -18,7 +18,8 @@ import torch
 from fr_distill.config import DataConfig, load_config
 from fr_distill.data import DataError, build_train_loader, preflight
 from fr_distill.engine import step as engine_step
-from fr_distill.engine import train, trainer
+from fr_distill.engine import trainer
+from fr_distill.engine.trainer import train
 from fr_distill.engine.callbacks import Callback
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")

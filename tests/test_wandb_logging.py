@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from fr_distill.config import load_config, to_dict
-from fr_distill.engine import train, trainer
-from fr_distill.engine.entry import train_main
+from fr_distill.engine import trainer
+from fr_distill.engine.trainer import train
+from fr_distill.commands.train import train_main
 from fr_distill.engine.run_dir import EARLIER_RUNS, WANDB_RUN_ID
 from fr_distill.engine.run_log import LoggingSetupError
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import REPO, run_torchrun_gpu, smooth_face_like, write_jpeg_folder
-from fr_distill.benchmarks.train import calibrate_batchnorm, loss_config
+from benchmarks.train import calibrate_batchnorm, loss_config
 from fr_distill.config import DataConfig, OptimConfig
 from fr_distill.data import build_train_loader, preflight
 from fr_distill.data.align import ARCFACE_TEMPLATE, align_face, alignment_matrix

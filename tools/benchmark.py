@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """One entry point for every benchmark: ``python tools/benchmark.py {losses,data,train,eval,comm,checkpoint,all} [args]``.
 
-Each subcommand runs ``fr_distill.benchmarks.<name>.main(args)``, which measures the compared
-variants side by side in one run, prints their ratios and, with ``--json PATH``, writes them.
+Each subcommand runs ``benchmarks.<name>.main(args)`` (the ``benchmarks/`` folder beside the
+package), which measures the compared variants side by side in one run, prints their ratios
+and, with ``--json PATH``, writes them.
 ``all`` runs each benchmark with its defaults, one after the other.
 """
 from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/
 
 BENCHMARKS = ("losses", "data", "train", "eval", "comm", "checkpoint")
 
@@ -20,7 +24,7 @@ def main(argv: list[str]) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     names = BENCHMARKS if argv[0] == "all" else (argv[0],)
     for name in names:
-        importlib.import_module(f"fr_distill.benchmarks.{name}").main(argv[1:] if len(names) == 1 else [])
+        importlib.import_module(f"benchmarks.{name}").main(argv[1:] if len(names) == 1 else [])
     return 0
 
 

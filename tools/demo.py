@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from fr_distill.demo import demo_main
+from fr_distill.commands.demo import demo_main
 
 if __name__ == "__main__":
     sys.exit(demo_main(sys.argv[1:]))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from fr_distill.deploy import export_main
+from fr_distill.commands.export import export_main
 
 if __name__ == "__main__":
     sys.exit(export_main())

@@ -62,7 +62,7 @@ timeout "$(( left > 60 ? left : 60 ))" "$PYTHON" tools/benchmark.py train \
 echo "== summary ($(( SECONDS - start ))s)"
 "$PYTHON" -c "
 import json, sys
-from fr_distill.benchmarks.train import summary_table
+from benchmarks.train import summary_table
 report = json.load(open(sys.argv[1]))
 print(report['machine'].get('gpu', '?'), '| dense bf16 peak', report['peak_bf16_tflops'], 'TFLOP/s |',
       'GFLOP/image', {k: round(v['step'], 1) for k, v in report['gflop_per_image'].items()})

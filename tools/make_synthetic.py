@@ -5,7 +5,7 @@
 
 With ``--onnx-teachers MODEL`` it also writes ``OUT_DIR/onnx_teachers/teacher_normalized.onnx``
 and ``teacher_raw_pixels.onnx``: the model as ONNX teachers of both model-zoo input
-conventions (:mod:`fr_distill.data.synthetic.onnx_teachers`), each verified.
+conventions (:mod:`fr_distill.synthetic.onnx_teachers`), each verified.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from fr_distill.errors import FrDistillError, exit_with
-from fr_distill.data import synthetic
-from fr_distill.data.synthetic.onnx_teachers import load_exportable_model, write_onnx_teachers
+from fr_distill import synthetic
+from fr_distill.synthetic.onnx_teachers import load_exportable_model, write_onnx_teachers
 
 
 def main(argv: list[str] | None = None) -> int:

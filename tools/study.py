@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from fr_distill.study import study_main
+from fr_distill.commands.study import study_main
 
 if __name__ == "__main__":
     sys.exit(study_main(sys.argv[1:]))

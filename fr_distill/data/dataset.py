@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fr_distill.config import train_source
 from fr_distill.paths import NotRegularFileError, check_regular, open_regular, read_regular
 
 from .errors import DataError
@@ -146,15 +147,12 @@ def resolve(train: str, fmt: str = "auto") -> tuple[str, Path, Path | None]:
         raise DataError(f"{path}: training data path does not exist")
     if not os.access(path, os.R_OK):
         raise DataError(f"{path}: training data path is not readable")
-    if path.is_dir() and (path / "train.rec").is_file() and fmt != "folder":
-        path = path / "train.rec"
-    if fmt == "recordio" or (fmt == "auto" and path.is_file()):
-        if not path.is_file():
-            raise DataError(f"{path}: data.format is recordio but this is not a .rec file")
-        return "recordio", path, path.with_suffix(".idx")
-    if not path.is_dir():
+    found, path, index = train_source(train, fmt)
+    if found == "recordio" and not path.is_file():
+        raise DataError(f"{path}: data.format is recordio but this is not a .rec file")
+    if found == "folder" and not path.is_dir():
         raise DataError(f"{path}: not an image folder (data.format={fmt})")
-    return "folder", path, None
+    return found, path, index
 
 
 # --------------------------------------------------------------------------------------

@@ -17,9 +17,11 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
+from .dali import dali_batches
 from .dataset import DatasetInfo, SampleBytes
 from .errors import DataError
 from .sampler import GlobalSampler
+from .torch_loader import torch_batches
 
 
 class Batch(NamedTuple):
@@ -64,10 +66,7 @@ class TrainLoader:
 
     def iterate(self, start_step: int = 0) -> Iterator[Batch]:
         """Batches of global steps ``start_step, start_step + 1, …`` (infinite)."""
-        if self.backend == "dali":
-            from .dali import dali_batches as batches
-        else:
-            from .torch_loader import torch_batches as batches
+        batches = dali_batches if self.backend == "dali" else torch_batches
         source = batches(SampleBytes(self.info), self.sampler, start_step, self.rank,
                          self.world_size, self.device, self.num_workers, self.prefetch)
         for step, (images, indices, flips) in enumerate(source, start_step):

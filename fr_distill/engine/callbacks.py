@@ -11,34 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
-
-import torch
 
 from fr_distill import dist
-from fr_distill.engine.checkpoint import CheckpointStore
+from fr_distill.checkpoint.files import CheckpointStore
 from fr_distill.engine.faults import REQUEUE_MARKER
 from fr_distill.engine.state import Run
+from fr_distill.engine.step import StepStats
 from fr_distill.eval import evaluate_bin_sets
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepStats:
-    """What one optimizer step measured on this rank (tensors stay on the device)."""
-
-    step: int                                  # optimizer steps completed, this one included
-    terms: dict[str, torch.Tensor]             # unweighted loss terms, mean over micro-steps
-    total: torch.Tensor
-    cosine: torch.Tensor | None
-    lr: float                                  # learning rate this step used
-    images: int                                # images of this step over all ranks
-    data_wait_s: float
-    step_time_s: float
-    skipped: bool
-    grad_norm: torch.Tensor | None = None
-    diagnostics: dict[str, torch.Tensor] | None = None  # METHOD D1, on logging steps
 
 
 class Callback:

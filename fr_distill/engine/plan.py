@@ -14,18 +14,18 @@ from pathlib import Path
 import torch
 
 from fr_distill import dist
+from fr_distill.checkpoint import files as checkpoint
+from fr_distill.checkpoint.files import CheckpointStore
 from fr_distill.config import KD_TERMS, Config, check_paths, get_key
 from fr_distill.data import DatasetInfo, preflight
 from fr_distill.data.decode_check import apply_decode_check
 from fr_distill.data.loader import select_backend
-from fr_distill.engine import checkpoint
-from fr_distill.engine.checkpoint import CheckpointStore
 from fr_distill.engine.faults import TrainingError
 from fr_distill.engine.optim import scaled_lr
 from fr_distill.engine.run_dir import probe_run_dir
 from fr_distill.engine.run_log import check_logging
-from fr_distill.engine.teacher_check import check_sets
 from fr_distill.eval.runner import check_bin_sets
+from fr_distill.eval.teacher_check import check_sets
 from fr_distill.teacher_cache import check_cache
 
 CHECKPOINT_SUBDIR = "checkpoints"

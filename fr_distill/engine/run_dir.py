@@ -29,7 +29,7 @@ import os
 from pathlib import Path
 
 from fr_distill import dist, locks
-from fr_distill.engine.checkpoint import CheckpointStore
+from fr_distill.checkpoint.files import CheckpointStore
 from fr_distill.errors import FrDistillError
 from fr_distill.paths import require_writable_dir
 

@@ -28,25 +28,16 @@ import torch
 
 from fr_distill import dist
 from fr_distill.config import Config, save_config, to_dict
-from fr_distill.engine.callbacks import Callback, StepStats, one_line
+from fr_distill.engine.callbacks import Callback, one_line
 from fr_distill.engine.run_dir import WANDB_RUN_ID
 from fr_distill.engine.state import Run
+from fr_distill.engine.step import StepStats
 from fr_distill.errors import FrDistillError
 
 log = logging.getLogger("fr_distill")
 
 _PACKAGES = ("fr_distill", "torch", "torchvision", "numpy", "nvidia-dali-cuda130", "timm",
              "onnxruntime")
-
-
-def setup_console(is_main: bool) -> None:
-    """INFO lines from rank 0, warnings and errors from every rank, on stdout."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.propagate = False
-    log.setLevel(logging.INFO if is_main else logging.WARNING)
 
 
 def run_info(run: Run) -> dict:

@@ -5,7 +5,7 @@
 logging steps) → :func:`backward` (DDP's gradient all-reduce only on the last micro-step), then
 :func:`agree` → :func:`optimizer_step` or :func:`skip_step` → :func:`update_bank` →
 :func:`balance` (METHOD E7, on logging steps). The phases
-are functions so that ``fr_distill.benchmarks.train`` times this very step (its ``mark``
+are functions so that ``benchmarks.train`` times this very step (its ``mark``
 argument), not a copy of it.
 
 **One host read per optimizer step.** Reading a device value on the host stalls a GPU's
@@ -27,37 +27,43 @@ import contextlib
 import logging
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from fr_distill import dist
-from fr_distill.config import Config
 from fr_distill.data import Batch
-from fr_distill.engine.callbacks import StepStats
 from fr_distill.engine.faults import StopSignal
 from fr_distill.engine.optim import clip_gradients
 from fr_distill.engine.state import Run
 from fr_distill.losses.objective import ObjectiveOutput
-from fr_distill.precision import autocast
+from fr_distill.models.teacher import teacher_embeddings
+from fr_distill.precision import autocast, image_layout
 
 log = logging.getLogger(__name__)
+
+@dataclass
+class StepStats:
+    """What one optimizer step measured on this rank (tensors stay on the device)."""
+
+    step: int                                  # optimizer steps completed, this one included
+    terms: dict[str, torch.Tensor]             # unweighted loss terms, mean over micro-steps
+    total: torch.Tensor
+    cosine: torch.Tensor | None
+    lr: float                                  # learning rate this step used
+    images: int                                # images of this step over all ranks
+    data_wait_s: float
+    step_time_s: float
+    skipped: bool
+    grad_norm: torch.Tensor | None = None
+    diagnostics: dict[str, torch.Tensor] | None = None  # METHOD D1, on logging steps
+
 
 #: Names of the embeddings in the non-finite flags; when one of them is non-finite, the loss
 #: terms computed from it are too, and only the embeddings are reported.
 EMBEDDINGS = ("student embeddings", "teacher embeddings")
-
-
-def image_layout(cfg: Config, device: torch.device) -> torch.memory_format:
-    """channels_last (``model.channels_last``) on CUDA, where its convolutions are faster.
-
-    On the CPU, torch 2.14.1's channels_last IResNet backward corrupts the heap (``free():
-    invalid next size``), and CPU kernels gain nothing from it, so the CPU keeps NCHW.
-    """
-    if cfg.model.channels_last and device.type == "cuda":
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def gradient_sync(model: nn.Module, last_micro_step: bool):
@@ -65,14 +71,6 @@ def gradient_sync(model: nn.Module, last_micro_step: bool):
     if last_micro_step or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
-
-
-def teacher_embeddings(teacher: nn.Module, images: torch.Tensor, device: torch.device,
-                       amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """A frozen teacher's float32 embeddings of ``images`` (``no_grad``, autocast): the one
-    teacher forward of training and of the teacher-embedding cache's build."""
-    with torch.no_grad(), autocast(device, amp_dtype):
-        return teacher(images).float()
 
 
 def teacher_forward(run: Run, batch: Batch, images: torch.Tensor) -> torch.Tensor | None:
@@ -192,7 +190,8 @@ def train_step(run: Run, batches: Iterator[Batch], stop: StopSignal,
         waited += time.perf_counter() - t
         images += batch.images.shape[0] * run.info.world_size
         mark("data")
-        batch_images = batch.images.contiguous(memory_format=image_layout(run.cfg, device))
+        layout = image_layout(run.cfg.model.channels_last, device)
+        batch_images = batch.images.contiguous(memory_format=layout)
         f_t = teacher_forward(run, batch, batch_images)
         if f_t is not None:
             mark("teacher")

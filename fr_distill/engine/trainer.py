@@ -34,22 +34,23 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fr_distill import dist, precision
+from fr_distill.checkpoint import files as checkpoint
 from fr_distill.config import Config, check_paths
+from fr_distill.console import setup_console
 from fr_distill.data import build_train_loader, preflight
 from fr_distill.data.decode_check import apply_decode_check
 from fr_distill.data.loader import select_backend
-from fr_distill.engine import checkpoint
 from fr_distill.engine.callbacks import Callback, CallbackList, CheckpointCallback, EvalCallback
 from fr_distill.engine.faults import NonFiniteGuard, StopSignal, TrainingError
-from fr_distill.engine.run_log import LoggingCallback, check_logging, setup_console
 from fr_distill.engine.optim import build_optimizer
 from fr_distill.engine.plan import checkpoint_store, find_resume, make_plan
 from fr_distill.engine.run_dir import claim_run_dir, release as release_run_dir
+from fr_distill.engine.run_log import LoggingCallback, check_logging
 from fr_distill.engine.schedule import build_scheduler
 from fr_distill.engine.state import Run
-from fr_distill.engine.step import image_layout, train_step
-from fr_distill.engine.teacher_check import check_sets, check_teacher
+from fr_distill.engine.step import train_step
 from fr_distill.eval.runner import check_bin_sets
+from fr_distill.eval.teacher_check import check_sets, check_teacher
 from fr_distill.losses import build_objective
 from fr_distill.models import build_student, load_frozen_model
 from fr_distill.models.weights import load_init_weights, read_init_weights
@@ -116,8 +117,9 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
 
     # -- models: identical initialization on every rank ----------------------------------------
     seed_everything(cfg.run.seed)
-    memory_format = image_layout(cfg, device)
-    student = build_student(cfg.model).to(device, memory_format=memory_format)
+    memory_format = precision.image_layout(cfg.model.channels_last, device)
+    student = build_student(cfg.model.name, cfg.model.embedding_dim, cfg.model.width,
+                            cfg.model.dropout).to(device, memory_format=memory_format)
     if init_state is not None:  # a fresh start from pretrained weights (draws no random numbers)
         skipped = load_init_weights(student, init_state, cfg.model.init, cfg.model)
         log.info("student initialized from %s (%s): %d tensors loaded strictly; left at their "
@@ -149,7 +151,7 @@ def _train(cfg: Config, info: dist.DistInfo, extra_callbacks: list[Callback]) ->
     model = data_parallel(student, device)
     if cfg.model.compile and device.type == "cuda":
         model = torch.compile(model)
-    elif cfg.model.compile:  # observed here, like channels_last in image_layout
+    elif cfg.model.compile:  # observed here, like channels_last in precision.image_layout
         log.warning("model.compile is ignored on the CPU: torch 2.14.1's compiled IResNet "
                     "backward corrupts the heap there (free(): invalid next size)")
     if teacher is not None and cfg.teacher.compile:

@@ -17,7 +17,6 @@ encoded images of a `.bin`, decoded lazily so each rank decodes only its share),
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from fr_distill import dist
 from fr_distill.data.align import align_face
+from fr_distill.paths import atomic_writer
 from fr_distill.precision import autocast
 
 from .errors import EvalDataError
@@ -111,12 +111,8 @@ def _shard_file(cache_dir: Path, start: int, stop: int) -> Path:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_writer(path) as handle:
         np.save(handle, array)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def prepare_cache(cache_dir: str | Path, key: dict) -> Path:

@@ -25,7 +25,6 @@ reads a `.bin`, :func:`fr_distill.eval.folder.folder_pair_set` pairs a folder of
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from sklearn.metrics import auc as area_under_curve
 
-from fr_distill.paths import require_writable_file
+from fr_distill.paths import atomic_writer, require_writable_file
 
 from .errors import EvalDataError
 from .extract import EncodedImages
@@ -96,15 +95,11 @@ def write_bin(pair_set: PairSet, path: str | os.PathLike, overwrite: bool = Fals
     file is refused unless ``overwrite``."""
     path = Path(path)
     check_bin_destination(path, overwrite)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as handle:
+        with atomic_writer(path) as handle:
             pickle.dump(([bytes(p) for p in pair_set.payloads],
                          [bool(same) for same in pair_set.issame]), handle, protocol=4)
-        os.replace(tmp, path)
     except OSError as err:
-        with contextlib.suppress(OSError):  # a read-only file system refuses even this
-            tmp.unlink(missing_ok=True)
         raise EvalDataError(f"{path}: cannot write ({err.strerror or err})") from None
     return path
 

@@ -17,15 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fr_distill.backbones import IRESNET_LAYERS
 from fr_distill.models.layers import body_autocast, float32_head, scaled_channels
 
-IRESNET_LAYERS: dict[int, tuple[int, int, int, int]] = {
-    18: (2, 2, 2, 2),
-    34: (3, 4, 6, 3),
-    50: (3, 4, 14, 3),
-    100: (3, 13, 30, 3),
-    200: (6, 26, 60, 6),
-}
 STEM_CHANNELS = 64
 STAGE_CHANNELS = (64, 128, 256, 512)
 FINAL_MAP_SIZE = 7  # 112 / 2**4

@@ -10,30 +10,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from fr_distill.config import ModelConfig
+from fr_distill.backbones import TIMM_PREFIX, backbone_names, is_backbone_name
 from fr_distill.models.errors import ModelLoadError
-from fr_distill.models.iresnet import IRESNET_LAYERS, iresnet
+from fr_distill.models.iresnet import iresnet
 from fr_distill.models.mobilefacenet import MobileFaceNet
 from fr_distill.models.timm_backbone import TimmBackbone
 
-TIMM_PREFIX = "timm:"
 IRESNET_OPTIONS = {"width", "dropout", "fp16", "zero_init_residual"}
 MOBILEFACENET_OPTIONS = {"width", "dropout", "fp16"}
-
-
-def backbone_names() -> list[str]:
-    """The names :func:`get_backbone` accepts (``timm:<model_name>`` stands for any timm model)."""
-    return [f"iresnet{depth}" for depth in IRESNET_LAYERS] + ["mobilefacenet",
-                                                               f"{TIMM_PREFIX}<model_name>"]
-
-
-def is_backbone_name(name: str) -> bool:
-    """Whether :func:`get_backbone` knows ``name`` (a ``timm:`` name is checked when built)."""
-    if name.startswith(TIMM_PREFIX):
-        return len(name) > len(TIMM_PREFIX)
-    depth = name.removeprefix("iresnet")
-    return name == "mobilefacenet" or (name.startswith("iresnet") and depth.isdigit()
-                                       and int(depth) in IRESNET_LAYERS)
 
 
 def _check_options(name: str, kwargs: dict, allowed: set[str]) -> None:
@@ -72,10 +56,11 @@ def get_backbone(name: str, embedding_dim: int = 512, **kwargs) -> nn.Module:
     raise ModelLoadError(f"unknown backbone {name!r}; valid: {', '.join(backbone_names())}")
 
 
-def build_student(model_cfg: ModelConfig) -> nn.Module:
-    """The student backbone described by the ``model`` config section (name, dim, width,
-    dropout); channels_last, compile and the projector are applied by the trainer."""
-    options = {"width": model_cfg.width}
-    if model_cfg.dropout:
-        options["dropout"] = model_cfg.dropout
-    return get_backbone(model_cfg.name, model_cfg.embedding_dim, **options)
+def build_student(name: str, embedding_dim: int, width: float = 1.0,
+                  dropout: float = 0.0) -> nn.Module:
+    """The student backbone of the ``model`` config keys of these names; channels_last, compile
+    and the projector are applied by the trainer."""
+    options = {"width": width}
+    if dropout:
+        options["dropout"] = dropout
+    return get_backbone(name, embedding_dim, **options)

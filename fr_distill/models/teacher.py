@@ -29,6 +29,7 @@ from fr_distill.models.onnx_teacher import (ONNX_BACKENDS, PIPELINE_MEAN, PIPELI
 from fr_distill.models.registry import get_backbone
 from fr_distill.models.weights import (is_fr_distill_checkpoint, load_strict,
                                        model_from_checkpoint, safe_torch_load, state_dict_of)
+from fr_distill.precision import autocast
 
 logger = logging.getLogger("fr_distill")
 
@@ -152,3 +153,9 @@ def _load_pickled_weights(path: str, name: str, embedding_dim: int, width: float
     return model.to(device), "torch", model.embedding_dim, kind == "state dict"
 
 
+def teacher_embeddings(teacher: nn.Module, images: torch.Tensor, device: torch.device,
+                       amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """A frozen teacher's float32 embeddings of ``images`` (``no_grad``, autocast): the one
+    teacher forward of training and of the teacher-embedding cache's build."""
+    with torch.no_grad(), autocast(device, amp_dtype):
+        return teacher(images).float()

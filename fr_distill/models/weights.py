@@ -15,9 +15,11 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
+from fr_distill.backbones import IRESNET_LAYERS
+from fr_distill.checkpoint import files as checkpoint
 from fr_distill.config import ConfigError, ModelConfig, from_dict
 from fr_distill.models.errors import ModelLoadError
-from fr_distill.models.iresnet import IRESNET_LAYERS, STEM_CHANNELS
+from fr_distill.models.iresnet import STEM_CHANNELS
 from fr_distill.models.registry import build_student
 from fr_distill.unpickling import refusal
 
@@ -34,8 +36,6 @@ def safe_torch_load(path: str) -> object:
     """``torch.load(weights_only=True)`` with one-line :class:`ModelLoadError` failures; a
     sharded checkpoint directory (``checkpoint.format=dcp``) is verified and read whole."""
     if os.path.isdir(path):
-        from fr_distill.engine import checkpoint  # the engine imports this module
-
         try:
             return checkpoint.load(path)
         except checkpoint.CheckpointError as err:
@@ -75,7 +75,9 @@ def architecture(model_cfg: ModelConfig) -> str:
 def model_from_checkpoint(checkpoint: dict, path: str) -> tuple[nn.Module, str]:
     """The student architecture recorded in an fr_distill checkpoint's ``config["model"]``."""
     model_cfg = checkpoint_model_config(checkpoint, path)
-    return build_student(model_cfg), f"checkpoint model {architecture(model_cfg)}"
+    model = build_student(model_cfg.name, model_cfg.embedding_dim, model_cfg.width,
+                          model_cfg.dropout)
+    return model, f"checkpoint model {architecture(model_cfg)}"
 
 
 def state_dict_of(payload: object, path: str) -> dict[str, torch.Tensor]:

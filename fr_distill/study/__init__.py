@@ -5,35 +5,6 @@ variants × seeds, every run through the real trainer, with uncertainty (METHOD 
 trains and evaluates (reusing and resuming), :mod:`~fr_distill.study.stats` computes the
 intervals and :mod:`~fr_distill.study.report` writes ``study.md``/``study.json``/figures.
 """
-from fr_distill.errors import FrDistillError, exit_with
 from fr_distill.study.spec import StudyError, StudySpec, load_spec
 
-__all__ = ["StudyError", "StudySpec", "load_spec", "study_main"]
-
-
-def study_main(argv: list[str] | None = None) -> int:
-    """``fr-distill study SPEC [--out DIR] [--dry-run | --report-only]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="fr-distill study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("spec", help="study spec (YAML), e.g. configs/study/study.yaml")
-    parser.add_argument("--out", default="study_out",
-                        help="output directory; running again reuses and continues what is there")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="check the spec and list the runs, train nothing")
-    parser.add_argument("--report-only", action="store_true",
-                        help="write the report from the runs already finished, train nothing")
-    args = parser.parse_args(argv)
-    try:
-        spec = load_spec(args.spec)
-        if args.dry_run:
-            runs = (["teacher"] if spec.teacher_config else []) + [
-                f"{v}/seed{s}" for s in spec.seeds for v in spec.variants]
-            print(f"{spec.path}: OK, {len(runs)} runs: {', '.join(runs)}")
-            return 0
-        from fr_distill.study.runner import run_study
-
-        run_study(spec, args.out, train=not args.report_only)
-    except FrDistillError as err:
-        return exit_with(err)
-    return 0
+__all__ = ["StudyError", "StudySpec", "load_spec"]

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from fr_distill.eval.plots import plot_roc  # noqa: E402
 from fr_distill.eval.report import to_jsonable  # noqa: E402
 from fr_distill.eval.roc import roc_curve  # noqa: E402
-from fr_distill.study.runner import TEACHER, StudyRun  # noqa: E402
+from fr_distill.study.runs import TEACHER, StudyRun  # noqa: E402
 from fr_distill.study.spec import StudySpec  # noqa: E402
 from fr_distill.study.stats import (accuracy, bootstrap_interval, mean_std,  # noqa: E402
                                     paired_bootstrap, tar_at_far_metric)

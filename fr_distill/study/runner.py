@@ -26,58 +26,24 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fr_distill.checkpoint.files import CheckpointStore
 from fr_distill.config import KD_TERMS, Config, ConfigError, load_config, to_dict
-from fr_distill.engine.checkpoint import CheckpointStore
 from fr_distill.engine.plan import CHECKPOINT_SUBDIR
+from fr_distill.eval.runner import evaluate_model
+from fr_distill.models import load_frozen_model
+from fr_distill.paths import atomic_writer
+from fr_distill.study.report import write_report
+from fr_distill.study.runs import TEACHER, StudyRun
 from fr_distill.study.spec import IJBSet, StudyError, StudySpec, student_config
+from fr_distill.synthetic import generate
 
-TEACHER = "teacher"
 CACHE = "teacher_cache"
-
-
-@dataclass
-class StudyRun:
-    """One training run of the study, and what became of it."""
-
-    name: str                       # "teacher" or "<variant>/seed<k>"
-    variant: str
-    seed: int | None
-    config: Config
-    config_path: Path
-    overrides: list[str]
-    run_dir: Path
-    log: Path
-    status: str = "pending"         # pending | reused | trained | failed | not run
-    error: str = ""
-    seconds: float = 0.0
-    results: dict = field(default_factory=dict)
-    outcomes: dict = field(default_factory=dict)
-    model_file: Path | None = None  # a model that is not this run's checkpoint (given teacher)
-
-    @property
-    def steps(self) -> int:
-        return self.config.schedule.total_steps
-
-    @property
-    def final_checkpoint(self) -> Path:
-        store = CheckpointStore(self.run_dir / CHECKPOINT_SUBDIR, keep_last=1,
-                                sharded=self.config.checkpoint.format == "dcp")
-        return store.step_path(self.steps)
-
-    @property
-    def evaluated_file(self) -> Path:
-        """The model file the study evaluates: the final checkpoint, or ``model_file``."""
-        return self.model_file or self.final_checkpoint
-
-    @property
-    def ok(self) -> bool:
-        return self.status in ("reused", "trained")
 
 
 def say(message: str) -> None:
@@ -103,8 +69,6 @@ def prepare_data(spec: StudySpec, out: Path) -> StudyData:
     there), or the user's sets as named."""
     if spec.synthetic is None:
         return StudyData(spec.train, spec.bin_sets, spec.ijb_sets)
-    from fr_distill.data.synthetic import generate
-
     data = out / "data"
     say(f"synthetic data set -> {data}")
     manifest = generate(data, **spec.synthetic)
@@ -268,9 +232,8 @@ def _save_outcomes(path: Path, outcomes: dict) -> None:
     for set_name, pairs in outcomes.get("ijb", {}).items():
         arrays[f"ijb/{set_name}/scores"] = pairs["scores"]
         arrays[f"ijb/{set_name}/labels"] = pairs["labels"]
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    with atomic_writer(path) as handle:
+        np.savez(handle, **arrays)
 
 
 def load_outcomes(path: Path) -> dict:
@@ -285,9 +248,6 @@ def load_outcomes(path: Path) -> dict:
 
 def evaluate_run(run: StudyRun, data: StudyData, out: Path, batch_size: int = 128) -> None:
     """Evaluate the run's model on every set (reused when already done for that file)."""
-    from fr_distill.eval.runner import evaluate_model
-    from fr_distill.models import load_frozen_model
-
     eval_dir = out / "eval" / run.name.replace("/", "_")
     model_file = run.evaluated_file
     key = {"checkpoint": str(model_file), "mtime_ns": model_file.stat().st_mtime_ns,
@@ -300,7 +260,7 @@ def evaluate_run(run: StudyRun, data: StudyData, out: Path, batch_size: int = 12
         return
     done.unlink(missing_ok=True)
     # an evaluation-only copy: channels_last runs its forward 1.8x faster on CPUs (the trainer
-    # keeps NCHW on CPUs for its backward, see engine.trainer.image_layout)
+    # keeps NCHW on CPUs for its backward, see precision.image_layout)
     model = load_frozen_model(str(model_file), device="cpu").to(memory_format=torch.channels_last)
     outcomes: dict = {}
     evaluate_model(model, "cpu", data.bin_sets, [(s.root, s.name) for s in data.ijb_sets],
@@ -362,8 +322,6 @@ def run_study(spec: StudySpec, out_dir: str | os.PathLike, train: bool = True) -
 
     With ``train=False`` (``--report-only``) nothing is trained: the report covers the runs
     already finished and lists the others as not run."""
-    from fr_distill.study.report import write_report
-
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     wall = time.perf_counter()

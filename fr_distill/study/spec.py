@@ -39,7 +39,7 @@ from fr_distill.errors import FrDistillError
 SYNTHETIC_KEYS = {"identities": "num_identities", "images_per_identity": "images_per_identity",
                   "seed": "seed", "family_size": "family_size", "bin_identities": "bin_identities",
                   "bin_pairs": "bin_pairs", "ijb_name": "ijb_name", "ijb_subjects": "ijb_subjects"}
-"""Keys of ``data.synthetic`` → arguments of :func:`fr_distill.data.synthetic.generate`."""
+"""Keys of ``data.synthetic`` → arguments of :func:`fr_distill.synthetic.generate`."""
 
 TOP_KEYS = ("data", "teacher", "student", "variants", "baseline", "seeds", "nproc", "bootstrap",
             "teacher_cache")

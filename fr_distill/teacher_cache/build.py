@@ -5,7 +5,7 @@ sample depends on nothing but the sample and its flip, so a run can read it inst
 running the teacher every step (``teacher.cache``). The build runs under torchrun like
 training: each global batch of the sweep is split over the ranks, each rank runs the teacher
 on its slice through the very code training uses (the run's loader and decoder,
-:func:`fr_distill.engine.step.teacher_embeddings` at ``precision.amp``, the same memory
+:func:`fr_distill.models.teacher.teacher_embeddings` at ``precision.amp``, the same memory
 layout and per-rank batch ``data.batch_size``), rank 0 gathers the rows and writes them.
 
 Exactness: a CPU or GPU convolution may give a sample other last bits in a batch of another
@@ -25,7 +25,6 @@ cache's lock exclusively (:mod:`.lock`): it refuses a cache a run is reading.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import logging
@@ -36,12 +35,17 @@ import numpy as np
 import torch
 
 from fr_distill import dist, precision
-from fr_distill.config import Config, check_paths, load_config
+from fr_distill.config import Config, check_paths
+from fr_distill.console import setup_console
 from fr_distill.data import DatasetInfo, TrainLoader, preflight
 from fr_distill.data.decode_check import apply_decode_check
 from fr_distill.data.loader import select_backend
-from fr_distill.errors import FrDistillError, exit_with
-from fr_distill.paths import file_sha256
+from fr_distill.errors import FrDistillError
+from fr_distill.eval.runner import check_bin_sets
+from fr_distill.eval.teacher_check import check_sets, check_teacher
+from fr_distill.models import load_frozen_model
+from fr_distill.models.teacher import teacher_embeddings
+from fr_distill.paths import file_sha256, require_writable_dir
 from fr_distill.teacher_cache.identity import (CacheError, execution, execution_differences,
                                                first_difference, flips_of, identity)
 from fr_distill.teacher_cache.content import content_difference, record_digests
@@ -90,8 +94,6 @@ def build_cache(cfg: Config, shard_samples: int = DEFAULT_SHARD_SAMPLES,
                 force: bool = False) -> dict:
     """Build (or finish) the cache ``teacher.cache`` of ``cfg``'s teacher and training set on
     torchrun's process group; returns its manifest."""
-    from fr_distill.engine.run_log import setup_console
-
     info = dist.init(cfg.distributed.backend, cfg.distributed.device, cfg.distributed.timeout_s)
     setup_console(info.is_main)
     try:
@@ -106,7 +108,6 @@ def _prepare(cfg: Config, info: DatasetInfo, directory: Path, run_identity: dict
     """Rank 0: lock ``directory`` and read or start its manifest; returns the manifest and
     the shards still to compute. ``layout``: flips, shard size and embedding size of the
     rows; ``settings``: how they are computed (:func:`~.identity.execution`)."""
-    from fr_distill.paths import require_writable_dir
 
     require_writable_dir(directory, "config key 'teacher.cache'")
     lock_cache(directory, fcntl.LOCK_EX)  # held until build_cache ends
@@ -179,11 +180,6 @@ def _record_content(cfg: Config, info: DatasetInfo, directory: Path, manifest: d
 
 
 def _build(cfg: Config, info: dist.DistInfo, shard_samples: int, force: bool) -> dict:
-    from fr_distill.engine.step import image_layout, teacher_embeddings
-    from fr_distill.engine.teacher_check import check_sets, check_teacher
-    from fr_distill.eval.runner import check_bin_sets
-    from fr_distill.models import load_frozen_model
-
     if not cfg.teacher.path:
         raise CacheError("config key 'teacher.path' is empty: name the teacher to cache")
     if not cfg.teacher.cache:
@@ -197,7 +193,7 @@ def _build(cfg: Config, info: dist.DistInfo, shard_samples: int, force: bool) ->
                                                 select_backend(cfg.data.loader))
     dist.run_on_main(check_bin_sets, list(cfg.teacher.check_sets))
     amp_dtype = precision.amp_dtype(cfg.precision.amp, device)
-    memory_format = image_layout(cfg, device)
+    memory_format = precision.image_layout(cfg.model.channels_last, device)
     teacher = load_frozen_model(cfg.teacher.path, cfg.teacher.name, cfg.teacher.embedding_dim,
                                 cfg.teacher.width, device, cfg.teacher.onnx_backend,
                                 cfg.teacher.input_mean, cfg.teacher.input_std)
@@ -291,25 +287,3 @@ def _finish_shard(info: dist.DistInfo, directory: Path, manifest: dict,
     error = dist.broadcast_object(error)
     if error is not None:
         raise error
-
-
-def cache_teacher_main(argv: list[str] | None = None) -> int:
-    """``fr-distill cache-teacher --config C [--shard-samples N] [--force] [key=value ...]``."""
-    parser = argparse.ArgumentParser(
-        prog="fr-distill cache-teacher",
-        description="Compute the teacher's embedding of every training sample, unflipped and "
-                    "flipped, into teacher.cache (run under torchrun like training).")
-    parser.add_argument("--config", required=True, help="the training config (YAML)")
-    parser.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES,
-                        help="samples per checksummed shard, the unit of resumption "
-                             f"(default {DEFAULT_SHARD_SAMPLES})")
-    parser.add_argument("--force", action="store_true",
-                        help="discard what teacher.cache holds and build it from scratch")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted config overrides, e.g. teacher.cache=/data/cache")
-    args = parser.parse_intermixed_args(argv)
-    try:
-        build_cache(load_config(args.config, args.overrides), args.shard_samples, args.force)
-    except FrDistillError as err:
-        return exit_with(err)
-    return 0

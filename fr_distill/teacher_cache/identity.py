@@ -26,6 +26,7 @@ from fr_distill.data import DatasetInfo
 from fr_distill.data.loader import select_backend
 from fr_distill.data.recordio import RecordIOReader
 from fr_distill.errors import FrDistillError
+from fr_distill.precision import image_layout
 
 
 class CacheError(FrDistillError):
@@ -93,10 +94,9 @@ def identity(cfg: Config, info: DatasetInfo, device: torch.device, teacher_sha25
 
 def execution(cfg: Config, device: torch.device, batch_size: int) -> dict:
     """Settings that change a row only in its last bits (recorded; compared with a warning)."""
-    from fr_distill.engine.step import image_layout
 
     return {"batch_size": batch_size, "amp": cfg.precision.amp,
-            "channels_last": image_layout(cfg, device) == torch.channels_last,
+            "channels_last": image_layout(cfg.model.channels_last, device) == torch.channels_last,
             "compile": cfg.teacher.compile, "device": device.type,
             "threads": torch.get_num_threads() if device.type == "cpu" else None}
 

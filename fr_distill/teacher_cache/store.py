@@ -23,7 +23,6 @@ verified, in threads, before training), or one whose manifest lacks a key its re
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fr_distill.paths import fsync_dir
+from fr_distill.paths import atomic_write
 from fr_distill.teacher_cache.identity import CacheError
 
 log = logging.getLogger(__name__)
@@ -155,23 +154,11 @@ def write_manifest(directory: Path, manifest: dict) -> None:
 
 
 def write_file(path: Path, data: bytes) -> None:
-    """Replace the cache's file ``path`` atomically: a new file (mode 0644 less the umask, as
-    the cache is often shared), fsync, rename; a stale temporary file is removed, not written
-    through. :class:`CacheWriteError` naming ``path`` when it cannot be written."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Replace the cache's file ``path`` atomically (mode 0644 less the umask, as the cache is
+    often shared); :class:`CacheWriteError` naming ``path`` when it cannot be written."""
     try:
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        atomic_write(path, data, mode=0o644)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise CacheWriteError(cannot_write(path, err)) from None
 
 

@@ -23,7 +23,8 @@ import torch
 
 from fr_distill import dist
 from fr_distill.config import load_config
-from fr_distill.engine import REQUEUE_EXIT_CODE, train
+from fr_distill.engine import REQUEUE_EXIT_CODE
+from fr_distill.engine.trainer import train
 from fr_distill.engine.callbacks import Callback
 
 

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import DataConfig
-from ..data import build_train_loader, preflight
+from fr_distill.config import DataConfig
+from fr_distill.data import build_train_loader, preflight
 
 
 def write_face_like_jpegs(root: Path, num_images: int, num_classes: int, seed: int = 0) -> None:

@@ -42,6 +42,8 @@ import fr_distill
 from fr_distill import dist
 
 PACKAGE_ROOT = Path(fr_distill.__file__).resolve().parent.parent
+#: the checkout holding ``benchmarks/``, put on the workers' path (``-m benchmarks.comm``)
+REPO = Path(__file__).resolve().parents[1]
 TORCH_ROOT = str(Path(torch.__file__).resolve().parent)
 DIST_FILE = str(Path(dist.__file__).resolve())
 THIS_FILE = str(Path(__file__).resolve())
@@ -306,7 +308,7 @@ def tiny_run(name: str, run_dir: Path, counter: CollectiveCounter):
     """A :class:`~fr_distill.engine.state.Run` of scenario ``name`` on this process group:
     tiny IResNet-18 student (under the trainer's DDP wrapper, buckets counted by ``counter``)
     and frozen teacher, the trainer's objective and optimizer, logging every 4 steps."""
-    from fr_distill.benchmarks.train import calibrate_batchnorm
+    from benchmarks.train import calibrate_batchnorm
     from fr_distill.config import Config
     from fr_distill.engine.faults import NonFiniteGuard
     from fr_distill.engine.optim import build_optimizer
@@ -351,7 +353,7 @@ def count_scenario(name: str, work_dir: Path, counter: CollectiveCounter) -> dic
     """The trainer's step and logging callback on :func:`tiny_run`: ``WARMUP_STEPS`` steps
     (DDP rebuilds its buckets in the second), then one window of ``counter`` per step of
     :data:`COUNTED_STEPS`; the step's :class:`StepShape` and the windows."""
-    from fr_distill.benchmarks.train import synthetic_batches
+    from benchmarks.train import synthetic_batches
     from fr_distill.engine.faults import StopSignal
     from fr_distill.engine.run_log import LoggingCallback
     from fr_distill.engine.step import train_step
@@ -447,10 +449,11 @@ def launch(world: int, out_dir: Path, timeout: float) -> list[dict]:
     per rank); every rank's result."""
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": str(PACKAGE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(PACKAGE_ROOT),
+                                          os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "fr_distill.benchmarks.comm", "--worker", str(out_dir)]
+           "-m", "benchmarks.comm", "--worker", str(out_dir)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun failed ({proc.returncode}): {' '.join(cmd)}\n"

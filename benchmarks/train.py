@@ -46,16 +46,16 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..config import Config, DataConfig, LossConfig, OptimConfig
-from ..data import Batch
-from ..engine.faults import NonFiniteGuard, StopSignal
-from ..engine.optim import build_optimizer
-from ..engine.state import Run
-from ..engine.step import image_layout, train_step
-from .. import dist
-from ..losses import build_objective
-from ..models import FrozenTeacher, get_backbone
-from ..precision import amp_dtype as resolve_amp
+from fr_distill.config import Config, DataConfig, LossConfig, OptimConfig
+from fr_distill.data import Batch
+from fr_distill.engine.faults import NonFiniteGuard, StopSignal
+from fr_distill.engine.optim import build_optimizer
+from fr_distill.engine.state import Run
+from fr_distill.engine.step import train_step
+from fr_distill import dist
+from fr_distill.losses import build_objective
+from fr_distill.models import FrozenTeacher, get_backbone
+from fr_distill.precision import amp_dtype as resolve_amp, image_layout
 
 PHASES = ("data", "teacher", "student_fwd_bwd", "objective", "agree", "optimizer", "bank")
 
@@ -79,7 +79,7 @@ def detect_peak_tflops(device: torch.device) -> float | None:
 
 def layout(device: torch.device) -> torch.memory_format:
     """The trainer's image/model memory format on ``device`` (channels_last on CUDA)."""
-    return image_layout(Config(), device)
+    return image_layout(Config().model.channels_last, device)
 
 
 @dataclass
@@ -156,7 +156,7 @@ def synthetic_batches(batch: int, num_classes: int, device: torch.device,
 
 def loader_batches(path: str, batch: int, device: torch.device, workers: int) -> Iterator[Batch]:
     """Batches of the project's training loader over ``path`` (1 rank)."""
-    from ..data import build_train_loader, preflight
+    from fr_distill.data import build_train_loader, preflight
 
     cfg = DataConfig(train=path, batch_size=batch, num_workers=workers)
     info = preflight(cfg)
@@ -170,9 +170,9 @@ def write_cache(models: Models, batches: Iterator[Batch], count: int, directory:
     embeddings of the first ``count`` synthetic batches, which cover samples ``0 …``."""
     import numpy as np
 
-    from ..engine.step import teacher_embeddings
-    from ..teacher_cache import TeacherCache
-    from ..teacher_cache.store import ROWS_FILE
+    from fr_distill.models.teacher import teacher_embeddings
+    from fr_distill.teacher_cache import TeacherCache
+    from fr_distill.teacher_cache.store import ROWS_FILE
 
     rows = torch.cat([teacher_embeddings(models.teacher, next(batches).images, device, amp_dtype)
                       for _ in range(count)]).cpu().numpy().astype(np.float16)

@@ -12,7 +12,6 @@ import csv
 import ctypes
 import ctypes.util
 import multiprocessing
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -21,7 +20,9 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from ..recordio import RecordIOWriter
+from fr_distill.data.recordio import RecordIOWriter
+from fr_distill.eval.verification import PairSet, write_bin as write_pairs
+
 from . import faces
 
 CSV_COLUMNS = ("TEMPLATE_ID", "SUBJECT_ID", "FILENAME", "SIGHTING_ID",
@@ -217,14 +218,13 @@ def bin_jobs(spec_index: int, spec: BinSpec, latent: np.ndarray, num_pairs: int,
 
 
 def write_bin(path: Path, jobs: Sequence[RenderJob], issame: list[bool], workers: int) -> int:
-    """Write an InsightFace ``.bin``: pickle (protocol 4) of ``(bins, issame_list)``."""
+    """Write an InsightFace ``.bin`` (pickle of ``(bins, issame_list)``) through the
+    evaluation's writer (:func:`fr_distill.eval.verification.write_bin`), replacing ``path``."""
     bins = [data for encoded in run_jobs(jobs, workers) for data in encoded]
     if len(bins) != 2 * len(issame):
         raise RuntimeError(f"{path}: rendered {len(bins)} images for {len(issame)} pairs")
-    tmp = path.with_suffix(".bin.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump((bins, issame), f, protocol=4)
-    tmp.replace(path)
+    write_pairs(PairSet(path.stem, str(path), bins, np.asarray(issame, dtype=bool), ""), path,
+                overwrite=True)
     return len(issame)
 
 

@@ -35,6 +35,9 @@ from pathlib import Path
 RUNS = (("file", "save"), ("dcp", "save"), ("dcp_async", "save"), ("file", "load"),
         ("dcp", "load"))
 
+#: the checkout holding ``benchmarks/``, put on the workers' path (``-m benchmarks.checkpoint``)
+REPO = Path(__file__).resolve().parents[1]
+
 
 def _memory_kib(field: str) -> int:
     """``VmHWM`` (peak) or ``VmRSS`` (now) of this process, in KiB."""
@@ -68,8 +71,8 @@ def _build(classes: int, dim: int, with_momentum: bool):
 def worker(variant: str, phase: str, directory: Path, classes: int, dim: int) -> dict:
     """One phase in this process (a torchrun worker); rank 0 returns the ranks' records."""
     from fr_distill import dist
-    from fr_distill.engine import checkpoint, sharded_checkpoint
-    from fr_distill.engine.state import load_objective_state, load_sharded, objective_state
+    from fr_distill.checkpoint import files as checkpoint, sharded as sharded_checkpoint
+    from fr_distill.checkpoint.state import load_objective_state, load_sharded, objective_state
 
     dist.init("gloo", "cpu")
     objective, optimizer = _build(classes, dim, with_momentum=phase == "save")
@@ -121,10 +124,11 @@ def _run_phase(variant: str, phase: str, directory: Path, args) -> dict:
     out = directory / f"{variant}_{phase}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(args.port), "-m",
-           "fr_distill.benchmarks.checkpoint", "--worker", variant, phase, "--dir",
+           "benchmarks.checkpoint", "--worker", variant, phase, "--dir",
            str(directory), "--classes", str(args.classes), "--dim", str(args.dim),
            "--result", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 

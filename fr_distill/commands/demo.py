@@ -13,6 +13,7 @@ model, the form the tests run.
 """
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -20,7 +21,6 @@ from fr_distill.errors import FrDistillError, exit_with
 from fr_distill.resources import configs_dir
 from fr_distill.study import StudyError, load_spec
 from fr_distill.study.runner import run_study, say
-
 
 
 def demo_spec(quick: bool = False) -> Path:
@@ -46,8 +46,6 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", quick: bool = False, nproc
 
 def demo_main(argv: list[str] | None = None) -> int:
     """``fr-distill demo [--out DIR] [--quick] [--nproc N] [--dry-run]`` (``make demo``)."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="fr-distill demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo_out", help="output directory (reused by a second run)")
     parser.add_argument("--quick", action="store_true",

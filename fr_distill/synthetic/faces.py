@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..align import ARCFACE_TEMPLATE, estimate_similarity
+from fr_distill.data.align import ARCFACE_TEMPLATE, estimate_similarity
 
 FACE_CENTRE_X = 56.0
 YAW_SHIFT = 9.0  # face-frame units a feature of depth 1 moves at yaw = ±1

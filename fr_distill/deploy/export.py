@@ -1,4 +1,5 @@
-"""``fr-distill export``: deployment files of a student, each verified, with a report.
+"""The export of a student for deployment (``fr-distill export``,
+:mod:`fr_distill.commands.export`): its files, each verified, with a report.
 
 Order of work: every input is checked first (formats and their packages, the output
 directory, the checkpoint, the `.bin` sets, the numbers), so bad input costs nothing. Then the
@@ -24,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-from fr_distill.data.synthetic.build import write_verification_bin
-from fr_distill.errors import FrDistillError, exit_with
+from fr_distill.errors import FrDistillError
 from fr_distill.eval.runner import check_bin_sets
 from fr_distill.models.export import ExportError, load_student
 from fr_distill.models.registry import build_student
 from fr_distill.models.weights import architecture
-from fr_distill.paths import require_writable_dir
+from fr_distill.paths import atomic_write, require_writable_dir
 from fr_distill.study.report import machine_description
+from fr_distill.synthetic.build import write_verification_bin
 
 from . import report as costs
 from .artifacts import FORMATS, STATE_DICT, WRITERS, Format, insightface_input, load_artifact
@@ -75,39 +76,6 @@ def _positive_ints(text: str, flag: str) -> list[int]:
     if not values or min(values) < 1:
         raise ExportInputError(f"{flag}: '{text}' is not a comma-separated list of positive integers")
     return values
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fr-distill export",
-        description="Write a student's deployment files (backbone.pth and ONNX float32/float16, "
-                    "TorchScript), verify each against the PyTorch model (embeddings and 10-fold "
-                    "accuracy on .bin sets), and report size, GFLOPs and CPU latency (export.json).")
-    parser.add_argument("--checkpoint", required=True,
-                        help="fr_distill checkpoint (step_*.pt, a step_* directory of "
-                             "checkpoint.format=dcp, or best.pt)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--formats", default=None,
-                        help=f"comma-separated, from {', '.join(FORMATS)} (default: every format "
-                             "whose packages are installed); backbone.pth is always written")
-    parser.add_argument("--bin", action="append", default=[], metavar="PATH",
-                        help="verification .bin set (repeatable; default: a synthetic synth_lfw "
-                             "set of --synthetic-pairs pairs)")
-    parser.add_argument("--synthetic-pairs", type=int, default=600,
-                        help="pairs of the synthetic set used without --bin (default 600)")
-    for precision, default in DEFAULT_ACCURACY_TOLERANCE.items():
-        parser.add_argument(f"--tolerance-{precision}", type=float, default=default,
-                            help=f"largest accuracy difference of a {precision} file to the "
-                                 f"PyTorch model, in points (default {default:g})")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="CPU threads for torch and onnxruntime (default: torch's, "
-                             f"{torch.get_num_threads()} here)")
-    parser.add_argument("--latency-batches", default="1,64", help="batch sizes timed (default 1,64)")
-    parser.add_argument("--latency-warmup", type=int, default=3, help="untimed runs (default 3)")
-    parser.add_argument("--latency-repeats", type=int, default=20,
-                        help="timed runs, the median is reported (default 20)")
-    parser.add_argument("--batch-size", type=int, default=64, help="verification batch size")
-    return parser
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -223,9 +191,7 @@ def _publish(staging: Path, out: Path, artifacts: list[dict], report: dict,
         os.replace(staging / art["file"], out / art["file"])
     for name in sorted(earlier - written - {REPORT}):
         (out / name).unlink(missing_ok=True)
-    tmp = staging / REPORT
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out / REPORT)
+    atomic_write(out / REPORT, (json.dumps(report, indent=2) + "\n").encode())
 
 
 def export_for_deployment(args: argparse.Namespace) -> dict:
@@ -262,8 +228,11 @@ def _export_into(out: Path, earlier: set[str], args: argparse.Namespace,
         for vset in sets:
             logger.info("PyTorch model on %s (%d pairs): 10-fold accuracy %.3f %%", vset.name,
                         len(vset.issame), vset.accuracy)
-        artifacts = [_write_and_verify(fmt, model, staging, sets,
-                                       lambda: build_student(model_cfg), args)
+        def fresh_student():
+            return build_student(model_cfg.name, model_cfg.embedding_dim, model_cfg.width,
+                                 model_cfg.dropout)
+
+        artifacts = [_write_and_verify(fmt, model, staging, sets, fresh_student, args)
                      for fmt in formats]
         report = {
             "checkpoint": str(args.checkpoint), "step": step,
@@ -286,18 +255,3 @@ def _export_into(out: Path, earlier: set[str], args: argparse.Namespace,
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
-
-
-def export_main(argv: list[str] | None = None) -> int:
-    """``fr-distill export`` (and ``tools/export.py``): exit 0 when every file is verified,
-    2 for bad input, 1 when a file fails its verification."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(message)s")  # other libraries' loggers: warnings only
-    logger.setLevel(logging.INFO)
-    try:
-        report = export_for_deployment(args)
-    except FrDistillError as err:
-        return exit_with(err)
-    print(costs.format_table(report))
-    print(f"wrote {Path(args.out) / REPORT}")
-    return 0

@@ -5,7 +5,7 @@ Layout of a run directory's ``checkpoints/``::
     step_00002000.pt          torch.save of the checkpoint dict (format "fr_distill", version 1)
     step_00002000.pt.sha256   "<sha256 hex>  step_00002000.pt" (``sha256sum -c`` format)
     step_00002000/            with ``checkpoint.format=dcp``: a sharded checkpoint directory
-                              (:mod:`fr_distill.engine.sharded_checkpoint`), same dict
+                              (:mod:`fr_distill.checkpoint.sharded`), same dict
     best.pt, best.pt.sha256   the best checkpoint by ``eval.best_metric``
 
 A file is written to a temporary name in the same directory, flushed and fsynced, renamed
@@ -18,7 +18,7 @@ previous one. Either format resumes on any world size; :func:`load` reads either
 same dict, loadable from a file with ``torch.load(weights_only=True)``.
 
 Nothing read runs code: files are read with ``torch.load(weights_only=True)``, a checkpoint
-directory's index with a restricted unpickler (:mod:`fr_distill.engine.sharded_checkpoint`).
+directory's index with a restricted unpickler (:mod:`fr_distill.checkpoint.sharded`).
 A checksum cannot tell a planted file from a good one (whoever writes the file can write its
 checksum), so a pickle referring to code is refused whatever its checksum, in one line naming
 the file; a directory whose index is refused counts as unusable, and a resumed run falls back
@@ -32,16 +32,15 @@ import logging
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fr_distill import dist
-from fr_distill.engine import sharded_checkpoint
+from fr_distill.checkpoint import sharded
 from fr_distill.errors import FrDistillError, first_line
-from fr_distill.paths import file_sha256, fsync_dir
+from fr_distill.paths import atomic_write, file_sha256
 from fr_distill.unpickling import refusal
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ class CheckpointMismatchError(CheckpointError):
 
 def rank_error(err: BaseException) -> BaseException:
     """A rank's own exception inside DCP's ``CheckpointException`` (else ``err``)."""
-    if isinstance(err, sharded_checkpoint.dcp.CheckpointException):
+    if isinstance(err, sharded.dcp.CheckpointException):
         return next(iter(err.failures.values()))[0]
     return err
 
@@ -79,26 +78,6 @@ def unloadable(path: str | os.PathLike, err: BaseException) -> CheckpointError:
     err = rank_error(err)
     reason = refusal(err) or f"cannot be loaded ({first_line(err)})"
     return CheckpointError(f"{path}: {reason}")
-
-
-# ----------------------------------------------------------------------------------------
-# Atomic files
-# ----------------------------------------------------------------------------------------
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` holds either its old or its new content."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 def save(payload: dict, path: str | os.PathLike) -> None:
@@ -118,7 +97,7 @@ def verify(path: str | os.PathLike) -> str | None:
     checksums, else the reason it does not."""
     path = Path(path)
     if path.is_dir():
-        return sharded_checkpoint.verify(path)
+        return sharded.verify(path)
     sidecar = path.with_name(path.name + CHECKSUM_SUFFIX)
     if not path.is_file():
         return "file missing"
@@ -145,7 +124,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
         raise CheckpointError(f"{path}: {reason}")
     try:
         if Path(path).is_dir():
-            ckpt = sharded_checkpoint.load_whole(path)
+            ckpt = sharded.load_whole(path)
         else:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # a corrupt zip or unpickling error: one line, not a traceback
@@ -161,7 +140,7 @@ def load_for_resume(path: str | os.PathLike) -> dict:
     if not Path(path).is_dir():
         return load(path)
     try:
-        state = sharded_checkpoint.read_state(path)
+        state = sharded.read_state(path)
     except Exception as err:  # changed since it was verified, or refers to code: one line
         raise unloadable(path, err) from None
     return _checked(state, path)
@@ -180,7 +159,7 @@ class CheckpointStore:
         self.keep_last = keep_last
         self.sharded = sharded
         self.background = background  # sharded checkpoints written in a background thread
-        self.pending: tuple[sharded_checkpoint.PendingSave, int] | None = None
+        self.pending: tuple[sharded.PendingSave, int] | None = None
 
     def step_path(self, step: int) -> Path:
         """Where the checkpoint of ``step`` is: the one present (a directory first), else
@@ -208,10 +187,10 @@ class CheckpointStore:
         self.finish_pending()
         path = self.directory / (f"step_{step:08d}" if self.sharded else f"step_{step:08d}.pt")
         if self.background:
-            self.pending = (self._guarded(path, sharded_checkpoint.save, payload, path, True),
+            self.pending = (self._guarded(path, sharded.save, payload, path, True),
                             step)
             return path
-        self._guarded(path, sharded_checkpoint.save if self.sharded else save, payload, path)
+        self._guarded(path, sharded.save if self.sharded else save, payload, path)
         self._prune(step)
         return path
 
@@ -231,7 +210,7 @@ class CheckpointStore:
                 self._delete(old)
 
     def _delete(self, step: int) -> None:
-        sharded_checkpoint.remove_directory(self.directory / f"step_{step:08d}")
+        sharded.remove_directory(self.directory / f"step_{step:08d}")
         file = self.directory / f"step_{step:08d}.pt"
         for p in (file, file.with_name(file.name + CHECKSUM_SUFFIX)):
             p.unlink(missing_ok=True)
@@ -246,7 +225,7 @@ class CheckpointStore:
         permissions) as one line."""
         try:
             return write(*args)
-        except (OSError, sharded_checkpoint.dcp.CheckpointException) as err:
+        except (OSError, sharded.dcp.CheckpointException) as err:
             err = rank_error(err)
             reason = (err.strerror if isinstance(err, OSError) and err.strerror
                       else str(err).strip().splitlines()[0])

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from fr_distill.data.errors import DataError
+from fr_distill.paths import atomic_write
+
 from . import faces, release, tinyface
 
 MANIFEST = "manifest.json"
@@ -78,9 +80,8 @@ def _reusable(out_dir: Path, parameters: dict) -> dict | None:
 
 
 def _write_manifest(out_dir: Path, manifest: dict) -> None:
-    tmp = out_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.replace(out_dir / MANIFEST)
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    atomic_write(out_dir / MANIFEST, text.encode())
 
 
 def _clear_previous(out_dir: Path, ijb_name: str) -> None:
@@ -135,7 +136,7 @@ def generate(out_dir: str | os.PathLike, num_identities: int = 200, images_per_i
     workers = int(workers) if workers else (os.cpu_count() or 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_previous(out_dir, ijb_name)
-    manifest = {"generator": "fr_distill.data.synthetic", "parameters": parameters,
+    manifest = {"generator": "fr_distill.synthetic", "parameters": parameters,
                 "complete": False}
     _write_manifest(out_dir, manifest)
 

@@ -28,9 +28,9 @@ import sklearn.preprocessing
 import torch
 from sklearn.metrics import roc_curve as sklearn_roc_curve
 
-from ..eval.ijb import DEFAULT_FARS, pair_scores, tar_at_far, template_features
-from ..eval.roc import roc_curve
-from ..eval.verification import evaluate
+from fr_distill.eval.ijb import DEFAULT_FARS, pair_scores, tar_at_far, template_features
+from fr_distill.eval.roc import roc_curve
+from fr_distill.eval.verification import evaluate
 
 
 class PeakMemory:

@@ -23,10 +23,10 @@ from typing import Callable
 
 import torch
 
-from ..config import LossConfig
-from ..losses import build_objective
-from ..models import get_backbone
-from ..precision import amp_dtype, autocast
+from fr_distill.config import LossConfig
+from fr_distill.losses import build_objective
+from fr_distill.models import get_backbone
+from fr_distill.precision import amp_dtype, autocast
 
 
 def _synchronize(device: torch.device) -> None:
