@@ -140,4 +140,4 @@ def test_the_study_commands_run_as_written():
             proc = subprocess.run([sys.executable, "-m", "fr_distill.cli", *command[1:]], cwd=REPO,
                                   capture_output=True, text=True, timeout=120)
             assert proc.returncode == 0, proc.stderr
-            assert "OK, 52 runs: teacher, none/seed1," in proc.stdout
+            assert "OK, 55 runs: teacher, none/seed1," in proc.stdout
