@@ -3,8 +3,7 @@ and flipped, into ``teacher.cache`` (:mod:`fr_distill.teacher_cache.build`; run 
 torchrun like training)."""
 from __future__ import annotations
 
-import argparse
-
+from fr_distill.commands import config_parser
 from fr_distill.config import load_config
 from fr_distill.errors import FrDistillError, exit_with
 from fr_distill.teacher_cache.build import DEFAULT_SHARD_SAMPLES, build_cache
@@ -12,18 +11,16 @@ from fr_distill.teacher_cache.build import DEFAULT_SHARD_SAMPLES, build_cache
 
 def cache_teacher_main(argv: list[str] | None = None) -> int:
     """``fr-distill cache-teacher --config C [--shard-samples N] [--force] [key=value ...]``."""
-    parser = argparse.ArgumentParser(
-        prog="fr-distill cache-teacher",
-        description="Compute the teacher's embedding of every training sample, unflipped and "
-                    "flipped, into teacher.cache (run under torchrun like training).")
-    parser.add_argument("--config", required=True, help="the training config (YAML)")
+    parser = config_parser(
+        "fr-distill cache-teacher",
+        "Compute the teacher's embedding of every training sample, unflipped and flipped, into "
+        "teacher.cache (run under torchrun like training).",
+        "the training config (YAML)", "teacher.cache=/data/cache")
     parser.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES,
                         help="samples per checksummed shard, the unit of resumption "
                              f"(default {DEFAULT_SHARD_SAMPLES})")
     parser.add_argument("--force", action="store_true",
                         help="discard what teacher.cache holds and build it from scratch")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted config overrides, e.g. teacher.cache=/data/cache")
     args = parser.parse_intermixed_args(argv)
     try:
         build_cache(load_config(args.config, args.overrides), args.shard_samples, args.force)

@@ -10,8 +10,7 @@ data error, 1 for a failed run; errors are printed as one line.
 """
 from __future__ import annotations
 
-import argparse
-
+from fr_distill.commands import config_parser
 from fr_distill.config import load_config
 from fr_distill.engine.faults import REQUEUE_EXIT_CODE
 from fr_distill.errors import FrDistillError, exit_with
@@ -19,14 +18,11 @@ from fr_distill.errors import FrDistillError, exit_with
 
 def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Parse ``argv`` and train (or describe the plan); returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Distill a frozen face-recognition teacher into a student "
-                               "(run under torchrun; one process per GPU).")
-    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser = config_parser(
+        prog, "Distill a frozen face-recognition teacher into a student (run under torchrun; "
+              "one process per GPU).", "YAML config (see configs/)", "loss.rpsd.weight=20")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate config and data, print the plan, do not train")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted config overrides, e.g. loss.rpsd.weight=20")
     args = parser.parse_intermixed_args(argv)
     # Imported after parsing, so that --help answers without loading the models.
     from fr_distill.engine.plan import dry_run
