@@ -95,10 +95,10 @@ def test_crash_between_file_and_checksum_is_not_trusted(tmp_path, monkeypatch):
     store.save_step(_payload(1), 1)
     real = ckpt.atomic_write
 
-    def data_only(path, data):
+    def data_only(path, data, mode):
         if str(path).endswith(".sha256"):
             raise KeyboardInterrupt  # killed right after the data file was renamed
-        real(path, data)
+        real(path, data, mode)
 
     monkeypatch.setattr(ckpt, "atomic_write", data_only)
     with pytest.raises(KeyboardInterrupt):

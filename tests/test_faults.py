@@ -153,10 +153,10 @@ def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(
     out = tmp_path / "run"
     real_write = checkpoint.atomic_write
 
-    def full_disk(path, data):
+    def full_disk(path, data, mode):
         if "step_00000004" in str(path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_write(path, data)
+        real_write(path, data, mode)
 
     monkeypatch.setattr(checkpoint, "atomic_write", full_disk)
     extra = ("schedule.total_steps=4", "checkpoint.every_steps=2")

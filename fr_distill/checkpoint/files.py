@@ -50,6 +50,8 @@ VERSION = 1
 CHECKSUM_SUFFIX = ".sha256"
 _STEP_NAME = re.compile(r"^step_(\d+)(\.pt)?$")
 
+CHECKPOINT_MODE = 0o600  # a checkpoint holds the model: its owner's alone, less the umask
+
 
 class CheckpointError(FrDistillError, RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or not an fr_distill checkpoint."""
@@ -88,8 +90,9 @@ def save(payload: dict, path: str | os.PathLike) -> None:
     torch.save(payload, buffer)
     data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest()
-    atomic_write(path, data)
-    atomic_write(path.with_name(path.name + CHECKSUM_SUFFIX), f"{digest}  {path.name}\n".encode())
+    atomic_write(path, data, CHECKPOINT_MODE)
+    atomic_write(path.with_name(path.name + CHECKSUM_SUFFIX), f"{digest}  {path.name}\n".encode(),
+                 CHECKPOINT_MODE)
 
 
 def verify(path: str | os.PathLike) -> str | None:
