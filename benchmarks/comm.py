@@ -309,19 +309,22 @@ def tiny_run(name: str, run_dir: Path, counter: CollectiveCounter):
     tiny IResNet-18 student (under the trainer's DDP wrapper, buckets counted by ``counter``)
     and frozen teacher, the trainer's objective and optimizer, logging every 4 steps."""
     from benchmarks.train import calibrate_batchnorm
-    from fr_distill.config import Config
-    from fr_distill.engine.faults import NonFiniteGuard
-    from fr_distill.engine.optim import build_optimizer
-    from fr_distill.engine.state import Run
-    from fr_distill.engine.trainer import data_parallel
+    from fr_distill.config import Config, ScheduleConfig
+    from fr_distill.engine.build import assemble_run, data_parallel
     from fr_distill.losses import build_objective
     from fr_distill.models import FrozenTeacher, get_backbone
 
     spec, device = SCENARIOS[name], torch.device("cpu")
     cfg = Config()
+    cfg.run.output_dir = str(run_dir)
+    cfg.run.max_nonfinite_steps = 1
+    cfg.precision.amp = "fp32"
     cfg.loss.sphereface2.parallel = spec["head"]
     cfg.loss.rkd.weight = 1.0 if "rkd" in spec["terms"] else 0.0
     cfg.optim.grad_clip = 5.0 if spec["grad_clip"] else 0.0
+    cfg.optim.lr = 0.01
+    cfg.optim.accumulation_steps = spec["accumulation"]
+    cfg.schedule = ScheduleConfig(name="multistep", milestones=[], total_steps=1000)
     cfg.logging.every_steps = WARMUP_STEPS + len(COUNTED_STEPS)
     torch.manual_seed(0)
     student = get_backbone("iresnet18", TINY["dim"], width=TINY["width"]).train()
@@ -335,18 +338,9 @@ def tiny_run(name: str, run_dir: Path, counter: CollectiveCounter):
     model = data_parallel(student, device)
     if model is not student:
         model.register_comm_hook(None, counter.ddp_hook)
-    params = (list(student.parameters()) + objective.replicated_parameters()
-              + objective.sharded_parameters())
-    optimizer = build_optimizer(params, cfg.optim, lr=0.01)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return Run(cfg=cfg, info=dist.DistInfo(rank=dist.rank(), world_size=dist.world_size(),
-                                           device=device),
-               run_dir=run_dir, student=student, model=model, teacher=teacher,
-               objective=objective, optimizer=optimizer,
-               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-               scaler=torch.amp.GradScaler("cpu", enabled=False), loader=None, amp_dtype=None,
-               accumulation=spec["accumulation"], total_steps=1000,
-               guard=NonFiniteGuard(limit=1))
+    info = dist.DistInfo(rank=dist.rank(), world_size=dist.world_size(), device=device)
+    return assemble_run(cfg, info, student, objective, model=model, teacher=teacher)
 
 
 def count_scenario(name: str, work_dir: Path, counter: CollectiveCounter) -> dict:

@@ -46,10 +46,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fr_distill.config import Config, DataConfig, LossConfig, OptimConfig
+from fr_distill.config import Config, DataConfig, LossConfig, ScheduleConfig
 from fr_distill.data import Batch
-from fr_distill.engine.faults import NonFiniteGuard, StopSignal
-from fr_distill.engine.optim import build_optimizer
+from fr_distill.engine.build import assemble_run
+from fr_distill.engine.faults import StopSignal
 from fr_distill.engine.state import Run
 from fr_distill.engine.step import train_step
 from fr_distill import dist
@@ -228,21 +228,18 @@ def build_models(args: argparse.Namespace, device: torch.device, compiled: bool)
     return Models(student, teacher, student, teacher)
 
 
-def benchmark_run(models: Models, objective: nn.Module, optimizer: torch.optim.Optimizer,
-                  scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, distill: bool,
-                  device: torch.device, teacher_cache=None) -> Run:
-    """A one-rank :class:`Run` around the benchmark's models for the trainer's own step:
-    default config (no logging steps, so no diagnostics), constant learning rate, and a
+def benchmark_config(amp: str, distill: bool) -> Config:
+    """The trainer's config for a benchmark step: the unified objective (or SphereFace2 alone),
+    ``amp``, no logging step (so no diagnostics), a constant learning rate of 0.01, and a
     non-finite step is an error (``max_nonfinite_steps`` 1)."""
     cfg = Config()
+    cfg.loss = loss_config(distill)
+    cfg.precision.amp = amp
     cfg.logging.diagnostics = False
-    return Run(cfg=cfg, info=dist.DistInfo(device=device), run_dir=Path("."),
-               student=models.student, model=models.student_step,
-               teacher=models.teacher_step if distill and teacher_cache is None else None,
-               objective=objective,
-               optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-               scaler=scaler, loader=None, amp_dtype=amp_dtype, accumulation=1,
-               total_steps=2 ** 62, guard=NonFiniteGuard(limit=1), teacher_cache=teacher_cache)
+    cfg.optim.lr = 0.01
+    cfg.schedule = ScheduleConfig(name="multistep", milestones=[], total_steps=2 ** 62)
+    cfg.run.max_nonfinite_steps = 1
+    return cfg
 
 
 def make_step(run: Run, batches: Iterator[Batch], timer: PhaseTimer) -> Callable[[], None]:
@@ -288,19 +285,20 @@ def build_step(models: Models, args: argparse.Namespace, device: torch.device, b
                timer: PhaseTimer) -> Callable[[], None]:
     """A fresh objective, optimizer and scaler around the shared models: one variant's step
     (``plain``, ``distill``, or ``cached``: ``distill`` reading the teacher from a cache)."""
-    amp_dtype = resolve_amp(amp, device)
+    amp_dtype = resolve_amp(amp, device)  # of the teacher's cached rows
     distill = variant != "plain"
     cache = None
     if variant == "cached":
         cache = write_cache(models, batches, SYNTHETIC_BATCHES, Path(args.cache_dir), device,
                             amp_dtype, args.cache_placement)
-    objective = build_objective(loss_config(distill), args.classes, args.embedding_dim,
-                                args.embedding_dim, batch, device=device)
-    params = list(models.student.parameters()) + objective.replicated_parameters()
-    optimizer = build_optimizer(params, OptimConfig(), lr=0.01)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    return make_step(benchmark_run(models, objective, optimizer, scaler, amp_dtype, distill, device,
-                                   cache), batches, timer)
+    cfg = benchmark_config(amp, distill)
+    objective = build_objective(cfg.loss, args.classes, args.embedding_dim, args.embedding_dim,
+                                batch, device=device)
+    run = assemble_run(cfg, dist.DistInfo(device=device), models.student, objective,
+                       model=models.student_step,
+                       teacher=models.teacher_step if distill and cache is None else None,
+                       teacher_cache=cache)
+    return make_step(run, batches, timer)
 
 
 def measure(models: Models, args: argparse.Namespace, device: torch.device, batch: int,

@@ -17,7 +17,7 @@ from fr_distill.checkpoint import files as checkpoint
 from fr_distill.engine.trainer import train
 from fr_distill.engine.callbacks import Callback
 from fr_distill.commands.train import train_main
-from fr_distill.engine.plan import dry_run
+from fr_distill.engine.preflight import dry_run
 from fr_distill.errors import FrDistillError
 from fr_distill.models import get_backbone
 from fr_distill.models.weights import read_init_weights

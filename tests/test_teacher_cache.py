@@ -24,7 +24,7 @@ from fr_distill.engine.callbacks import Callback
 from fr_distill.models import get_backbone
 from fr_distill.teacher_cache import CacheError, check_cache
 from fr_distill.commands.cache_teacher import cache_teacher_main
-from fr_distill.teacher_cache.build import build_cache
+from fr_distill.engine.cache_teacher import build_cache
 from fr_distill.paths import file_sha256
 from fr_distill.teacher_cache.store import MANIFEST, ROWS_FILE, read_manifest, write_manifest
 
@@ -336,7 +336,7 @@ def test_a_second_build_on_the_same_directory_is_refused(synthetic_data, teacher
 
 
 def test_dry_run_checks_the_cache(cache, synthetic_data, teacher_file, tmp_path):
-    from fr_distill.engine.plan import dry_run
+    from fr_distill.engine.preflight import dry_run
 
     base = overrides(synthetic_data, teacher_file, f"run.output_dir={tmp_path / 'run'}",
                      f"teacher.cache={cache}")

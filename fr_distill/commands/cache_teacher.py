@@ -6,7 +6,8 @@ from __future__ import annotations
 from fr_distill.commands import config_parser
 from fr_distill.config import load_config
 from fr_distill.errors import FrDistillError, exit_with
-from fr_distill.teacher_cache.build import DEFAULT_SHARD_SAMPLES, build_cache
+from fr_distill.engine.cache_teacher import build_cache
+from fr_distill.teacher_cache.build import DEFAULT_SHARD_SAMPLES
 
 
 def cache_teacher_main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                         help="validate config and data, print the plan, do not train")
     args = parser.parse_intermixed_args(argv)
     # Imported after parsing, so that --help answers without loading the models.
-    from fr_distill.engine.plan import dry_run
+    from fr_distill.engine.preflight import dry_run
     from fr_distill.engine.trainer import train
 
     try:

@@ -4,29 +4,20 @@ Batch sizes (per rank, global, effective with accumulation), the scaled learning
 steps per epoch and the checkpoint to resume from. A resumed run keeps the checkpoint's
 global batch whatever the world size (per-rank batch = global / W, which must divide), so
 its data order, memory-bank size and learning rate continue unchanged. ``launch/train.py
---dry-run`` prints :meth:`Plan.describe` after validating the config and the data.
+--dry-run`` prints :meth:`Plan.describe` after the pre-flight (:mod:`fr_distill.engine.preflight`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from fr_distill import dist
-from fr_distill.checkpoint import files as checkpoint
 from fr_distill.checkpoint.files import CheckpointStore
-from fr_distill.config import KD_TERMS, Config, check_paths, get_key
-from fr_distill.data import DatasetInfo, preflight
-from fr_distill.data.decode_check import apply_decode_check
-from fr_distill.data.loader import select_backend
+from fr_distill.config import KD_TERMS, Config, get_key
+from fr_distill.data import DatasetInfo
 from fr_distill.engine.faults import TrainingError
 from fr_distill.engine.optim import scaled_lr
-from fr_distill.engine.run_dir import probe_run_dir
-from fr_distill.engine.run_log import check_logging
-from fr_distill.eval.runner import check_bin_sets
 from fr_distill.eval.teacher_check import check_sets
-from fr_distill.teacher_cache import check_cache
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -147,26 +138,3 @@ def make_plan(cfg: Config, info: DatasetInfo, world_size: int, resume_path: Path
                 resume_step=int(resumed["step"]) if resumed is not None else 0,
                 data_sets=[(p.root, p.format, p.num_samples, p.num_classes, first)
                            for p, first in zip(info.parts, info.label_offsets())])
-
-
-def dry_run(cfg: Config) -> str:
-    """Validate paths, the logging packages, data, evaluation sets, the teacher cache and the
-    run directory and describe the run, without building models, training or changing any
-    file."""
-    resume_path = find_resume(cfg)
-    check_paths(cfg, resuming=resume_path is not None)
-    check_logging(cfg)
-    info = apply_decode_check(preflight(cfg.data), cfg.data, select_backend(cfg.data.loader))
-    check_bin_sets(list(cfg.eval.bin_sets), cfg.eval.best_metric)
-    check_bin_sets(list(cfg.teacher.check_sets))
-    note = probe_run_dir(cfg.run.output_dir, checkpoint_store(cfg), resume_path is None)
-    resumed = checkpoint.load_for_resume(resume_path) if resume_path else None
-    plan = make_plan(cfg, info, dist.env_world()[1], resume_path, resumed)
-    if info.num_samples < plan.global_batch:
-        raise TrainingError(f"data.train has {info.num_samples} images, fewer than one global "
-                            f"batch of {plan.global_batch}")
-    if cfg.teacher.cache:  # refused here as the run would refuse it (checksums included)
-        use_cuda = cfg.distributed.device == "cuda" or (cfg.distributed.device == "auto"
-                                                        and torch.cuda.is_available())
-        check_cache(cfg, info, torch.device("cuda" if use_cuda else "cpu"), plan.batch_per_rank)
-    return plan.describe(cfg) + (f"\nnote      {note}" if note else "")

@@ -3,16 +3,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
-import numpy as np  # noqa: E402
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, imported on first use: a training process,
+    which imports the evaluation code but never draws, does not pay matplotlib's import."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
              title: str = "ROC") -> Path:
     """Write a log-FAR ROC plot of ``{label: (fpr, tpr)}`` to ``path`` (PNG); returns the path."""
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(6, 4.5))
     for label, (fpr, tpr) in curves.items():
         positive = fpr > 0

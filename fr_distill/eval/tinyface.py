@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 import torch
 from PIL import Image
 
@@ -111,6 +110,8 @@ def _check_pair_file(testing_set: Path, folder: str, paths: list[Path], labels: 
     mat_path = testing_set / file_name
     if not mat_path.is_file():
         return
+    import scipy.io  # on first use: a training process need not import scipy
+
     try:
         mat = scipy.io.loadmat(str(mat_path))
         names = [str(np.asarray(entry).ravel()[0]) for entry in np.asarray(mat[names_key]).ravel()]

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import auc as area_under_curve
 
 from fr_distill.paths import atomic_writer, require_writable_file
 
@@ -198,6 +197,8 @@ def evaluate(embeddings, issame, nrof_folds: int = NROF_FOLDS,
         fold_val.append(float((dist[test][genuine] < threshold).mean()) if genuine.any() else 0.0)
     if outcomes is not None:
         outcomes["correct"] = correct
+    from sklearn.metrics import auc  # on first use: a training process need not import sklearn
+
     fpr, tpr, _ = roc_curve(-dist, same)
     positives, negatives = int(same.sum()), int((~same).sum())
     best_acc = float(np.max(tpr * positives + (1.0 - fpr) * negatives) / len(same))
@@ -206,7 +207,7 @@ def evaluate(embeddings, issame, nrof_folds: int = NROF_FOLDS,
         "accuracy_std": float(np.std(fold_acc)),
         "best_threshold_accuracy": best_acc,
         "eer": equal_error_rate(fpr, tpr),
-        "auc": float(area_under_curve(fpr, tpr)),
+        "auc": float(auc(fpr, tpr)),
         "val_at_far_1e-3": float(np.mean(fold_val)),
     }
 

@@ -35,21 +35,18 @@ import numpy as np
 import torch
 
 from fr_distill import dist, precision
-from fr_distill.config import Config, check_paths
-from fr_distill.console import setup_console
-from fr_distill.data import DatasetInfo, TrainLoader, preflight
-from fr_distill.data.decode_check import apply_decode_check
+from fr_distill.config import Config
+from fr_distill.data import DatasetInfo, TrainLoader
 from fr_distill.data.loader import select_backend
 from fr_distill.errors import FrDistillError
-from fr_distill.eval.runner import check_bin_sets
 from fr_distill.eval.teacher_check import check_sets, check_teacher
-from fr_distill.models import load_frozen_model
+from fr_distill.models import FrozenTeacher
 from fr_distill.models.teacher import teacher_embeddings
 from fr_distill.paths import file_sha256, require_writable_dir
 from fr_distill.teacher_cache.identity import (CacheError, execution, execution_differences,
                                                first_difference, flips_of, identity)
 from fr_distill.teacher_cache.content import content_difference, record_digests
-from fr_distill.teacher_cache.lock import lock_cache, release_cache
+from fr_distill.teacher_cache.lock import lock_cache
 from fr_distill.teacher_cache.store import (FORMAT_VERSION, ROWS_FILE, CacheWriteError, RowWriter,
                                             allocate_rows, corrupt_shards, expected_bytes,
                                             read_manifest, refuse_link, shard_ranges,
@@ -90,17 +87,16 @@ class SweepOrder:
         return np.full(len(indices), self.spec(step)[2], dtype=bool)
 
 
-def build_cache(cfg: Config, shard_samples: int = DEFAULT_SHARD_SAMPLES,
-                force: bool = False) -> dict:
-    """Build (or finish) the cache ``teacher.cache`` of ``cfg``'s teacher and training set on
-    torchrun's process group; returns its manifest."""
-    info = dist.init(cfg.distributed.backend, cfg.distributed.device, cfg.distributed.timeout_s)
-    setup_console(info.is_main)
-    try:
-        return _build(cfg, info, shard_samples, force)
-    finally:
-        release_cache(cfg.teacher.cache, fcntl.LOCK_EX)
-        dist.shutdown()
+def check_request(cfg: Config, shard_samples: int) -> None:
+    """Refuse a build that names no teacher, no cache directory or a shard size below 1, in
+    one line, before the pre-flight."""
+    if not cfg.teacher.path:
+        raise CacheError("config key 'teacher.path' is empty: name the teacher to cache")
+    if not cfg.teacher.cache:
+        raise CacheError("config key 'teacher.cache' is empty: name the directory the cache is "
+                         "written to (training reads it with the same key)")
+    if shard_samples < 1:
+        raise CacheError(f"--shard-samples must be >= 1, got {shard_samples}")
 
 
 def _prepare(cfg: Config, info: DatasetInfo, directory: Path, run_identity: dict, layout: dict,
@@ -110,7 +106,7 @@ def _prepare(cfg: Config, info: DatasetInfo, directory: Path, run_identity: dict
     rows; ``settings``: how they are computed (:func:`~.identity.execution`)."""
 
     require_writable_dir(directory, "config key 'teacher.cache'")
-    lock_cache(directory, fcntl.LOCK_EX)  # held until build_cache ends
+    lock_cache(directory, fcntl.LOCK_EX)  # held until the build ends (engine.cache_teacher)
     refuse_link(directory / ROWS_FILE)
     manifest = None if force else read_manifest(directory)
     if manifest is None:
@@ -179,25 +175,14 @@ def _record_content(cfg: Config, info: DatasetInfo, directory: Path, manifest: d
     return True
 
 
-def _build(cfg: Config, info: dist.DistInfo, shard_samples: int, force: bool) -> dict:
-    if not cfg.teacher.path:
-        raise CacheError("config key 'teacher.path' is empty: name the teacher to cache")
-    if not cfg.teacher.cache:
-        raise CacheError("config key 'teacher.cache' is empty: name the directory the cache is "
-                         "written to (training reads it with the same key)")
-    if shard_samples < 1:
-        raise CacheError(f"--shard-samples must be >= 1, got {shard_samples}")
-    check_paths(cfg, cache_exists=False)
+def build_rows(cfg: Config, info: dist.DistInfo, data_info: DatasetInfo, teacher: FrozenTeacher,
+               shard_samples: int, force: bool) -> dict:
+    """Build (or finish) the cache ``teacher.cache`` of ``teacher`` over the checked training
+    data ``data_info`` on the process group ``info``; returns its manifest. The caller holds
+    the process group and ran the pre-flight (:func:`fr_distill.engine.cache_teacher.build_cache`)."""
     device, directory = info.device, Path(cfg.teacher.cache)
-    data_info: DatasetInfo = apply_decode_check(preflight(cfg.data), cfg.data,
-                                                select_backend(cfg.data.loader))
-    dist.run_on_main(check_bin_sets, list(cfg.teacher.check_sets))
     amp_dtype = precision.amp_dtype(cfg.precision.amp, device)
     memory_format = precision.image_layout(cfg.model.channels_last, device)
-    teacher = load_frozen_model(cfg.teacher.path, cfg.teacher.name, cfg.teacher.embedding_dim,
-                                cfg.teacher.width, device, cfg.teacher.onnx_backend,
-                                cfg.teacher.input_mean, cfg.teacher.input_std)
-    teacher = teacher.to(memory_format=memory_format)
     shards = shard_ranges(data_info.num_samples, shard_samples)
     layout = {"flips": flips_of(cfg), "shard_samples": shard_samples,
               "embedding_dim": teacher.embedding_dim}
