@@ -40,7 +40,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "torchvision",
-        "numpy",
+        "numpy>=2.0",  # numpy.trapezoid
         "pyyaml",
         "pillow",
         "simplejpeg",
