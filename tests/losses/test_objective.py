@@ -18,7 +18,7 @@ from fr_distill.losses.iled import ILED
 from fr_distill.losses.kd_inputs import KDInputs
 from fr_distill.study import load_spec
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 C, DS, DT, B = 11, 6, 6, 4
 
 

@@ -25,7 +25,7 @@ from fr_distill.deploy import artifacts, verify
 from fr_distill.eval.runner import evaluate_bin_sets
 from fr_distill.models import get_backbone
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIM, WIDTH = 32, 0.25
 FAST = ["--latency-batches", "1,2", "--latency-warmup", "0", "--latency-repeats", "1",
         "--threads", "1", "--batch-size", "20"]

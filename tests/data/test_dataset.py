@@ -18,7 +18,7 @@ from fr_distill.data.decode import decode_rgb
 from fr_distill.data.validate import validate_dataset
 from tests.conftest import fifos, forbid_decoding, lying_jpeg, lying_png
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def jpeg_bytes(width=112, height=112, seed=0) -> bytes:

@@ -24,7 +24,7 @@ from fr_distill.synthetic import generate
 from fr_distill.synthetic.build import identity_pool
 from fr_distill.synthetic.release import CSV_COLUMNS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = dict(bin_identities=4, bin_pairs=12, ijb_subjects=3, ijb_probe_templates=1,
             ijb_max_media=2, ijb_max_images=2)
 TOOL_ARGS = ["--identities", "3", "--images", "2", "--bin-identities", "4", "--bin-pairs", "20",

@@ -12,7 +12,7 @@ import torch
 from fr_distill.config import LossConfig
 from fr_distill.losses import build_objective
 
-WORKER = Path(__file__).parent / "workers" / "worker_losses_2rank.py"
+WORKER = Path(__file__).parents[1] / "workers" / "worker_losses_2rank.py"
 RUNS = ("replicated", "class_sharded", "random_teacher_bank", "balanced_ema")
 
 

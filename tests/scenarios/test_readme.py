@@ -19,7 +19,7 @@ import torch
 from fr_distill.commands.config import config_reference_markdown
 from fr_distill.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
 
 
