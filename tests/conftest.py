@@ -1,6 +1,9 @@
 """Shared fixtures: launching torchrun process groups (gloo on the CPU), finding the processes
-a test started, the synthetic data, image folders, FIFOs and images whose header lies about
-their size; end-to-end runs started in the background when collection ends."""
+a test started, the synthetic data, small training sets (an image folder; a folder and a
+RecordIO pair), a study spec, FIFOs and images whose header lies about their size; end-to-end
+runs started in the background when collection ends.
+
+The fixtures and helpers of one test folder alone are in that folder's conftest.py."""
 from __future__ import annotations
 
 import contextlib
@@ -110,6 +113,19 @@ def jpeg_folder(tmp_path) -> Path:
     return write_jpeg_folder(tmp_path / "train", 4, 6)
 
 
+@pytest.fixture
+def two_sets(tmp_path) -> tuple[str, str]:
+    """Set a: a folder of 3 identities × 4 JPEGs; set b: a RecordIO pair (InsightFace layout,
+    ``property`` file) of 2 identities × 5 JPEGs, in b/train.rec."""
+    from fr_distill.data.convert import folder_to_recordio
+
+    a = write_jpeg_folder(tmp_path / "a", 3, 4, seed=1)
+    source = write_jpeg_folder(tmp_path / "b_source", 2, 5, seed=2)
+    (tmp_path / "b").mkdir()
+    folder_to_recordio(source, tmp_path / "b" / "train.rec", seed=3)
+    return str(a), str(tmp_path / "b")
+
+
 SYNTHETIC_DATA_ARGS = dict(num_identities=24, images_per_identity=8, seed=0, bin_identities=24,
                            bin_pairs=100, ijb_subjects=12, workers=1)
 
@@ -137,6 +153,39 @@ def teacher_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
     torch.save(get_backbone("iresnet18", 32, width=0.125).state_dict(), path)
     return path
+
+
+# -- a study spec: the study's unit tests and the reduced study end to end ----------------------
+STUDY_CONFIGS = REPO / "configs" / "study"
+
+
+def write_spec(tmp_path: Path, body: str) -> Path:
+    (tmp_path / "student.yaml").write_text(
+        f"defaults: [{STUDY_CONFIGS / 'student.yaml'}]\n"
+        "schedule: {total_steps: 4, warmup_steps: 1}\n"
+        "checkpoint: {every_steps: 2}\nlogging: {every_steps: 2}\ndata: {batch_size: 8}\n")
+    (tmp_path / "teacher.yaml").write_text(
+        f"defaults: [{STUDY_CONFIGS / 'teacher.yaml'}]\n"
+        "schedule: {total_steps: 4, warmup_steps: 1}\n"
+        "checkpoint: {every_steps: 2}\nlogging: {every_steps: 2}\ndata: {batch_size: 8}\n")
+    spec = tmp_path / "study.yaml"
+    spec.write_text(body)
+    return spec
+
+
+GOOD = """
+data:
+  synthetic: {identities: 10, images_per_identity: 4, bin_identities: 10, bin_pairs: 40,
+              ijb_subjects: 6}
+teacher: {config: teacher.yaml}
+student: student.yaml
+seeds: [1, 2]
+bootstrap: 200
+teacher_cache: true
+variants:
+  none: []
+  iled: [loss.iled.weight=1.0]
+"""
 
 
 @contextlib.contextmanager

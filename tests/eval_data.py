@@ -7,6 +7,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -104,3 +105,12 @@ def write_tinyface(root: Path, probes=("1_3", "2_3"), matches=("1_1", "2_1", "2_
         for name in names:
             (testing_set / folder / f"{name}.jpg").write_bytes(encode(next(images)[:, 2:18]))
     return testing_set
+
+
+def assert_results_close(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_results_close(a[key], b[key])
+        else:
+            assert a[key] == pytest.approx(b[key], abs=1e-9), key

@@ -1,4 +1,5 @@
-"""Typed configuration: loading, overrides and every error path (issue: foundation)."""
+"""Typed configuration: loading, overrides and every error path; a list of training sets in
+``data.train``, the balance and anchor settings, and the shipped sweep and teacher-gap configs."""
 from __future__ import annotations
 
 import dataclasses
@@ -79,7 +80,7 @@ def test_wrong_type_or_range_names_key_and_value(override, message):
 def test_embedding_sizes_are_not_compared_by_the_config():
     """teacher.embedding_dim describes only a plain state dict; checkpoint, ONNX and
     TorchScript teachers carry their own size, so the sizes are compared when the objective
-    is built from the loaded teacher (tests/test_faults.py), not here."""
+    is built from the loaded teacher (tests/scenarios/test_faults.py), not here."""
     cfg = load_config(None, ["teacher.path=t.pth", "teacher.embedding_dim=256"])
     assert (cfg.model.embedding_dim, cfg.teacher.embedding_dim, cfg.model.projector) == (512, 256, False)
 
@@ -365,3 +366,75 @@ def test_a_huge_model_is_refused_by_the_config(override, message):
         load_config(None, [override])
     assert str(err.value) == message
     assert load_config(None, ["model.width=4", "model.embedding_dim=16384"]).model.width == 4.0
+
+
+@pytest.mark.timeout(180)
+def test_config_takes_a_list_from_an_override_or_yaml(two_sets, tmp_path):
+    a, b = two_sets
+    assert load_config(None, [f"data.train=[{a}, {b}]"]).data.train == [a, b]
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  train:\n    - {a}\n    - {b}\nloss:\n  iled: {{weight: 0}}\n"
+                      f"  rpsd: {{weight: 0}}\n")
+    cfg = load_config(config)
+    assert cfg.data.train == [a, b]
+    check_paths(cfg)
+    with pytest.raises(ConfigError) as err:
+        check_paths(load_config(config, [f"data.train=[{a}, {tmp_path / 'gone'}]"]))
+    assert str(err.value) == f"config key 'data.train[1]': path not found: {tmp_path / 'gone'}"
+    with pytest.raises(ConfigError) as err:
+        check_paths(load_config(config, [f"data.train=[{a}, '']"]))
+    assert str(err.value) == "config key 'data.train[1]' is empty: name an image folder or train.rec"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.train=5"])
+    assert str(err.value) == "command line: config key 'data.train' must be str or list, got 5"
+    with pytest.raises(ConfigError, match=r"config key 'data.train\[1\]' must be str, got 3"):
+        load_config(None, [f"data.train=[{a}, 3]"])
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+@pytest.mark.parametrize("name, changed", [
+    ("sweeps/iled_s0.5", {"loss.iled.s": 0.5}), ("sweeps/iled_s0.7", {"loss.iled.s": 0.7}),
+    ("sweeps/iled_s0.9", {}), ("sweeps/iled_r20", {"loss.iled.r": 20.0}),
+    ("sweeps/iled_r40", {}), ("sweeps/iled_r60", {"loss.iled.r": 60.0}),
+    ("sweeps/rpsd_t0.05", {}), ("sweeps/rpsd_t0.10", {"loss.rpsd.t": 0.10}),
+    ("sweeps/rpsd_t0.15", {"loss.rpsd.t": 0.15}),
+    ("teacher_gap/iresnet100", {}), ("teacher_gap/iresnet50", {"teacher.name": "iresnet50"}),
+    ("teacher_gap/dpn98", {"teacher.name": "timm:dpn98"})])
+def test_sweep_and_teacher_gap_configs_change_only_their_keys(name, changed):
+    from conftest import REPO
+    from fr_distill.config import load_config, to_dict
+
+    base = _leaves(to_dict(load_config(REPO / "configs" / "vggface2_r100_r18_unified.yaml")))
+    cfg = _leaves(to_dict(load_config(REPO / "configs" / f"{name}.yaml")))
+    diff = {k: v for k, v in cfg.items() if v != base[k]}
+    assert diff == {"run.output_dir": f"runs/{name}", **changed}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.rpsd.weight=0", "loss.balance.rpsd=0.5"],
+     "config key 'loss.balance.rpsd' sets a target (0.5) for a term that is off "
+     "(loss.rpsd.weight=0)"),
+    (["loss.balance.enabled=true", "loss.balance.iled=0.3"],
+     "config key 'loss.balance.rpsd' must be > 0 with loss.balance.enabled and "
+     "loss.rpsd.weight > 0 (every enabled distillation term is balanced), got 0"),
+    (["loss.balance.iled=-1"], "config key 'loss.balance.iled' must be >= 0, got -1.0"),
+    (["loss.balance.min_weight=10", "loss.balance.max_weight=1"],
+     "config key 'loss.balance.min_weight' (10) must be < loss.balance.max_weight (1)"),
+    (["loss.balance.smoothing=0"], "config key 'loss.balance.smoothing' must be in (0, 1]"),
+    (["loss.balance.enabled=true", "loss.iled.weight=0", "loss.rpsd.weight=0"],
+     "config key 'loss.balance.enabled' is true but no distillation term is enabled"),
+    (["loss.rpsd.student_anchor=ema", ],
+     "config key 'loss.rpsd.student_anchor' must be one of student_bank, teacher_bank, "
+     "ema_student_bank"),
+    (["loss.rpsd.ema_momentum=1"], "config key 'loss.rpsd.ema_momentum' must be in (0, 1)"),
+])
+def test_bad_balance_and_anchor_settings_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from fr_distill import precision
-from fr_distill.commands.eval import build_parser
 from fr_distill.eval import extract
 
 
@@ -57,9 +56,3 @@ def test_evaluation_forward_autocasts_only_when_a_dtype_is_asked_for(monkeypatch
     extract.embed_flip_fused(model, images, torch.device("cpu"), dtype)
     assert RecordedAutocast.calls == [{"device_type": "cpu", "dtype": dtype or torch.float32,
                                        "enabled": dtype is not None}]
-
-
-def test_the_eval_command_accepts_fp32_and_off():
-    for amp in ("fp32", "off", "fp16", "bf16"):
-        args = build_parser().parse_args(["--model", "m.pt", "--out", "o", "--amp", amp])
-        assert args.amp == amp

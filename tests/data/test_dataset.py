@@ -1,31 +1,22 @@
-"""Every bad-input case of the pre-flight check and tools/validate_data.py, with its message."""
+"""Training-set indexing and the pre-flight check: every bad-input case with its message, and
+several training sets in ``data.train`` (label offsets, the global index, bad lists, a folder
+given one level too deep or too shallow)."""
 from __future__ import annotations
 
-import io
 import logging
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from fr_distill.config import DataConfig
-from fr_distill.data import DataError, RecordIOWriter, preflight
+from conftest import fifos, write_jpeg_folder
+from fr_distill.config import DataConfig, load_config
+from fr_distill.data import DataError, RecordIOWriter, preflight, scan
 from fr_distill.data.convert import folder_to_recordio
-from fr_distill.data.decode import decode_rgb
-from fr_distill.data.validate import validate_dataset
-from tests.conftest import fifos, forbid_decoding, lying_jpeg, lying_png
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def jpeg_bytes(width=112, height=112, seed=0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG")
-    return buf.getvalue()
+from fr_distill.data.dataset import SampleBytes
+from fr_distill.teacher_cache.identity import data_identity
+from .conftest import jpeg_bytes
 
 
 def check(train, **kw) -> str:
@@ -89,21 +80,6 @@ def test_special_files_in_a_training_folder_are_named_before_they_are_read(jpeg_
         f"{device}: unreadable (a character device, not a regular file)"]
 
 
-@pytest.mark.parametrize("make, width, height", [(lying_jpeg, 30000, 30000),
-                                                 (lying_png, 5000, 5000)])
-def test_an_image_declaring_a_huge_size_is_refused_before_decoding(make, width, height,
-                                                                   monkeypatch):
-    """The training decoder (the PyTorch loader's, the decode check's, validate_data's) decoded
-    a 632-byte JPEG declaring 30000x30000 pixels in full (2.7 GB) before checking its size; it
-    now refuses it from the header (the decoders are tripwires here). The PNG declares less
-    than PIL's own decompression-bomb limit."""
-    forbid_decoding(monkeypatch)
-    with pytest.raises(DataError) as err:
-        decode_rgb(make(width, height), "x/y.img")
-    assert str(err.value) == (f"x/y.img: cannot decode image (its header declares {width}x"
-                              f"{height} pixels, more than 4096x4096; refused before decoding)")
-
-
 def test_skip_bad_excludes_counts_and_logs(jpeg_folder, caplog):
     (jpeg_folder / "id001" / "bad.jpg").write_bytes(b"GIF89a")
     (jpeg_folder / "id003" / "trunc.jpg").write_bytes(jpeg_bytes()[:100])
@@ -151,20 +127,95 @@ def test_recordio_label_out_of_range_and_bad_jpeg_record(tmp_path):
                                                           "(no end-of-image marker FFD9)")
 
 
-def test_validate_data_decodes_everything_and_exits_nonzero(jpeg_folder, tmp_path):
-    good = validate_dataset(str(jpeg_folder), progress=False)
-    assert good.ok and good.class_counts == {f"id{c:03d}": 6 for c in range(4)}
-    # headers fine (SOF and EOI present) but no scan data: only a full decode finds it
-    header = jpeg_bytes()
-    (jpeg_folder / "id000" / "noscan.jpg").write_bytes(header[:header.index(b"\xff\xda")] + b"\xff\xd9")
-    (jpeg_folder / "id001" / "junk.jpg").write_bytes(b"junk")
-    report = validate_dataset(str(jpeg_folder), progress=False)
-    assert report.problems[0] == f"{jpeg_folder / 'id001' / 'junk.jpg'}: not a JPEG or PNG image"
-    assert report.problems[1].startswith(f"{jpeg_folder / 'id000' / 'noscan.jpg'}: cannot decode image")
-    assert report.class_counts["id000"] == 6 and report.class_counts["id001"] == 6
-    proc = subprocess.run([sys.executable, "tools/validate_data.py", str(jpeg_folder),
-                           "--no-progress", "--counts", str(tmp_path / "c.csv")],
-                          cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 1 and "BAD " + str(jpeg_folder / "id001" / "junk.jpg") in proc.stdout
-    assert "2 problem(s) found" in proc.stdout
-    assert (tmp_path / "c.csv").read_text().splitlines()[1] == "id000,6"
+def message(train, **kw) -> str:
+    with pytest.raises(DataError) as err:
+        preflight(DataConfig(train=train, **kw))
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+@pytest.mark.timeout(180)
+def test_labels_are_offset_by_the_earlier_sets_class_counts(two_sets):
+    a, b = two_sets
+    info = preflight(DataConfig(train=[a, b]))
+    assert (info.num_samples, info.num_classes, info.format) == (22, 5, "folder+recordio")
+    assert info.label_offsets() == [0, 3] and info.sample_starts() == [0, 12]
+    np.testing.assert_array_equal(info.labels[:12], [0] * 4 + [1] * 4 + [2] * 4)
+    set_b = preflight(DataConfig(train=b))
+    np.testing.assert_array_equal(info.labels[12:], set_b.labels + 3)
+    assert sorted(set(info.labels[12:].tolist())) == [3, 4]
+    swapped = preflight(DataConfig(train=[b, a]))
+    np.testing.assert_array_equal(swapped.labels[:10], set_b.labels)
+    np.testing.assert_array_equal(swapped.labels[10:], [2] * 4 + [3] * 4 + [4] * 4)
+
+
+@pytest.mark.timeout(180)
+def test_global_index_reads_the_right_set_and_sample(two_sets):
+    a, b = two_sets
+    images = SampleBytes(preflight(DataConfig(train=[a, b])))
+    first, second = SampleBytes(preflight(DataConfig(train=a))), SampleBytes(
+        preflight(DataConfig(train=b)))
+    assert len(images) == 22
+    for i in range(22):
+        part, j = (first, i) if i < 12 else (second, i - 12)
+        assert images[i] == part[j] and images.name(i) == part.name(j)
+    assert images.name(0) == f"{a}/id000/0.jpg"
+    assert images.name(12).startswith(f"{b}/train.rec record ")
+
+
+@pytest.mark.timeout(180)
+def test_a_single_string_is_the_set_it_always_was(two_sets):
+    a, _ = two_sets
+    alone, listed = scan(a), scan([a])
+    assert alone.parts == [] and alone.format == "folder" and alone.root == a
+    for info in (alone, listed):
+        assert (info.num_samples, info.num_classes) == (12, 3)
+        np.testing.assert_array_equal(info.samples, alone.samples)
+        np.testing.assert_array_equal(info.labels, alone.labels)
+    assert data_identity(listed) == data_identity(alone)
+    assert load_config(None, [f"data.train={a}"]).data.train == a
+
+
+@pytest.mark.timeout(180)
+def test_bad_lists_name_the_entry(two_sets, tmp_path):
+    a, b = two_sets
+    assert message([a, str(tmp_path / "gone")]) == (
+        f"data.train[1]: {tmp_path / 'gone'}: training data path does not exist")
+    assert message([]) == ("config key 'data.train' is an empty list: name one or more image "
+                           "folders or train.rec files")
+    assert message([a, ""]) == ("config key 'data.train[1]' is empty: name an image folder or "
+                                "a train.rec")
+    assert message([a, b, a + "/"]) == (
+        f"data.train[2] {a}/: the same set as data.train[0]; a set listed twice would give its "
+        f"identities two labels")
+    (tmp_path / "a" / "id001" / "bad.jpg").write_bytes(b"junk")
+    assert message([b, a]).startswith(f"{tmp_path / 'a' / 'id001' / 'bad.jpg'}: not a JPEG")
+
+
+@pytest.mark.timeout(180)
+def test_a_folder_one_level_too_deep_or_too_shallow_is_named_with_the_right_path(tmp_path):
+    root = tmp_path / "data"
+    write_jpeg_folder(root / "webface" / "faces", 2, 1)  # root/set/faces/id/img.jpg
+    deep = root / "webface"
+    assert message(str(deep)) == (
+        f"{deep}: its sub-folders hold folders of images (e.g. {deep / 'faces' / 'id000'}), one "
+        f"level too deep: set data.train to {deep / 'faces'}")
+    write_jpeg_folder(root / "vgg", 2, 1)
+    assert message(str(root)) == (
+        f"{root}: its sub-folders hold folders of images (e.g. {root / 'vgg' / 'id000'}), one "
+        f"level too deep: set data.train to {root / 'vgg'}, or a list of all 2 sub-folders of "
+        f"{root}")
+    shallow = root / "vgg" / "id001"
+    assert message([str(root / "vgg"), str(shallow)]) == (
+        f"data.train[1]: {shallow}: holds 1 files but no identity sub-folder with images, one "
+        f"level too shallow (is this one identity's folder?): data.train must name the folder "
+        f"holding one sub-folder per identity, e.g. {root / 'vgg'}")
+    rec_parent = tmp_path / "download"
+    folder_to_recordio(root / "vgg", tmp_path / "faces_emore.rec")
+    (rec_parent / "faces_emore").mkdir(parents=True)
+    for name in ("faces_emore.rec", "faces_emore.idx"):
+        (tmp_path / name).rename(rec_parent / "faces_emore" / name.replace("faces_emore", "train"))
+    assert message(str(rec_parent)) == (
+        f"{rec_parent}: a RecordIO set in its sub-folder {rec_parent / 'faces_emore'}, one level "
+        f"too deep: set data.train to {rec_parent / 'faces_emore'}")
+    assert preflight(DataConfig(train=str(rec_parent / "faces_emore"))).num_samples == 2

@@ -1,4 +1,5 @@
-"""The DALI (CPU) and PyTorch loaders against each other and an independent PIL decode."""
+"""The DALI (CPU) and PyTorch loaders against each other and an independent PIL decode, on one
+training set and on several; a label out of range refused on the host."""
 from __future__ import annotations
 
 import io
@@ -14,8 +15,9 @@ from fr_distill.data import DataError, RecordIOReader, build_train_loader, prefl
 from fr_distill.data import loader as loader_module
 from fr_distill.data.convert import folder_to_recordio
 
-STEPS = 3  # steps 4, 5, 6 of 6 per epoch: crosses into epoch 1
 pytestmark = pytest.mark.timeout(180)  # loader worker processes: fail, never hang the suite
+
+STEPS = 3  # steps 4, 5, 6 of 6 per epoch: crosses into epoch 1
 
 
 def reference_images(info, indices, flips) -> torch.Tensor:
@@ -148,3 +150,55 @@ def test_dali_with_spawned_workers_matches_forked(monkeypatch, jpeg_folder):
     spawned = batches(cfg, info, start=2)
     for a, b in zip(forked, spawned):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images)
+
+
+def loader_batches(train, batch_size, start, steps, rank=0, world=1, loader="torch"):
+    cfg = DataConfig(train=train, batch_size=batch_size, num_workers=0 if loader == "torch" else 1,
+                     loader=loader)
+    info = preflight(cfg)
+    return list(itertools.islice(build_train_loader(cfg, info, rank, world, "cpu", 7)
+                                 .iterate(start), steps))
+
+
+def test_two_sets_resume_and_rank_slices_match_the_one_rank_run(two_sets):
+    """Steps 0..7 at global batch 4 (5 steps per epoch: crosses into epoch 1, mid-epoch
+    resume at step 3); 2 ranks of 2 join to the 1-rank batch, bitwise."""
+    train = list(two_sets)
+    run = loader_batches(train, 4, 0, 8)
+    seen = torch.cat([batch.indices for batch in run[:5]])
+    assert len(set(seen.tolist())) == 20 and seen.max() >= 12 and seen.min() < 12  # both sets
+    for resumed_from in (3, 5):
+        for a, b in zip(run[resumed_from:], loader_batches(train, 4, resumed_from, 8 - resumed_from)):
+            assert torch.equal(a.indices, b.indices) and torch.equal(a.flips, b.flips)
+            assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    halves = [loader_batches(train, 2, 3, 5, rank=r, world=2) for r in (0, 1)]
+    for step in range(5):
+        for field in ("images", "labels", "indices", "flips"):
+            joined = torch.cat([getattr(halves[0][step], field), getattr(halves[1][step], field)])
+            assert torch.equal(joined, getattr(run[3 + step], field)), (step, field)
+
+
+def test_dali_reads_two_sets_as_the_pytorch_loader(two_sets):
+    train = list(two_sets)
+    for a, b in zip(loader_batches(train, 4, 2, 3), loader_batches(train, 4, 2, 3, loader="dali")):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.labels, b.labels)
+        assert (a.images - b.images).abs().max() <= 2 / 127.5  # JPEG decoder tolerance
+
+
+def test_loader_refuses_an_out_of_range_label_on_the_host(synthetic_data):
+    """A label at or above the class count (an index edited after the pre-flight check)
+    stops the loader with one line naming the data set, the sample and the label."""
+    cfg = DataConfig(train=str(synthetic_data / "train"), loader="torch", num_workers=0,
+                     batch_size=8)
+    info = preflight(cfg)
+    info.labels = info.labels.copy()
+    loader = build_train_loader(cfg, info, 0, 1, "cpu", seed=0)
+    first = loader.sampler.rank_indices(0, 0, 1)
+    info.labels[first[3]] = info.num_classes
+    with pytest.raises(DataError) as err:
+        next(loader.iterate(0))
+    message = str(err.value)
+    assert "\n" not in message
+    assert message == (f"{info.root}: sample {first[3]} has label {info.num_classes}, outside "
+                       f"[0, {info.num_classes})")
+    assert np.all(info.labels[first[:3]] < info.num_classes)

@@ -1,4 +1,5 @@
-"""RecordIO: framing against an independent parse, InsightFace header, folder → rec round trip."""
+"""RecordIO: framing against an independent parse, the InsightFace header, DALI's reader,
+and the reader's errors."""
 from __future__ import annotations
 
 import struct
@@ -65,19 +66,6 @@ def test_insightface_header_record(tmp_path):
     assert len(reader) == 2 and reader.read(1) == (1, b"img2")
 
 
-def test_folder_to_rec_is_byte_identical_and_shuffled(jpeg_folder, tmp_path):
-    (tmp_path / "out").mkdir()
-    n = folder_to_recordio(jpeg_folder, tmp_path / "out" / "train.rec", seed=3)
-    assert n == 24 and (tmp_path / "out" / "property").read_text() == "4,112,112"
-    reader = RecordIOReader(tmp_path / "out" / "train.rec", tmp_path / "out" / "train.idx")
-    assert reader.header == (25.0, 25.0) and len(reader) == 24
-    originals = {p.read_bytes(): int(p.parent.name[2:]) for p in jpeg_folder.glob("*/*.jpg")}
-    records = [reader.read(i) for i in range(24)]
-    assert {data: label for label, data in records} == originals
-    folder_order = [originals[p.read_bytes()] for p in sorted(jpeg_folder.glob("*/*.jpg"))]
-    assert [label for label, _ in records] != folder_order  # shuffled
-
-
 def test_plain_layout_is_read_by_dalis_mxnet_reader(jpeg_folder, tmp_path):
     from nvidia.dali import fn, pipeline_def
 
@@ -112,25 +100,6 @@ def test_reader_errors_name_the_file(tmp_path):
     Path(tmp_path / "d.rec").write_bytes(data[:-6])
     with pytest.raises(DataError, match=r"d\.rec: record 0 truncated"):
         RecordIOReader(tmp_path / "d.rec", tmp_path / "d.idx").read(0)
-
-
-def test_synthetic_recordio_matches_its_folder(synthetic_data):
-    """The generator's InsightFace pair (header + identity records) against its image folder."""
-    from collections import Counter
-
-    from fr_distill.config import DataConfig
-    from fr_distill.data import preflight
-
-    folder = preflight(DataConfig(train=str(synthetic_data / "train")))
-    rec = preflight(DataConfig(train=str(synthetic_data / "train.rec")))
-    assert (rec.format, rec.num_samples, rec.num_classes) == ("recordio", 24 * 8, 24)
-    assert (folder.num_samples, folder.num_classes) == (rec.num_samples, rec.num_classes)
-    reader = RecordIOReader(synthetic_data / "train.rec", synthetic_data / "train.idx")
-    assert reader.header == (193.0, 217.0)  # images 1..192, identity records 193..216
-    from_rec = Counter(reader.read(int(i)) for i in rec.samples)
-    from_folder = Counter((int(label), (synthetic_data / "train" / path.decode()).read_bytes())
-                          for label, path in zip(folder.labels, folder.samples))
-    assert from_rec == from_folder
 
 
 def test_index_not_matching_the_insightface_header_or_with_duplicates(tmp_path):

@@ -6,8 +6,6 @@ import contextlib
 import io
 import json
 import re
-import runpy
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +16,12 @@ import torch
 from torch import nn
 
 from fr_distill.config import Config, to_dict
-from fr_distill.synthetic import generate
 from fr_distill.synthetic.build import write_verification_bin
 from fr_distill.commands.export import export_main
 from fr_distill.deploy import artifacts, verify
 from fr_distill.eval.runner import evaluate_bin_sets
 from fr_distill.models import get_backbone
 
-REPO = Path(__file__).resolve().parents[2]
 DIM, WIDTH = 32, 0.25
 FAST = ["--latency-batches", "1,2", "--latency-warmup", "0", "--latency-repeats", "1",
         "--threads", "1", "--batch-size", "20"]
@@ -383,24 +379,3 @@ def test_formats_default_to_the_installed_ones(monkeypatch):
     with pytest.raises(ExportInputError, match=r"^--formats: onnx-fp32 needs the package\(s\) "
                                                r"onnxruntime \(pip install -e '\.\[onnx\]'\)$"):
         parse_formats("onnx-fp32")
-
-
-def test_write_verification_bin_equals_generates_synth_lfw(tmp_path):
-    args = dict(seed=3, bin_identities=8, bin_pairs=12)
-    generate(tmp_path / "full", num_identities=2, images_per_identity=1, ijb_subjects=2,
-             workers=1, **args)
-    alone = write_verification_bin(tmp_path / "synth_lfw.bin", 12, seed=3, bin_identities=8,
-                                   workers=1)
-    assert alone.read_bytes() == (tmp_path / "full" / "synth_lfw.bin").read_bytes()
-
-
-def test_cli_and_tool_answer_help(monkeypatch, capsys):
-    from fr_distill import cli
-
-    with pytest.raises(SystemExit) as done:
-        cli.main(["export", "--help"])
-    assert done.value.code == 0 and "--tolerance-fp16" in capsys.readouterr().out
-    monkeypatch.setattr(sys, "argv", ["tools/export.py", "--help"])
-    with pytest.raises(SystemExit) as done:
-        runpy.run_path(str(REPO / "tools" / "export.py"), run_name="__main__")
-    assert done.value.code == 0 and "--tolerance-fp16" in capsys.readouterr().out

@@ -1,25 +1,21 @@
 """Feature extraction: alignment, 2-rank sharding equal to 1 rank (`.bin`, IJB, TinyFace),
-resume from cached shards, launch/eval.py end to end, and the synthetic `.bin` and IJB-style sets."""
+resume from cached shards."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import REPO, run_torchrun
 from fr_distill.data.align import ARCFACE_TEMPLATE, estimate_similarity
-from fr_distill.eval.dali_align import DaliAlignedImages
-from fr_distill.eval.ijb_meta import load_ijb_meta
 from fr_distill.eval.extract import AlignedImages, EncodedImages, extract_features, last_run
 from fr_distill.eval.report import to_jsonable
 from fr_distill.eval.runner import evaluate_model
 from fr_distill.eval.verification import read_bin
-from launch import eval as launch_eval
-from tests.conftest import REPO, run_torchrun
-from tests.eval_data import tiny_model, write_bin, write_ijb, write_tinyface
+from tests.eval_data import assert_results_close, tiny_model, write_bin, write_ijb, write_tinyface
 
 
 def blob_image(points: np.ndarray, size: int, sigma: float = 1.5) -> np.ndarray:
@@ -47,17 +43,6 @@ def test_alignment_identity_and_rotated_face(tmp_path):
         assert np.linalg.norm(centre - [x, y]) < 1.0
 
 
-def test_dali_cpu_alignment_matches_numpy(tmp_path):
-    root = write_ijb(tmp_path / "IJBC", subjects=2, templates_per_subject=2)
-    meta = load_ijb_meta(root, "IJBC")
-    count = min(6, len(meta.image_paths))
-    reference = AlignedImages(meta.image_paths, meta.landmarks).load(0, count).astype(int)
-    dali = DaliAlignedImages(meta.image_paths, meta.landmarks, device="cpu").load(0, count)
-    assert dali.shape == reference.shape and dali.dtype == np.uint8
-    difference = np.abs(dali.astype(int) - reference)
-    assert difference.max() <= 2 and difference.mean() < 0.1
-
-
 def test_resume_recomputes_only_missing_shards(tmp_path):
     write_bin(tmp_path / "s.bin", 20, seed=4)
     payloads, _ = read_bin(str(tmp_path / "s.bin"))
@@ -73,15 +58,6 @@ def test_resume_recomputes_only_missing_shards(tmp_path):
         images = torch.from_numpy(source.load(0, 40)).float().div(255).sub(0.5).div(0.5)
         expected = model(images) + model(images.flip(3))
     assert torch.allclose(first, expected, atol=1e-5)
-
-
-def assert_results_close(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], dict):
-            assert_results_close(a[key], b[key])
-        else:
-            assert a[key] == pytest.approx(b[key], abs=1e-9), key
 
 
 @pytest.mark.dist
@@ -106,54 +82,3 @@ def test_two_ranks_equal_one_rank_and_resume(tmp_path):
     ijb_shards = sorted((tmp_path / "two" / "features" / "IJBC").glob("feats_*.npy"))
     assert len(ijb_shards) > 2  # the IJB images were spread over both ranks' shards
     assert len(list((tmp_path / "two" / "features" / "TinyFace").glob("feats_*.npy"))) == 3
-
-
-def test_launch_eval_script(tmp_path, capsys):
-    write_bin(tmp_path / "s.bin", 12, seed=2)
-    ijb = write_ijb(tmp_path / "IJBC", subjects=4, templates_per_subject=2)
-    model = tiny_model()
-    torch.jit.script(model).save(str(tmp_path / "model.pt"))
-    argv = ["--model", str(tmp_path / "model.pt"), "--bin", str(tmp_path / "s.bin"), "--ijb", str(ijb),
-            "--ijb-name", "IJBC", "--out", str(tmp_path / "out"), "--batch-size", "4"]
-    assert launch_eval.main(argv) == 0
-    assert "TAR@FAR" in capsys.readouterr().out
-    saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    expected = evaluate_model(model, "cpu", [str(tmp_path / "s.bin")], [(str(ijb), "IJBC")],
-                              batch_size=4)
-    assert_results_close(saved, to_jsonable(expected))
-    assert (tmp_path / "out" / "roc_IJBC.png").stat().st_size > 1000
-    argv[3] = str(tmp_path / "missing.bin")
-    assert launch_eval.main(argv) == 2
-    error = capsys.readouterr().err.strip()
-    assert "missing.bin: cannot read" in error and "\n" not in error
-
-
-class RecordingWriter:
-    def __init__(self):
-        self.scalars = {}
-
-    def add_scalar(self, tag, value, step):
-        self.scalars[tag] = (value, step)
-
-    def flush(self):
-        pass
-
-
-@pytest.mark.slow
-def test_synthetic_sets_end_to_end(synthetic_data, tmp_path):
-    bins = sorted(str(p) for p in Path(synthetic_data).glob("*.bin"))
-    ijb_root = Path(synthetic_data) / "ijb" / "IJBS"
-    writer = RecordingWriter()
-    results = evaluate_model(tiny_model(dim=16), "cpu", bins, [(str(ijb_root), "IJBS")],
-                             tmp_path / "out", batch_size=64, writer=writer, step=7)
-    assert len(results["bin"]) == len(bins) >= 1
-    for metrics in results["bin"].values():
-        assert all(0.0 <= v <= 1.0 for v in metrics.values())
-    ijb = results["ijb"]["IJBS"]
-    for method in ("nearest", "interpolated"):
-        assert len(ijb["verification"][method]) == 6
-        assert all(0.0 <= v <= 1.0 for v in ijb["verification"][method].values())
-    assert 0.0 <= ijb["identification"]["rank1"] <= ijb["identification"]["rank10"] <= 1.0
-    assert (tmp_path / "out" / "results.json").exists() and (tmp_path / "out" / "roc_IJBS.png").exists()
-    assert writer.scalars["eval/IJBS/tar_nearest@1e-05"][1] == 7
-    assert any(tag.endswith("/accuracy_mean") for tag in writer.scalars)

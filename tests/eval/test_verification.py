@@ -14,7 +14,6 @@ from sklearn.metrics import roc_auc_score, roc_curve as sk_roc_curve
 from sklearn.model_selection import KFold
 
 from fr_distill.eval import EvalDataError
-from fr_distill.eval.roc import roc_curve, tar_interpolated, tar_nearest
 from fr_distill.eval.verification import METRICS, evaluate, kfold_splits, load_bin
 from tests.eval_data import encode, face_images, write_bin
 
@@ -84,22 +83,6 @@ def test_val_at_far_reversed_scores_is_zero():
     same = np.arange(2000) % 2 == 0
     dist = np.where(same, 3.0, 1.0)  # every genuine pair farther than every impostor pair
     assert evaluate(embeddings_with_distances(dist), same)["val_at_far_1e-3"] == 0.0
-
-
-def test_fast_roc_equals_sklearn_with_ties():
-    rng = np.random.default_rng(1)
-    for n, decimals in ((50, 1), (5000, 2), (20000, 6)):
-        scores = rng.normal(size=n).round(decimals).astype(np.float32)
-        labels = (rng.random(n) < 0.3).astype(int)
-        fpr, tpr, thr = roc_curve(scores, labels)
-        sk_fpr, sk_tpr, sk_thr = sk_roc_curve(labels, scores)
-        assert np.array_equal(fpr, sk_fpr) and np.array_equal(tpr, sk_tpr)
-        assert np.array_equal(thr[1:], sk_thr[1:]) and np.isinf(thr[0])
-        for far in (1e-4, 1e-3, 1e-2, 1e-1, 0.5):
-            flipped_fpr, flipped_tpr = np.flipud(sk_fpr), np.flipud(sk_tpr)
-            _, index = min(zip(abs(flipped_fpr - far), range(len(flipped_fpr))))
-            assert tar_nearest(fpr, tpr, far) == flipped_tpr[index]
-            assert 0.0 <= tar_interpolated(fpr, tpr, far) <= 1.0
 
 
 def test_load_bin_decodes_jpeg_and_png(tmp_path):

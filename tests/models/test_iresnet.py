@@ -1,5 +1,5 @@
-"""Backbones and registry: IResNet parameter counts, shapes, InsightFace state-dict layout and
-forward semantics, float32 head under autocast, MobileFaceNet, timm backbones, errors."""
+"""IResNet: parameter counts, shapes, InsightFace state-dict layout and forward semantics,
+initialization, the float32 head under autocast, width multiplier and dropout."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fr_distill.models import ModelLoadError, build_student, get_backbone
+from fr_distill.models import get_backbone
+from .conftest import images, on_meta
 
 LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3),
           200: (6, 26, 60, 6)}
@@ -53,15 +54,6 @@ def iresnet_param_count(layers: tuple[int, ...], dim: int) -> int:
                 total += c_in * c + 2 * c
             c_in = c
     return total + 2 * 512 + 512 * 49 * dim + dim + 2 * dim
-
-
-def on_meta(name: str, dim: int = 512, **kwargs) -> nn.Module:
-    with torch.device("meta"):
-        return get_backbone(name, dim, **kwargs)
-
-
-def images(batch: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, 3, 112, 112, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("depth", sorted(LAYERS))
@@ -190,72 +182,3 @@ def test_width_multiplier_and_dropout():
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(x), model(x))
-
-
-def mobilefacenet_param_count(dim: int) -> int:
-    """arcface_torch MobileFaceNet (blocks 1,4,6,2; scale 2) by the architecture formula."""
-    def cbp(cin, cout, k=1, groups=1):
-        return cin // groups * cout * k * k + 3 * cout
-
-    def cb(cin, cout, k=1, groups=1):
-        return cin // groups * cout * k * k + 2 * cout
-
-    def inverted(cin, cout, expanded):
-        return cbp(cin, expanded) + cbp(expanded, expanded, 3, expanded) + cb(expanded, cout)
-
-    return (cbp(3, 128, 3) + cbp(128, 128, 3, 64)
-            + inverted(128, 128, 128) + 4 * inverted(128, 128, 128)
-            + inverted(128, 256, 256) + 6 * inverted(256, 256, 256)
-            + inverted(256, 256, 512) + 2 * inverted(256, 256, 256)
-            + cbp(256, 512) + cb(512, 512, 7, 512) + 512 * dim + 2 * dim)
-
-
-def test_mobilefacenet_layout_count_and_shapes():
-    meta = on_meta("mobilefacenet", 256)
-    assert sum(p.numel() for p in meta.parameters()) == mobilefacenet_param_count(256)
-    state = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-    assert state["layers.0.layers.0.weight"] == (128, 3, 3, 3)
-    assert state["layers.1.layers.0.weight"] == (128, 2, 3, 3)
-    assert state["layers.3.layers.3.layers.1.layers.0.weight"] == (128, 1, 3, 3)
-    assert state["layers.6.layers.0.layers.0.weight"] == (512, 256, 1, 1)
-    assert state["conv_sep.layers.0.weight"] == (512, 256, 1, 1)
-    assert state["features.layers.0.layers.0.weight"] == (512, 1, 7, 7)
-    assert state["features.layers.2.weight"] == (256, 512)
-    assert state["features.layers.3.running_var"] == (256,)
-    model = get_backbone("mobilefacenet", 64, width=0.25).eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(images(3))
-    assert out.shape == (3, 64) and out.dtype == torch.float32 and torch.isfinite(out).all()
-
-
-def test_timm_backbone_embeds():
-    model = get_backbone("timm:test_resnet", 40, dropout=0.1).eval()
-    with torch.no_grad():
-        out = model(images(2))
-    assert out.shape == (2, 40) and out.dtype == torch.float32 and torch.isfinite(out).all()
-    assert isinstance(model.fc, nn.Linear) and isinstance(model.features, nn.BatchNorm1d)
-    assert model.fc.in_features == model.trunk.num_features
-
-
-def test_build_student_from_its_config_keys():
-    model = build_student("iresnet18", embedding_dim=64, width=0.25, dropout=0.2)
-    assert model.fc.out_features == 64 and model.conv1.weight.shape[0] == 16
-    assert model.dropout.p == 0.2
-    assert build_student("mobilefacenet", embedding_dim=32, width=0.25) \
-        .features.layers[2].out_features == 32
-
-
-@pytest.mark.parametrize("name, kwargs, fragment", [
-    ("resnet18", {}, "unknown backbone 'resnet18'; valid: iresnet18, iresnet34, iresnet50, "
-                     "iresnet100, iresnet200, mobilefacenet, timm:<model_name>"),
-    ("iresnet101", {}, "unknown backbone 'iresnet101'"),
-    ("iresnet18", {"widht": 0.5}, "takes no option(s) widht; valid: dropout, fp16, width"),
-    ("iresnet18", {"width": 0}, "width must be > 0, got 0"),
-    ("mobilefacenet", {"dropout": 0.2}, "'mobilefacenet' has no dropout"),
-    ("timm:no_such_model_xyz", {}, "unknown timm model 'no_such_model_xyz'"),
-    ("timm:test_resnet", {"width": 0.5}, "timm models take no width multiplier"),
-])
-def test_backbone_errors_are_one_line(name, kwargs, fragment):
-    with pytest.raises(ModelLoadError) as info:
-        get_backbone(name, 64, **kwargs)
-    assert fragment in str(info.value) and "\n" not in str(info.value)

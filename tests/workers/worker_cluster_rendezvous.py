@@ -1,4 +1,4 @@
-"""Worker for tests/test_cluster.py: joins the process group torchrun set up and reports.
+"""Worker for tests/engine/test_cluster.py: joins the process group torchrun set up and reports.
 
     worker_cluster_rendezvous.py OUT_DIR MODE
 

@@ -1,10 +1,10 @@
 """2-rank checks of the objective against the 1-rank computation on the same global batches.
 
-Launched by tests/test_loss_distributed.py under torchrun (gloo, CPU). Every rank first runs
-the 1-rank reference on the whole global batch (before the process group exists, so the
-objective's collectives are no-ops), then joins the group and runs the same training steps
-on its contiguous slice, applying the trainer's gradient contract: DDP's average of the
-student gradients (done here with dist.average_gradients on a small linear "student"),
+Launched by tests/scenarios/test_loss_distributed.py under torchrun (gloo, CPU). Every rank
+first runs the 1-rank reference on the whole global batch (before the process group exists,
+so the objective's collectives are no-ops), then joins the group and runs the same training
+steps on its contiguous slice, applying the trainer's gradient contract: DDP's average of
+the student gradients (done here with dist.average_gradients on a small linear "student"),
 average_gradients(objective.replicated_parameters()), sharded rows left alone. Runs:
 
 * replicated head, FIFO bank, student_bank anchor;
