@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fr_distill.config import load_config, to_dict
-from fr_distill.engine import trainer
+from fr_distill.engine import build
 from fr_distill.engine.trainer import train
 from fr_distill.commands.train import train_main
 from fr_distill.engine.run_dir import EARLIER_RUNS, WANDB_RUN_ID
@@ -168,8 +168,8 @@ def test_without_the_wandb_package_the_run_and_its_dry_run_stop_before_any_model
         raise AssertionError("a model was built")
 
     monkeypatch.setitem(sys.modules, "wandb", None)
-    monkeypatch.setattr(trainer, "build_student", no_model)
-    monkeypatch.setattr(trainer, "load_frozen_model", no_model)
+    monkeypatch.setattr(build, "build_student", no_model)
+    monkeypatch.setattr(build, "load_frozen_model", no_model)
     out = tmp_path / "run"
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
