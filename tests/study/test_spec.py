@@ -1,12 +1,14 @@
 """The study spec: the shipped spec loads, and a bad spec gets one line before any training."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import GOOD, REPO, STUDY_CONFIGS, torchrun_env, write_spec
+from fr_distill.cli import main as cli_main
 from fr_distill.study import StudyError, load_spec
 
 
@@ -36,14 +38,26 @@ def test_the_shipped_study_spec_loads():
     (("iled: [loss.iled.weight=1.0]", "iled: [loss.iled.weight=1.0, loss.balance.enabled=true]"),
      r"variant 'iled': .*'loss.balance.iled' must be > 0 with loss.balance.enabled"),
 ])
-def test_bad_specs_get_one_line_before_any_training(tmp_path, change, message):
+def test_bad_specs_get_one_line_before_any_training(tmp_path, capsys, change, message):
     spec = write_spec(tmp_path, GOOD.replace(*change))
     with pytest.raises(StudyError, match=message) as err:
         load_spec(spec)
     assert "\n" not in str(err.value)
     out = tmp_path / "out"
+    assert cli_main(["study", str(spec), "--out", str(out)]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and stderr.startswith("error: "), stderr
+    assert re.search(message, stderr) and not out.exists()
+
+
+def test_a_bad_spec_exits_2_with_one_line_from_the_installed_command(tmp_path):
+    """The same contract through ``python -m fr_distill.cli`` in a process of its own: the
+    exit status, and nothing else on stderr (no warning, no traceback)."""
+    spec = write_spec(tmp_path, GOOD.replace("seeds: [1, 2]", "seeds: [1, 2, 1]"))
+    out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "fr_distill.cli", "study", str(spec), "--out",
                            str(out)], cwd=REPO, env=torchrun_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert proc.stderr.startswith("error: ") and not out.exists()
+    assert proc.stderr.startswith("error: ") and "'seeds' lists 1 more than once" in proc.stderr
+    assert not out.exists()
