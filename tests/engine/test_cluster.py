@@ -189,15 +189,21 @@ def test_sbatch_requeues_only_on_the_requeue_exit_code(tmp_path, srun_rc, requeu
 # --------------------------------------------------------------------------------------
 def start_nodes(tmp_path: Path, mode: str) -> list[subprocess.Popen]:
     """Both 'nodes' of a fake 2-node job, each running ``torchrun_cmd.py --exec``."""
-    port = str(free_port())
+    return start_node_pair(tmp_path, "5150", str(free_port()), [str(WORKER), str(tmp_path), mode])
+
+
+def start_node_pair(tmp_path: Path, job_id: str, port: str,
+                    command: list[str]) -> list[subprocess.Popen]:
+    """Nodes 0 and 1 of SLURM job ``job_id`` on this machine, meeting on ``port``, each
+    running ``torchrun_cmd.py --exec ... -- command`` and logging to ``tmp_path/node<i>.log``."""
     procs = []
     for node_id in (0, 1):
         env = torchrun_env(slurm_env(nodelist="localhost,127.0.0.1", node_id=node_id,
-                                     job_id="5150", SLURM_GPUS_ON_NODE="1"))
+                                     job_id=job_id, SLURM_GPUS_ON_NODE="1"))
         log = open(tmp_path / f"node{node_id}.log", "w")
         procs.append(subprocess.Popen(
-            [sys.executable, str(TORCHRUN_CMD), "--exec", "--port", port, "--",
-             str(WORKER), str(tmp_path), mode], cwd=REPO, env=env, stdout=log, stderr=log))
+            [sys.executable, str(TORCHRUN_CMD), "--exec", "--port", port, "--", *command],
+            cwd=REPO, env=env, stdout=log, stderr=log))
     return procs
 
 
@@ -288,15 +294,7 @@ def test_two_node_training_equals_one_node_with_two_processes(tmp_path):
          *train, f"run.output_dir={tmp_path / 'single'}"],
         cwd=REPO, env=torchrun_env(), stdout=single_log, stderr=single_log)
     port = str(free_port())
-    nodes = []
-    for node_id in (0, 1):
-        env = torchrun_env(slurm_env(nodelist="localhost,127.0.0.1", node_id=node_id,
-                                     job_id="31", SLURM_GPUS_ON_NODE="1"))
-        log = open(tmp_path / f"node{node_id}.log", "w")
-        nodes.append(subprocess.Popen(
-            [sys.executable, str(TORCHRUN_CMD), "--exec", "--port", port, "--",
-             *train, f"run.output_dir={tmp_path / 'multi'}"],
-            cwd=REPO, env=env, stdout=log, stderr=log))
+    nodes = start_node_pair(tmp_path, "31", port, [*train, f"run.output_dir={tmp_path / 'multi'}"])
     codes = wait_nodes([single, *nodes], tmp_path)
     assert codes == [0, 0, 0], (tmp_path / "single.log").read_text()[-3000:]
     for node_id in (0, 1):
