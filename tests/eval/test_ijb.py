@@ -3,28 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import sklearn.preprocessing
 import torch
 from sklearn.metrics import roc_curve as sk_roc_curve
 
+from benchmarks.eval import reference_pooling  # InsightFace eval_ijbc.py, numpy loops
 from fr_distill.eval import EvalDataError
 from fr_distill.eval.ijb import identification, pair_scores, tar_at_far, template_features
 from fr_distill.eval.roc import tar_interpolated
-
-
-def insightface_pooling(img_feats, templates, medias):
-    """InsightFace eval_ijbc.py's image2template_feature, written out with numpy loops."""
-    unique_templates = np.unique(templates)
-    out = np.zeros((len(unique_templates), img_feats.shape[1]))
-    for row, template in enumerate(unique_templates):
-        (ind_t,) = np.where(templates == template)
-        feats, media_of = img_feats[ind_t], medias[ind_t]
-        media_feats = []
-        for media, count in zip(*np.unique(media_of, return_counts=True)):
-            (ind_m,) = np.where(media_of == media)
-            media_feats.append(feats[ind_m] if count == 1 else np.mean(feats[ind_m], 0, keepdims=True))
-        out[row] = np.sum(np.array(media_feats), axis=0)
-    return sklearn.preprocessing.normalize(out), unique_templates
 
 
 def test_pooling_hand_made_table():
@@ -47,7 +32,7 @@ def test_pooling_equals_insightface_loops():
     feats = rng.normal(size=(400, 16)).astype(np.float32)
     templates, medias = rng.integers(0, 40, 400), rng.integers(0, 90, 400)
     ids, pooled = template_features(feats, templates, medias)
-    ref, ref_ids = insightface_pooling(feats, templates, medias)
+    ref, ref_ids = reference_pooling(feats, templates, medias)
     assert np.array_equal(ids, ref_ids)
     assert np.abs(pooled.numpy() - ref).max() < 1e-15
 
