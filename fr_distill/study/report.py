@@ -16,18 +16,14 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
-import numpy as np  # noqa: E402
-
-from fr_distill.eval.plots import plot_roc  # noqa: E402
-from fr_distill.eval.report import to_jsonable  # noqa: E402
-from fr_distill.eval.roc import roc_curve  # noqa: E402
-from fr_distill.study.runs import TEACHER, StudyRun  # noqa: E402
-from fr_distill.study.spec import StudySpec  # noqa: E402
-from fr_distill.study.stats import (accuracy, bootstrap_interval, mean_std,  # noqa: E402
+from fr_distill.eval.plots import plot_roc, pyplot
+from fr_distill.eval.report import to_jsonable
+from fr_distill.eval.roc import roc_curve
+from fr_distill.study.runs import TEACHER, StudyRun
+from fr_distill.study.spec import StudySpec
+from fr_distill.study.stats import (accuracy, bootstrap_interval, mean_std,
                                     paired_bootstrap, tar_at_far_metric)
 
 TAR_FARS = (1e-3, 1e-2)
@@ -188,6 +184,7 @@ def plot_curves(by_variant: dict[str, dict[int, StudyRun]], out: Path) -> list[P
               ("grad_share.png", "Gradient share of the distillation terms on f_s",
                [("grad_share/sphereface2", None)])]
     written = []
+    plt = pyplot()
     for filename, title, keys in panels:
         figure, axes_list = plt.subplots(1, len(keys) or 1, figsize=(4.2 * max(1, len(keys)), 3.6),
                                          squeeze=False)
