@@ -61,8 +61,11 @@ def reduced_study(root: Path) -> dict:
     """The reduced study's sequence (the background job of the test below), with what each
     step printed and left: killed while the second student trains (the teacher and
     none/seed1 are done by then), run again to the end, run a third time, ``--report-only``
-    with one more variant in the spec, and run with a changed student config."""
-    spec = write_spec(root, GOOD + "  broken: [optim.lr=1e30, run.max_nonfinite_steps=1]\n")
+    with one more variant in the spec, and run with a changed student config. Each run is one
+    torchrun process (``nproc: 1``, half the process starts); the quick demo's test runs the
+    study's students on 2 ranks."""
+    body = GOOD.replace("variants:", "nproc: 1\nvariants:")
+    spec = write_spec(root, body + "  broken: [optim.lr=1e30, run.max_nonfinite_steps=1]\n")
     out = root / "out"
     seen: dict = {"root": root, "out": out}
     interrupt_after(spec, out, out / "runs" / "iled" / "seed1" / "config.yaml")
