@@ -82,7 +82,7 @@ def test_cache_variant_reads_rows_and_reports_the_flop_bound(tmp_path, capsys):
     """``--cache``: a third variant whose step reads the teacher's rows from a teacher cache
     (no teacher forward), its FLOPs those of distill less the teacher's, and the speed-up
     over distill next to the FLOP bound."""
-    report = bench.main(TINY + ["--teacher", "iresnet34", "--batch", "4", "--steps", "2",
+    report = bench.main(TINY + ["--teacher", "iresnet18", "--batch", "4", "--steps", "2",
                                 "--warmup", "0", "--cache", "--cache-dir", str(tmp_path)])
     rows = {r["variant"]: r for r in report["results"]}
     assert set(rows) == {"plain", "distill", "cached"}
