@@ -10,6 +10,7 @@ prints the torchrun line; with ``--exec`` it also runs it in this process (what 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fr_distill.engine.faults import REQUEUE_EXIT_CODE
@@ -57,4 +58,12 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    # Exit without the interpreter's shutdown: torchrun's agent leaves daemon threads blocked in
+    # the c10d store, and when another node's agent has closed the store first, one of them
+    # wakes while the interpreter finalizes and aborts the process ("terminate called without an
+    # active exception"), so the node would end on SIGABRT instead of its code and srun would
+    # report 134, not the requeue code.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
